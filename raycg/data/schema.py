@@ -1,0 +1,184 @@
+"""The Parquet event schema raycg accepts, and its validation.
+
+One row per event. Required columns (documented in README "Event schema"):
+
+    column            type      meaning
+    user_id           int64     >= 0
+    item_id           int64     >= 0, must exist in the item table
+    advertiser_id     int64     >= 0, advertiser of the item
+    surface           string    one of SURFACES
+    event_type        string    one of EVENT_TYPES
+    click_duration    float     seconds >= 0 (clicks); 0 for other events; never NaN
+    timestamp         int64     unix seconds
+    context_item_id   int64     subject item on the related surface, -1 otherwise
+    query_id          int64     query (id or hashed text) on search, -1 otherwise
+
+Schema problems are caught per file from the Parquet footer (cheap, on the driver);
+value problems are caught per batch inside the pipeline. Both raise `EventSchemaError`
+naming the file, the column, how many rows are bad and an example value.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+SURFACES = ("home", "related", "search")
+EVENT_TYPES = ("impression", "click", "save", "add_to_cart", "checkout")
+CONVERSION_EVENTS = ("add_to_cart", "checkout")
+ENGAGEMENT_EVENTS = ("click", "save")
+
+_INT, _FLOAT, _STR = "integer", "floating", "string"
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    kind: str  # integer | floating | string
+    arrow_type: pa.DataType
+    min_value: int | None = None  # inclusive, integers only
+    allowed: tuple[str, ...] | None = None  # strings only
+
+
+EVENT_COLUMNS: tuple[Column, ...] = (
+    Column("user_id", _INT, pa.int64(), min_value=0),
+    Column("item_id", _INT, pa.int64(), min_value=0),
+    Column("advertiser_id", _INT, pa.int64(), min_value=0),
+    Column("surface", _STR, pa.string(), allowed=SURFACES),
+    Column("event_type", _STR, pa.string(), allowed=EVENT_TYPES),
+    Column("click_duration", _FLOAT, pa.float32()),
+    Column("timestamp", _INT, pa.int64(), min_value=0),
+    Column("context_item_id", _INT, pa.int64(), min_value=-1),
+    Column("query_id", _INT, pa.int64(), min_value=-1),
+)
+EVENT_SCHEMA = pa.schema([pa.field(c.name, c.arrow_type, nullable=False) for c in EVENT_COLUMNS])
+
+# The item table: the retrieval corpus. content_emb is a fixed-size vector per item.
+ITEM_COLUMNS: tuple[Column, ...] = (
+    Column("item_id", _INT, pa.int64(), min_value=0),
+    Column("advertiser_id", _INT, pa.int64(), min_value=0),
+    Column("category_id", _INT, pa.int64(), min_value=0),
+)
+
+
+class EventSchemaError(ValueError):
+    """Malformed input: names file, column, number of bad rows and an example."""
+
+
+def _kind_ok(kind: str, t: pa.DataType) -> bool:
+    if kind == _INT:
+        return pa.types.is_integer(t)
+    if kind == _FLOAT:
+        return pa.types.is_floating(t) or pa.types.is_integer(t)
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or (
+        pa.types.is_dictionary(t) and pa.types.is_string(t.value_type)
+    )
+
+
+def check_schema(schema: pa.Schema, source: str, columns=EVENT_COLUMNS) -> None:
+    """Fail if a required column is missing or has the wrong type."""
+    names = set(schema.names)
+    for col in columns:
+        if col.name not in names:
+            raise EventSchemaError(
+                f"{source}: missing required column '{col.name}' ({col.kind}); "
+                f"file has columns {sorted(names)}"
+            )
+        t = schema.field(col.name).type
+        if not _kind_ok(col.kind, t):
+            raise EventSchemaError(
+                f"{source}: column '{col.name}' has type {t}, expected {col.kind} "
+                f"({col.arrow_type})"
+            )
+
+
+def check_parquet_files(paths: list[str], columns=EVENT_COLUMNS) -> int:
+    """Check every file's footer schema; return the total row count.
+
+    Reads only metadata, so it is cheap even for many large shards.
+    """
+    if not paths:
+        raise EventSchemaError("no Parquet files given")
+    total = 0
+    for path in paths:
+        try:
+            meta = pq.read_metadata(path)
+            schema = meta.schema.to_arrow_schema()
+        except Exception as e:  # corrupt or not Parquet at all
+            raise EventSchemaError(f"{path}: cannot read Parquet footer: {e}") from e
+        check_schema(schema, path, columns)
+        if meta.num_rows == 0:
+            raise EventSchemaError(f"{path}: file has no rows")
+        total += meta.num_rows
+    return total
+
+
+def _example(values: pa.Array, mask: np.ndarray) -> object:
+    idx = int(np.flatnonzero(mask)[0])
+    return values[idx].as_py()
+
+
+def _where(source, mask: np.ndarray) -> str:
+    """`source` is a file name, or a per-row array of file names (Ray's `path` column)."""
+    if isinstance(source, str):
+        return source
+    return str(source[int(np.flatnonzero(mask)[0])])
+
+
+def check_values(table: pa.Table, source, columns=EVENT_COLUMNS) -> None:
+    """Fail on nulls, out-of-range ids, unknown categories, bad durations.
+
+    `source` names the file, or is a per-row array of file names.
+    """
+    n = table.num_rows
+    for col in columns:
+        arr = table.column(col.name).combine_chunks()
+        if arr.null_count:
+            mask = np.asarray(arr.is_null())
+            raise EventSchemaError(
+                f"{_where(source, mask)}: column '{col.name}' has {arr.null_count} null value(s) "
+                f"in a batch of {n} rows (first at batch row {int(np.flatnonzero(mask)[0])})"
+            )
+        if col.kind == _INT and col.min_value is not None:
+            values = arr.to_numpy(zero_copy_only=False)
+            bad = values < col.min_value
+            if bad.any():
+                raise EventSchemaError(
+                    f"{_where(source, bad)}: column '{col.name}' has {int(bad.sum())} of {n} rows "
+                    f"below {col.min_value}, e.g. {_example(arr, bad)}"
+                )
+        elif col.kind == _STR and col.allowed is not None:
+            if pa.types.is_dictionary(arr.type):
+                arr = arr.cast(pa.string())
+            bad = ~np.asarray(pc.is_in(arr, value_set=pa.array(col.allowed)))
+            if bad.any():
+                raise EventSchemaError(
+                    f"{_where(source, bad)}: column '{col.name}' has {int(bad.sum())} of {n} rows "
+                    f"with unknown value, e.g. {_example(arr, bad)!r}; "
+                    f"allowed: {list(col.allowed)}"
+                )
+        elif col.kind == _FLOAT:
+            values = arr.to_numpy(zero_copy_only=False).astype(np.float64)
+            bad = ~np.isfinite(values) | (values < 0)
+            if bad.any():
+                ex = _example(arr, bad)
+                ex = "NaN" if isinstance(ex, float) and math.isnan(ex) else ex
+                raise EventSchemaError(
+                    f"{_where(source, bad)}: column '{col.name}' has {int(bad.sum())} of {n} rows "
+                    f"that are negative, NaN or infinite, e.g. {ex}"
+                )
+
+
+def conform(table: pa.Table, columns=EVENT_COLUMNS) -> pa.Table:
+    """Cast the required columns to their canonical types (after checks)."""
+    out = {}
+    for col in columns:
+        arr = table.column(col.name)
+        if pa.types.is_dictionary(arr.type):
+            arr = arr.cast(pa.string())
+        out[col.name] = arr.cast(col.arrow_type)
+    return pa.table(out)

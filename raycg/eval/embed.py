@@ -1,0 +1,72 @@
+"""Distributed batch inference with Ray Data: corpus items and eval queries -> embeddings."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from raycg.data.batches import ItemTable, pack_user
+from raycg.train.checkpoint import load_model
+
+
+class ItemEmbedder:
+    """map_batches callable: item-table rows -> {item_id, embedding}."""
+
+    def __init__(self, checkpoint_dir: str):
+        torch.set_num_threads(1)
+        self.model, _ = load_model(checkpoint_dir)
+
+    def __call__(self, batch: pa.Table) -> dict:
+        items = ItemTable.from_arrow(batch, source="items")
+        packed = items.pack()
+        with torch.no_grad():
+            emb = self.model.embed_items(torch.from_numpy(packed["item_cat"]), torch.from_numpy(packed["item_dense"]))
+        return {"item_id": items.item_id, "embedding": emb.numpy()}
+
+
+class QueryEmbedder:
+    """map_batches callable: query rows (user_id, surface, context_item_id, query_id) -> embedding."""
+
+    def __init__(self, checkpoint_dir: str):
+        torch.set_num_threads(1)
+        self.model, _ = load_model(checkpoint_dir)
+
+    def __call__(self, batch: pa.Table) -> dict:
+        with torch.no_grad():
+            emb = self.model.embed_users(torch.from_numpy(pack_user(batch)))
+        return {"row": batch.column("row").to_numpy(), "embedding": emb.numpy()}
+
+
+def _collect(ds: ray.data.Dataset, key: str) -> tuple[np.ndarray, np.ndarray]:
+    keys, embs = [], []
+    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        keys.append(b[key])
+        embs.append(b["embedding"])
+    return np.concatenate(keys), np.concatenate(embs).astype(np.float32)
+
+
+def embed_corpus(items_path: str, checkpoint_dir: str, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(item ids sorted ascending, embeddings [N, d]) for the whole item table."""
+    ds = ray.data.read_parquet(items_path).map_batches(
+        ItemEmbedder, fn_constructor_kwargs={"checkpoint_dir": checkpoint_dir},
+        batch_format="pyarrow", batch_size=batch_size, concurrency=1,
+    )
+    ids, emb = _collect(ds, "item_id")
+    order = np.argsort(ids)
+    return ids[order], emb[order]
+
+
+def embed_queries(queries: pa.Table, checkpoint_dir: str, batch_size: int) -> np.ndarray:
+    """Embeddings [Q, d] in the row order of `queries`."""
+    if queries.num_rows == 0:
+        return np.zeros((0, 1), dtype=np.float32)
+    table = queries.append_column("row", pa.array(np.arange(queries.num_rows, dtype=np.int64)))
+    ds = ray.data.from_arrow(table).map_batches(
+        QueryEmbedder, fn_constructor_kwargs={"checkpoint_dir": checkpoint_dir},
+        batch_format="pyarrow", batch_size=batch_size, concurrency=1,
+    )
+    rows, emb = _collect(ds, "row")
+    out = np.empty_like(emb)
+    out[rows] = emb
+    return out

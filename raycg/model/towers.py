@@ -1,0 +1,83 @@
+"""Tower bodies (cross network + MLP arrangements) and the towers built on them.
+
+Structures over the tower input x0 [B, D]:
+
+    parallel    concat(CrossNet(x0), MLP(x0))   the 2023 design: both read x0
+    stacked     MLP(CrossNet(x0))               the older baseline it beat
+    cross_only  CrossNet(x0)
+    mlp_only    MLP(x0)
+
+A tower = feature encoders -> x0 -> body -> head MLP -> Linear -> L2-normalised embedding.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raycg.model.cross import CrossNetwork
+from raycg.model.mlp import MLP
+
+STRUCTURES = ("parallel", "stacked", "cross_only", "mlp_only")
+
+
+class TowerBody(nn.Module):
+    def __init__(self, in_dim: int, structure: str, cross_layers: int, low_rank: int | None, mlp_dims: list[int]):
+        super().__init__()
+        if structure not in STRUCTURES:
+            raise ValueError(f"model.cross={structure!r}: expected one of {STRUCTURES}")
+        self.structure = structure
+        self.cross = CrossNetwork(in_dim, cross_layers, low_rank) if structure != "mlp_only" else None
+        mlp_in = in_dim  # stacked: MLP reads the cross output, which has x0's width
+        self.mlp = MLP(mlp_in, mlp_dims) if structure != "cross_only" else None
+        self.out_dim = {
+            "parallel": in_dim + (mlp_dims[-1] if mlp_dims else in_dim),
+            "stacked": self.mlp.out_dim if self.mlp else in_dim,
+            "cross_only": in_dim,
+            "mlp_only": self.mlp.out_dim if self.mlp else in_dim,
+        }[structure]
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        if self.structure == "parallel":
+            return torch.cat([self.cross(x0), self.mlp(x0)], dim=-1)
+        if self.structure == "stacked":
+            return self.mlp(self.cross(x0))
+        if self.structure == "cross_only":
+            return self.cross(x0)
+        return self.mlp(x0)
+
+
+class HashedEmbedding(nn.Module):
+    """id -> embedding via `id mod (buckets-1) + 1`; id -1 (missing) -> the zero row 0."""
+
+    def __init__(self, num_buckets: int, dim: int):
+        super().__init__()
+        self.num_buckets = num_buckets
+        self.emb = nn.Embedding(num_buckets, dim, padding_idx=0)
+        nn.init.normal_(self.emb.weight, std=0.05)
+        with torch.no_grad():
+            self.emb.weight[0].zero_()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        idx = torch.where(ids < 0, torch.zeros_like(ids), ids % (self.num_buckets - 1) + 1)
+        return self.emb(idx)
+
+
+class Tower(nn.Module):
+    """Categorical columns (hashed embeddings) + optional dense block -> unit embedding."""
+
+    def __init__(self, buckets: list[int], id_dim: int, dense_dim: int, cfg: dict):
+        super().__init__()
+        self.embeddings = nn.ModuleList(HashedEmbedding(b, id_dim) for b in buckets)
+        self.dense_norm = nn.LayerNorm(dense_dim) if dense_dim else None
+        in_dim = id_dim * len(buckets) + dense_dim
+        self.body = TowerBody(in_dim, cfg["cross"], cfg["cross_layers"], cfg.get("low_rank"), list(cfg["mlp_dims"]))
+        self.head = MLP(self.body.out_dim, list(cfg["head_dims"]))
+        self.out = nn.Linear(self.head.out_dim, cfg["embedding_dim"])
+
+    def forward(self, cat: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
+        parts = [emb(cat[:, i]) for i, emb in enumerate(self.embeddings)]
+        if self.dense_norm is not None:
+            parts.append(self.dense_norm(dense))
+        x0 = torch.cat(parts, dim=-1)
+        return F.normalize(self.out(self.head(self.body(x0))), dim=-1)

@@ -1,0 +1,36 @@
+"""What a raycg checkpoint holds, and loading a model back from one.
+
+    <checkpoint dir>/model.pt     {"model": state_dict, "optimizer": ..., "epoch": int}
+    <checkpoint dir>/meta.json    {"config": full run config, "item_dense_dim": int}
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from raycg.model.two_tower import TwoTowerModel
+
+
+def save(directory: str, model, optimizer, epoch: int, config: dict, item_dense_dim: int) -> None:
+    torch.save(
+        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
+        os.path.join(directory, "model.pt"),
+    )
+    with open(os.path.join(directory, "meta.json"), "w") as f:
+        json.dump({"config": config, "item_dense_dim": item_dense_dim, "epoch": epoch}, f)
+
+
+def load_state(directory: str) -> dict:
+    return torch.load(os.path.join(directory, "model.pt"), map_location="cpu", weights_only=True)
+
+
+def load_model(directory: str) -> tuple[TwoTowerModel, dict]:
+    """Model in eval mode + the run config it was trained with."""
+    with open(os.path.join(directory, "meta.json")) as f:
+        meta = json.load(f)
+    model = TwoTowerModel(meta["config"]["model"], meta["item_dense_dim"])
+    model.load_state_dict(load_state(directory)["model"])
+    model.eval()
+    return model, meta["config"]

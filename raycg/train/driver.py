@@ -1,0 +1,124 @@
+"""Driver side of a run: data -> Ray Train fit -> evaluation -> run directory.
+
+Run directory (<paths.runs_dir>/<run_name>/):
+    config.yaml       the composed Hydra config
+    data_stats.json   rows read / used for training
+    metrics.jsonl     one line per epoch (loss, rows/s, ...)
+    checkpoint_*/     Ray Train checkpoints (model.pt + meta.json)
+    eval.json         recall@K, model vs popularity
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import ray
+from omegaconf import DictConfig, OmegaConf
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from raycg.data.batches import ItemTable
+from raycg.data.pipeline import packed_training_dataset
+from raycg.data.simulate import SimConfig, write_dataset
+from raycg.eval.evaluate import evaluate_checkpoint, format_table, write_results
+from raycg.train.loop import train_loop_per_worker
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def resolve_paths(cfg: DictConfig) -> None:
+    """Make data and run paths absolute (workers and Ray Train need absolute paths)."""
+    for key in ("dir", "train_path", "eval_path", "items_path"):
+        cfg.data[key] = os.path.abspath(str(cfg.data[key]))
+    cfg.paths.runs_dir = os.path.abspath(str(cfg.paths.runs_dir))
+    if not cfg.run_name:
+        cfg.run_name = f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.cross}"
+
+
+def init_ray(cfg: DictConfig) -> None:
+    if ray.is_initialized():
+        return
+    kwargs = {"log_to_driver": True}
+    if cfg.ray.address is None and not os.environ.get("RAY_ADDRESS"):
+        if cfg.ray.num_cpus is not None:
+            kwargs["num_cpus"] = cfg.ray.num_cpus
+        if cfg.ray.include_dashboard is not None:
+            kwargs["include_dashboard"] = cfg.ray.include_dashboard
+    else:
+        kwargs["address"] = cfg.ray.address
+    ray.init(**kwargs)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def ensure_data(cfg: DictConfig) -> None:
+    """Simulate the default dataset once (cached by its parameters in data.dir)."""
+    if cfg.data.source != "simulator":
+        return
+    if os.path.exists(os.path.join(cfg.data.dir, "meta.json")):
+        log(f"[raycg] data: reusing simulated dataset {cfg.data.dir}")
+        return
+    t0 = time.perf_counter()
+    sim = SimConfig(**OmegaConf.to_container(cfg.data.sim, resolve=True))
+    meta = write_dataset(sim, cfg.data.dir)
+    log(f"[raycg] data: simulated {meta['n_events']:,} events ({meta['n_clicks']:,} clicks, "
+        f"{meta['n_conversions']:,} conversions) in {time.perf_counter() - t0:.1f}s -> {cfg.data.dir}")
+
+
+def build_trainer(cfg: DictConfig, callbacks: list | None = None) -> tuple[TorchTrainer, str]:
+    """Ray Data dataset + TorchTrainer for this config; returns (trainer, run_dir)."""
+    items = ItemTable.read(cfg.data.items_path)
+    t0 = time.perf_counter()
+    train_ds, stats = packed_training_dataset(
+        cfg.data.train_path, items, batch_size=cfg.data.pack_batch_size, materialize=cfg.data.materialize)
+    log(f"[raycg] data: {stats} ({time.perf_counter() - t0:.1f}s)")
+    run_dir = os.path.join(cfg.paths.runs_dir, cfg.run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        f.write(OmegaConf.to_yaml(cfg))
+    with open(os.path.join(run_dir, "data_stats.json"), "w") as f:
+        json.dump(stats, f)
+    loop_config = OmegaConf.to_container(cfg, resolve=True)
+    loop_config.update(item_dense_dim=items.dense_dim, run_dir=run_dir)
+    t = cfg.trainer
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=RunConfig(
+            name=cfg.run_name, storage_path=cfg.paths.runs_dir,
+            checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            callbacks=callbacks,
+        ),
+        datasets={"train": train_ds},
+    )
+    return trainer, run_dir
+
+
+def run(cfg: DictConfig, callbacks: list | None = None) -> dict:
+    """The main job: simulate (if needed) -> train -> evaluate. Returns eval results."""
+    resolve_paths(cfg)
+    init_ray(cfg)
+    ensure_data(cfg)
+    trainer, run_dir = build_trainer(cfg, callbacks)
+    log(f"[raycg] train: run {cfg.run_name} ({cfg.trainer.num_workers} workers, model.cross={cfg.model.cross}) "
+        f"-> {run_dir}")
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint in {run_dir}")
+    log(f"[raycg] train: done in {time.perf_counter() - t0:.1f}s; checkpoint {result.checkpoint.path}")
+    with result.checkpoint.as_directory() as ckpt_dir:
+        results = evaluate_checkpoint(ckpt_dir, OmegaConf.to_container(cfg.data, resolve=True),
+                                      OmegaConf.to_container(cfg.eval, resolve=True), log)
+    results["checkpoint"] = result.checkpoint.path
+    results["train_metrics"] = result.metrics
+    path = write_results(run_dir, results)
+    log("\n" + format_table(results))
+    log(f"[raycg] eval: faiss {results['seconds']['faiss']:.1f}s of {results['seconds']['total']:.1f}s; "
+        f"results -> {path}")
+    return results
