@@ -54,3 +54,40 @@ def packed_training_dataset(
         stats["rows_used"] = ds.count()
         stats["rows_not_positive"] = rows_read - stats["rows_used"]
     return ds, stats
+
+
+def max_id_from_footers(files: list[str], column: str) -> int:
+    """Largest value of an integer column from Parquet row-group statistics (no data read)."""
+    import pyarrow.parquet as pq
+
+    best = -1
+    for path in files:
+        meta = pq.read_metadata(path)
+        idx = meta.schema.to_arrow_schema().get_field_index(column)
+        for rg in range(meta.num_row_groups):
+            stats = meta.row_group(rg).column(idx).statistics
+            if stats is None or not stats.has_min_max:
+                # no statistics written: fall back to reading the column
+                return max(best, int(pq.read_table(path, columns=[column]).column(column).to_numpy().max()))
+            best = max(best, int(stats.max))
+    return best
+
+
+def auto_buckets(buckets: dict, max_buckets: int, events_path: str, items: ItemTable) -> dict:
+    """Fill null bucket counts from the data: max id + 2 (row 0 is 'missing'), capped."""
+    out = dict(buckets)
+    files = event_files(events_path)
+    sources = {
+        "user": lambda: max_id_from_footers(files, "user_id"),
+        "context_item": lambda: max(max_id_from_footers(files, "context_item_id"), int(items.item_id.max())),
+        "query": lambda: max_id_from_footers(files, "query_id"),
+        "item": lambda: int(items.cat[:, 0].max()),
+        "advertiser": lambda: int(items.cat[:, 1].max()),
+        "category": lambda: int(items.cat[:, 2].max()),
+    }
+    for name, value in buckets.items():
+        if value is None:
+            if name not in sources:
+                raise ValueError(f"model.buckets.{name}: cannot size from data; set a number")
+            out[name] = int(min(max(sources[name]() + 2, 2), max_buckets))
+    return out

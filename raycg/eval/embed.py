@@ -21,7 +21,7 @@ class ItemEmbedder:
         items = ItemTable.from_arrow(batch, source="items")
         packed = items.pack()
         with torch.no_grad():
-            emb = self.model.embed_items(torch.from_numpy(packed["item_cat"]), torch.from_numpy(packed["item_dense"]))
+            emb = self.model.embed_items(torch.tensor(packed["item_cat"]), torch.tensor(packed["item_dense"]))
         return {"item_id": items.item_id, "embedding": emb.numpy()}
 
 
@@ -34,7 +34,7 @@ class QueryEmbedder:
 
     def __call__(self, batch: pa.Table) -> dict:
         with torch.no_grad():
-            emb = self.model.embed_users(torch.from_numpy(pack_user(batch)))
+            emb = self.model.embed_users(torch.tensor(pack_user(batch)))
         return {"row": batch.column("row").to_numpy(), "embedding": emb.numpy()}
 
 
@@ -50,7 +50,7 @@ def embed_corpus(items_path: str, checkpoint_dir: str, batch_size: int) -> tuple
     """(item ids sorted ascending, embeddings [N, d]) for the whole item table."""
     ds = ray.data.read_parquet(items_path).map_batches(
         ItemEmbedder, fn_constructor_kwargs={"checkpoint_dir": checkpoint_dir},
-        batch_format="pyarrow", batch_size=batch_size, concurrency=1,
+        batch_format="pyarrow", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=1),
     )
     ids, emb = _collect(ds, "item_id")
     order = np.argsort(ids)
@@ -64,7 +64,7 @@ def embed_queries(queries: pa.Table, checkpoint_dir: str, batch_size: int) -> np
     table = queries.append_column("row", pa.array(np.arange(queries.num_rows, dtype=np.int64)))
     ds = ray.data.from_arrow(table).map_batches(
         QueryEmbedder, fn_constructor_kwargs={"checkpoint_dir": checkpoint_dir},
-        batch_format="pyarrow", batch_size=batch_size, concurrency=1,
+        batch_format="pyarrow", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=1),
     )
     rows, emb = _collect(ds, "row")
     out = np.empty_like(emb)

@@ -19,7 +19,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from raycg.data.batches import ItemTable
-from raycg.data.pipeline import packed_training_dataset
+from raycg.data.pipeline import auto_buckets, packed_training_dataset
 from raycg.data.simulate import SimConfig, write_dataset
 from raycg.eval.evaluate import evaluate_checkpoint, format_table, write_results
 from raycg.train.loop import train_loop_per_worker
@@ -70,6 +70,8 @@ def ensure_data(cfg: DictConfig) -> None:
 def build_trainer(cfg: DictConfig, callbacks: list | None = None) -> tuple[TorchTrainer, str]:
     """Ray Data dataset + TorchTrainer for this config; returns (trainer, run_dir)."""
     items = ItemTable.read(cfg.data.items_path)
+    cfg.model.buckets = auto_buckets(
+        OmegaConf.to_container(cfg.model.buckets), cfg.model.max_buckets, cfg.data.train_path, items)
     t0 = time.perf_counter()
     train_ds, stats = packed_training_dataset(
         cfg.data.train_path, items, batch_size=cfg.data.pack_batch_size, materialize=cfg.data.materialize)

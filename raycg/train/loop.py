@@ -15,6 +15,20 @@ from raycg.model.two_tower import TwoTowerModel
 from raycg.train import checkpoint as ckpt_io
 
 
+def train_step(model, core: TwoTowerModel, batch: dict, optimizer, cfg_loss: dict) -> torch.Tensor:
+    """One optimisation step on a packed batch (see raycg.data.batches). Returns the loss."""
+    user_emb, item_emb = model(batch)
+    weights = example_weights(batch["signals"], cfg_loss)
+    loss = in_batch_softmax_loss(
+        user_emb, item_emb, batch["item_cat"][:, 0], weights, core.temperature,
+        mask_accidental_hits=cfg_loss["mask_accidental_hits"],
+    )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 def train_loop_per_worker(config: dict) -> None:
     cfg_model, cfg_loss, cfg_train = config["model"], config["loss"], config["trainer"]
     item_dense_dim = config["item_dense_dim"]
@@ -46,17 +60,9 @@ def train_loop_per_worker(config: dict) -> None:
         for batch in shard.iter_torch_batches(
             batch_size=cfg_train["batch_size"], drop_last=True, prefetch_batches=cfg_train["prefetch_batches"]
         ):
-            user_emb, item_emb = model(batch)
-            weights = example_weights(batch["signals"], cfg_loss)
-            loss = in_batch_softmax_loss(
-                user_emb, item_emb, batch["item_cat"][:, 0], weights, core.temperature,
-                mask_accidental_hits=cfg_loss["mask_accidental_hits"],
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = train_step(model, core, batch, optimizer, cfg_loss)
             steps += 1
-            rows += len(weights)
+            rows += len(batch["signals"])
             loss_sum += loss.item()
             if rank == 0 and steps % cfg_train["log_every_steps"] == 0:
                 print(f"[raycg] epoch {epoch} step {steps} loss {loss_sum / steps:.4f} "

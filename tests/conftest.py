@@ -1,0 +1,46 @@
+"""Shared fixtures: one embedded Ray for the session, small simulated datasets."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONF_DIR = os.path.join(ROOT, "conf")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A real local Ray (2 CPUs, loopback, dashboard on for Train-under-Tune cleanup)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def compose(overrides: list[str]):
+    """The Hydra config exactly as `python -m raycg.train <overrides>` would see it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+@pytest.fixture(scope="session")
+def small_data_dir(tmp_path_factory):
+    """The sim_small dataset, simulated once per session."""
+    from omegaconf import OmegaConf
+
+    from raycg.data.simulate import SimConfig, write_dataset
+
+    cfg = compose(["data=sim_small"])
+    out = str(tmp_path_factory.mktemp("sim_small"))
+    write_dataset(SimConfig(**OmegaConf.to_container(cfg.data.sim, resolve=True)), out)
+    return out
