@@ -11,9 +11,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF_DIR = os.path.join(ROOT, "conf")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_session():
-    """A real local Ray (2 CPUs, loopback, dashboard on for Train-under-Tune cleanup)."""
+    """A real local Ray (2 CPUs, loopback, dashboard on for Train-under-Tune cleanup).
+
+    Module-scoped: Ray Train's placement-group cleaner and the state API refuse to pick
+    a cluster when several are running on the machine, so the test that starts its own
+    head node (test_cluster_job.py) must not overlap with this one.
+    """
     import ray
 
     if not ray.is_initialized():

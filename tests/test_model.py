@@ -94,13 +94,18 @@ def _batch(n=6, dense=5):
     }
 
 
+@pytest.mark.parametrize("heads", ["unified", "multi_head"])
 @pytest.mark.parametrize("structure", STRUCTURES)
-def test_gradient_reaches_every_parameter(structure):
+def test_gradient_reaches_every_parameter(structure, heads):
     torch.manual_seed(0)
-    model = TwoTowerModel(_model_cfg(structure), item_dense_dim=5)
+    model = TwoTowerModel(dict(_model_cfg(structure), heads=heads), item_dense_dim=5)
     b = _batch()
-    u, v = model(b)
-    (u @ v.T / model.temperature).logsumexp(1).sum().backward()
+    user_out, item_out = model(b)
+    assert set(user_out) == set(item_out) == ({"unified"} if heads == "unified" else {"engagement", "conversion"})
+    sum((user_out[h] @ item_out[h].T / model.temperature).logsumexp(1).sum() for h in user_out).backward()
+    u = model.embed_users(b["user_cat"])
+    if heads == "multi_head":  # serving uses the conversion head
+        assert torch.equal(u, user_out["conversion"])
     dead = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert dead == []
     assert u.shape == (6, 8) and torch.allclose(u.norm(dim=-1), torch.ones(6), atol=1e-6)

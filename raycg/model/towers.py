@@ -63,21 +63,47 @@ class HashedEmbedding(nn.Module):
         return self.emb(idx)
 
 
+HEAD_SETS = {
+    "unified": ("unified",),  # 2025 design: one embedding space for both tasks
+    "multi_head": ("engagement", "conversion"),  # 2023 design: one head per task
+}
+
+
+class EmbeddingHead(nn.Module):
+    """MLP -> Linear -> L2 normalise: [B, in_dim] -> unit vectors [B, embedding_dim]."""
+
+    def __init__(self, in_dim: int, dims: list[int], embedding_dim: int):
+        super().__init__()
+        self.mlp = MLP(in_dim, dims)
+        self.out = nn.Linear(self.mlp.out_dim, embedding_dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.out(self.mlp(h)), dim=-1)
+
+
 class Tower(nn.Module):
-    """Categorical columns (hashed embeddings) + optional dense block -> unit embedding."""
+    """Categorical columns (hashed embeddings) + optional dense block -> one unit embedding per head.
+
+    Encoders and the body are shared by all heads; `forward` returns {head name: [B, E]}.
+    """
 
     def __init__(self, buckets: list[int], id_dim: int, dense_dim: int, cfg: dict):
         super().__init__()
+        heads = cfg.get("heads", "unified")
+        if heads not in HEAD_SETS:
+            raise ValueError(f"model.heads={heads!r}: expected one of {list(HEAD_SETS)}")
         self.embeddings = nn.ModuleList(HashedEmbedding(b, id_dim) for b in buckets)
         self.dense_norm = nn.LayerNorm(dense_dim) if dense_dim else None
         in_dim = id_dim * len(buckets) + dense_dim
         self.body = TowerBody(in_dim, cfg["cross"], cfg["cross_layers"], cfg.get("low_rank"), list(cfg["mlp_dims"]))
-        self.head = MLP(self.body.out_dim, list(cfg["head_dims"]))
-        self.out = nn.Linear(self.head.out_dim, cfg["embedding_dim"])
+        self.heads = nn.ModuleDict({
+            name: EmbeddingHead(self.body.out_dim, list(cfg["head_dims"]), cfg["embedding_dim"])
+            for name in HEAD_SETS[heads]
+        })
 
-    def forward(self, cat: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, cat: torch.Tensor, dense: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         parts = [emb(cat[:, i]) for i, emb in enumerate(self.embeddings)]
         if self.dense_norm is not None:
             parts.append(self.dense_norm(dense))
-        x0 = torch.cat(parts, dim=-1)
-        return F.normalize(self.out(self.head(self.body(x0))), dim=-1)
+        h = self.body(torch.cat(parts, dim=-1))
+        return {name: head(h) for name, head in self.heads.items()}

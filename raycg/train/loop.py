@@ -10,19 +10,15 @@ import ray.train
 import ray.train.torch
 import torch
 
-from raycg.losses.softmax import example_weights, in_batch_softmax_loss
+from raycg.losses.objective import training_loss
 from raycg.model.two_tower import TwoTowerModel
 from raycg.train import checkpoint as ckpt_io
 
 
 def train_step(model, core: TwoTowerModel, batch: dict, optimizer, cfg_loss: dict) -> torch.Tensor:
     """One optimisation step on a packed batch (see raycg.data.batches). Returns the loss."""
-    user_emb, item_emb = model(batch)
-    weights = example_weights(batch["signals"], cfg_loss)
-    loss = in_batch_softmax_loss(
-        user_emb, item_emb, batch["item_cat"][:, 0], weights, core.temperature,
-        mask_accidental_hits=cfg_loss["mask_accidental_hits"],
-    )
+    user_out, item_out = model(batch)
+    loss, _ = training_loss(user_out, item_out, batch, cfg_loss, core.temperature)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
