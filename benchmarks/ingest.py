@@ -33,7 +33,7 @@ from raycg.data.batches import ItemTable, pack_events  # noqa: E402
 from raycg.data.pipeline import auto_buckets, packed_training_dataset, read_events  # noqa: E402
 from raycg.data.simulate import SimConfig, write_dataset  # noqa: E402
 from raycg.model.two_tower import TwoTowerModel  # noqa: E402
-from raycg.train.loop import train_step  # noqa: E402
+from raycg.train.loop import StepContext, train_step  # noqa: E402
 
 
 def load_cfg():
@@ -51,14 +51,15 @@ def fresh_model(model_cfg, dense_dim, seed=0):
 def timed_epochs(batches_fn, model_cfg, loss_cfg, dense_dim, epochs, warmup_steps=5):
     """rows/s over `epochs` passes (after a few warm-up steps on the first batches)."""
     model, opt = fresh_model(model_cfg, dense_dim)
+    ctx = StepContext(loss_cfg, freq_buckets=model_cfg["buckets"]["item"])
     for i, batch in enumerate(batches_fn()):
-        train_step(model, model, batch, opt, loss_cfg)
+        train_step(model, model, batch, opt, ctx)
         if i + 1 >= warmup_steps:
             break
     rows, t0 = 0, time.perf_counter()
     for _ in range(epochs):
         for batch in batches_fn():
-            train_step(model, model, batch, opt, loss_cfg)
+            train_step(model, model, batch, opt, ctx)
             rows += len(batch["signals"])
     return rows / (time.perf_counter() - t0), rows
 

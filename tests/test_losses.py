@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from raycg.losses.softmax import duration_weight, example_weights, in_batch_softmax_loss
+from raycg.losses.advertiser import advertiser_softmax_loss
+from raycg.losses.softmax import duration_weight, example_weights, in_batch_softmax_loss, sampled_softmax_loss
 
 
 def test_docstring_example_value():
@@ -73,3 +74,167 @@ def test_example_weights_per_event_kind():
     np.testing.assert_allclose(example_weights(s, cfg).numpy(), [2.0, 0.5, 0.5, 0.0], atol=1e-7)
     cfg["duration_weighting"] = False
     np.testing.assert_allclose(example_weights(s, cfg).numpy(), [2.0, 0.5, 0.5, 0.5], atol=1e-7)
+
+
+# -- sampled softmax: shared (mixed / cross-worker) and hard negatives, logQ -------------------
+
+def unit(rng, *shape):
+    x = rng.normal(size=shape)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def np_sampled_loss(u, v, ids, w, T, cand=None, cand_ids=None, hard=None, hard_ids=None,
+                    pos_lq=None, cand_lq=None, hard_lq=None, mask=True):
+    """Row by row: list (kind, embedding, id, log q) for every candidate, then weighted CE."""
+    B = len(u)
+    total = 0.0
+    for i in range(B):
+        cands = [("target" if j == i else "batch", v[j], ids[j], 0.0 if pos_lq is None else pos_lq[j])
+                 for j in range(B)]
+        if cand is not None:
+            cands += [("shared", cand[n], cand_ids[n], 0.0 if cand_lq is None else cand_lq[n])
+                      for n in range(len(cand))]
+        if hard is not None:
+            cands += [("hard", hard[i, k], hard_ids[i, k], 0.0 if hard_lq is None else hard_lq[i, k])
+                      for k in range(hard.shape[1])]
+        logits, target = [], None
+        for kind, emb, cid, lq in cands:
+            if kind == "target":
+                target = len(logits)
+            elif kind == "hard" and cid == -1:
+                continue                                     # padded hard negative
+            elif mask and cid == ids[i]:
+                continue                                     # accidental hit
+            logits.append(float(u[i] @ emb) / T - lq)
+        logits = np.array(logits)
+        m = logits.max()
+        total += w[i] * (m + np.log(np.exp(logits - m).sum()) - logits[target])
+    return total / B
+
+
+@pytest.mark.parametrize("mask", [True, False])
+@pytest.mark.parametrize("log_q", [False, True])
+def test_sampled_softmax_matches_numpy(mask, log_q):
+    rng = np.random.default_rng(2)
+    B, N, H, d, T = 5, 4, 3, 6, 0.3
+    u, v = unit(rng, B, d), unit(rng, B, d)
+    ids = np.array([7, 8, 7, 9, 10])                      # in-batch accidental hit: rows 0, 2
+    cand, cand_ids = unit(rng, N, d), np.array([11, 8, 12, 13])   # shared hit for row 1
+    hard, hard_ids = unit(rng, B, H, d), np.array(
+        [[20, 21, -1], [22, -1, -1], [7, 23, 24], [25, 26, 27], [10, 28, -1]])  # hits: rows 2, 4
+    w = np.array([1.0, 0.5, 2.0, 0.0, 1.5])
+    lq = dict(pos_lq=np.log(rng.uniform(0.01, 0.5, B)), cand_lq=np.log(rng.uniform(0.01, 0.5, N)),
+              hard_lq=np.log(rng.uniform(0.01, 0.5, (B, H)))) if log_q else {}
+    t = torch.tensor
+    got = sampled_softmax_loss(
+        t(u), t(v), t(ids), t(w), T, cand_emb=t(cand), cand_ids=t(cand_ids), hard_emb=t(hard),
+        hard_ids=t(hard_ids), mask_accidental_hits=mask,
+        **({"pos_log_q": t(lq["pos_lq"]), "cand_log_q": t(lq["cand_lq"]), "hard_log_q": t(lq["hard_lq"])}
+           if log_q else {}))
+    want = np_sampled_loss(u, v, ids, w, T, cand, cand_ids, hard, hard_ids, mask=mask, **lq)
+    assert got.item() == pytest.approx(want, rel=1e-9)
+
+
+def test_sampled_softmax_without_extras_is_in_batch_softmax():
+    rng = np.random.default_rng(3)
+    u, v = unit(rng, 4, 3), unit(rng, 4, 3)
+    ids, w = np.array([1, 2, 1, 3]), np.array([1.0, 2.0, 0.5, 1.0])
+    t = torch.tensor
+    want = np_loss(u, v, ids, w, 0.5)
+    assert in_batch_softmax_loss(t(u), t(v), t(ids), t(w), 0.5).item() == pytest.approx(want, rel=1e-9)
+    # empty extra candidate sets ([0, d], [B, 0, d]) change nothing
+    got = sampled_softmax_loss(t(u), t(v), t(ids), t(w), 0.5, cand_emb=torch.zeros(0, 3, dtype=torch.float64),
+                               cand_ids=torch.zeros(0, dtype=torch.int64),
+                               hard_emb=torch.zeros(4, 0, 3, dtype=torch.float64),
+                               hard_ids=torch.zeros(4, 0, dtype=torch.int64))
+    assert got.item() == pytest.approx(want, rel=1e-9)
+
+
+def test_log_q_correction_sign():
+    # identical embeddings everywhere: without correction every row's loss is log(B).
+    # logit = s - log q, so a popular candidate (large q) gets a LOWER logit:
+    #   the row whose positive is popular has a larger loss, the other row a smaller one.
+    u = torch.ones(2, 2) / math.sqrt(2)
+    ids, w = torch.tensor([0, 1]), torch.ones(2)
+    q = torch.tensor([0.8, 0.2])
+    # CE of one row = B * loss with that row's weight 1 and the other's 0
+    per_row = [2 * sampled_softmax_loss(u, u, ids, row_w, 1.0, pos_log_q=q.log())
+               for row_w in (torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))]
+    # by hand: logits are s - log q with equal s, i.e. softmax weights proportional to 1/q
+    assert per_row[0].item() == pytest.approx(-math.log((1 / 0.8) / (1 / 0.8 + 1 / 0.2)), rel=1e-6)
+    assert per_row[1].item() == pytest.approx(-math.log((1 / 0.2) / (1 / 0.8 + 1 / 0.2)), rel=1e-6)
+    assert per_row[0].item() > math.log(2) > per_row[1].item()
+    # the shared-candidate correction has the same sign: a popular shared negative hurts less
+    cand = u[:1]
+    lo = sampled_softmax_loss(u, u, ids, w, 1.0, cand_emb=cand, cand_log_q=torch.tensor([math.log(0.9)]))
+    hi = sampled_softmax_loss(u, u, ids, w, 1.0, cand_emb=cand, cand_log_q=torch.tensor([math.log(0.1)]))
+    assert lo.item() == pytest.approx(math.log(1 + 1 + 1 / 0.9), rel=1e-6)
+    assert hi.item() == pytest.approx(math.log(1 + 1 + 1 / 0.1), rel=1e-6)
+
+
+def test_hard_negative_padding_and_hits_are_masked():
+    # row 0's hard negatives: one padding (-1), one equal to its own positive (id 5), identical
+    # embeddings everywhere. Only the other in-batch positive remains a negative: loss log 2.
+    e = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    hard = e[:, None, :].expand(2, 2, 2)
+    hard_ids = torch.tensor([[-1, 5], [-1, -1]])
+    loss = sampled_softmax_loss(e, e, torch.tensor([5, 6]), torch.ones(2), 1.0, hard_emb=hard, hard_ids=hard_ids)
+    assert loss.item() == pytest.approx(math.log(2), rel=1e-6)
+    unmasked = sampled_softmax_loss(e, e, torch.tensor([5, 6]), torch.ones(2), 1.0, hard_emb=hard,
+                                    hard_ids=hard_ids, mask_accidental_hits=False)
+    assert unmasked.item() == pytest.approx((math.log(3) + math.log(2)) / 2, rel=1e-6)  # padding stays masked
+
+
+def test_sampled_softmax_gradients_flow_to_all_candidate_kinds():
+    rng = np.random.default_rng(4)
+    u, v = (torch.tensor(unit(rng, 3, 4), requires_grad=True) for _ in range(2))
+    cand = torch.tensor(unit(rng, 2, 4), requires_grad=True)
+    hard = torch.tensor(unit(rng, 3, 2, 4), requires_grad=True)
+    temp = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    loss = sampled_softmax_loss(u, v, torch.arange(3), torch.ones(3, dtype=torch.float64), temp,
+                                cand_emb=cand, cand_ids=torch.tensor([10, 11]), hard_emb=hard,
+                                hard_ids=torch.tensor([[20, -1], [21, 22], [23, 24]]))
+    loss.backward()
+    for t in (u, v, cand, hard, temp):
+        assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
+    assert (hard.grad[0, 1] == 0).all()                   # the padded hard negative gets no gradient
+
+
+# -- advertiser softmax ----------------------------------------------------------------------
+
+def np_advertiser_loss(u, v, adv, w, T):
+    advs = sorted(set(adv.tolist()))
+    E = []
+    for a in advs:
+        m = v[adv == a].mean(axis=0)
+        E.append(m / np.linalg.norm(m))
+    E = np.array(E)
+    total = 0.0
+    for i in range(len(u)):
+        logits = E @ u[i] / T
+        mx = logits.max()
+        total += w[i] * (mx + np.log(np.exp(logits - mx).sum()) - logits[advs.index(adv[i])])
+    return total / len(u)
+
+
+def test_advertiser_softmax_matches_numpy():
+    rng = np.random.default_rng(5)
+    u, v = unit(rng, 6, 4), unit(rng, 6, 4)
+    adv = np.array([30, 10, 30, 20, 10, 30])
+    w = np.array([1.0, 0.0, 2.0, 1.0, 0.0, 0.5])          # zero rows: non-conversions
+    t = torch.tensor
+    got = advertiser_softmax_loss(t(u), t(v), t(adv), t(w), 0.2)
+    assert got.item() == pytest.approx(np_advertiser_loss(u, v, adv, w, 0.2), rel=1e-9)
+
+
+def test_advertiser_softmax_same_advertiser_rows_are_not_negatives():
+    # two rows of one advertiser, orthogonal items: the item softmax punishes each row with the
+    # other's item; the advertiser softmax has a single advertiser column, loss 0.
+    u = v = torch.eye(2)
+    adv = torch.tensor([3, 3])
+    assert advertiser_softmax_loss(u, v, adv, torch.ones(2), 1.0).item() == pytest.approx(0.0, abs=1e-7)
+    assert in_batch_softmax_loss(u, v, torch.tensor([0, 1]), torch.ones(2), 1.0).item() > 0.3
+    # two advertisers: advertiser embeddings e_1 = [1,0], e_2 = [0,1]; row 0 converts with adv 1
+    adv = torch.tensor([1, 2])
+    got = advertiser_softmax_loss(u, v, adv, torch.tensor([1.0, 0.0]), 1.0)
+    assert got.item() == pytest.approx(math.log(1 + math.exp(-1)) / 2, rel=1e-6)   # / B, not / #conversions

@@ -8,6 +8,8 @@ numpy), so each training batch is exactly four tensors:
     item_cat    int64   [B, 3]   item_id, advertiser_id, category_id   (from the item table)
     item_dense  float32 [B, D]   item content embedding                (from the item table)
     signals     float32 [B, 4]   is_conversion, is_click, is_save, click_duration (s)
+    hard_rows   int64   [B, H]   item-table rows of impression hard negatives (-1 = none);
+                                 only when loss.hard_negatives = H > 0
 
 The item tower reads only columns of the item table, so the corpus is embedded by exactly
 the same code at evaluation time (`ItemTable.pack`).
@@ -122,8 +124,11 @@ def pack_user(table: pa.Table) -> np.ndarray:
     )
 
 
-def pack_events(table: pa.Table, items: ItemTable, validate: bool = True) -> dict[str, np.ndarray]:
+def pack_events(table: pa.Table, items: ItemTable, validate: bool = True, impressions=None,
+                num_hard: int = 0, seed: int = 0) -> dict[str, np.ndarray]:
     """Event rows -> packed training batch. Keeps positives (conversion, click, save).
+
+    With an `ImpressionIndex` and num_hard > 0, also draws `hard_rows` per positive.
 
     Impression-only rows are not training positives in this loss; they are dropped
     here and counted by the caller (rows in - rows out).
@@ -148,4 +153,8 @@ def pack_events(table: pa.Table, items: ItemTable, validate: bool = True) -> dic
          table.column("click_duration").to_numpy().astype(np.float32)],
         axis=1,
     ).astype(np.float32)
+    if num_hard > 0 and impressions is not None:
+        # seeded by the batch's content so a re-run packs the same negatives
+        rng = np.random.default_rng([seed, int(out["user_cat"][:, 0].sum()) if len(rows) else 0, len(rows)])
+        out["hard_rows"] = impressions.sample(out["user_cat"][:, 0], num_hard, rng)
     return out

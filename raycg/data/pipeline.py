@@ -38,17 +38,26 @@ def read_events(path: str) -> tuple[ray.data.Dataset, int]:
 
 
 def packed_training_dataset(
-    events_path: str, items: ItemTable, *, batch_size: int = 8192, materialize: bool = True
+    events_path: str, items: ItemTable, *, batch_size: int = 8192, materialize: bool = True,
+    hard_negatives: int = 0, seed: int = 0,
 ) -> tuple[ray.data.Dataset, dict]:
-    """Packed positives for training and the row accounting for the log."""
+    """Packed positives (+ impression hard negatives) for training, and the row accounting."""
     ds, rows_read = read_events(events_path)
     items_ref = ray.put(items)
+    stats = {"rows_read": rows_read}
+    imp_ref = None
+    if hard_negatives > 0:
+        from raycg.data.negatives import ImpressionIndex
+
+        index = ImpressionIndex.build(event_files(events_path), items)
+        stats["impressions_indexed"] = len(index)
+        imp_ref = ray.put(index)
 
     def pack(batch: pa.Table) -> dict:
-        return pack_events(batch, ray.get(items_ref))
+        return pack_events(batch, ray.get(items_ref), impressions=ray.get(imp_ref) if imp_ref else None,
+                           num_hard=hard_negatives, seed=seed)
 
     ds = ds.map_batches(pack, batch_format="pyarrow", batch_size=batch_size)
-    stats = {"rows_read": rows_read}
     if materialize:
         ds = ds.materialize()
         stats["rows_used"] = ds.count()

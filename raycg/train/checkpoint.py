@@ -1,6 +1,7 @@
 """What a raycg checkpoint holds, and loading a model back from one.
 
-    <checkpoint dir>/model.pt     {"model": state_dict, "optimizer": ..., "epoch": int}
+    <checkpoint dir>/model.pt     {"model": state_dict, "optimizer": ..., "epoch": int,
+                                   "step": int, "freq": logQ estimator state or None}
     <checkpoint dir>/meta.json    {"config": full run config, "item_dense_dim": int}
 """
 from __future__ import annotations
@@ -13,9 +14,12 @@ import torch
 from raycg.model.two_tower import TwoTowerModel
 
 
-def save(directory: str, model, optimizer, epoch: int, config: dict, item_dense_dim: int) -> None:
+def save(directory: str, model, optimizer, epoch: int, config: dict, item_dense_dim: int,
+         step: int = 0, freq: dict | None = None) -> None:
+    """`step` (global optimiser step) and `freq` (logQ estimator state) resume the loss state."""
     torch.save(
-        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
+        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+         "step": step, "freq": freq},
         os.path.join(directory, "model.pt"),
     )
     with open(os.path.join(directory, "meta.json"), "w") as f:

@@ -43,6 +43,8 @@ def init_ray(cfg: DictConfig) -> None:
         return
     kwargs = {"log_to_driver": True}
     if cfg.ray.address is None and not os.environ.get("RAY_ADDRESS"):
+        # "local": always an embedded instance on loopback, never a stale `ray start` cluster
+        kwargs.update(address="local", _node_ip_address="127.0.0.1")
         if cfg.ray.num_cpus is not None:
             kwargs["num_cpus"] = cfg.ray.num_cpus
         if cfg.ray.include_dashboard is not None:
@@ -74,7 +76,8 @@ def build_trainer(cfg: DictConfig, callbacks: list | None = None) -> tuple[Torch
         OmegaConf.to_container(cfg.model.buckets), cfg.model.max_buckets, cfg.data.train_path, items)
     t0 = time.perf_counter()
     train_ds, stats = packed_training_dataset(
-        cfg.data.train_path, items, batch_size=cfg.data.pack_batch_size, materialize=cfg.data.materialize)
+        cfg.data.train_path, items, batch_size=cfg.data.pack_batch_size, materialize=cfg.data.materialize,
+        hard_negatives=cfg.loss.hard_negatives, seed=cfg.seed)
     log(f"[raycg] data: {stats} ({time.perf_counter() - t0:.1f}s)")
     run_dir = os.path.join(cfg.paths.runs_dir, cfg.run_name)
     os.makedirs(run_dir, exist_ok=True)

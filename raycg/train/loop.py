@@ -10,19 +10,71 @@ import ray.train
 import ray.train.torch
 import torch
 
-from raycg.losses.objective import training_loss
+from raycg.data.batches import ItemTable
+from raycg.losses.frequency import StreamingFrequencyEstimator
+from raycg.losses.objective import Candidates, mixed_log_q, training_loss
 from raycg.model.two_tower import TwoTowerModel
 from raycg.train import checkpoint as ckpt_io
 
 
-def train_step(model, core: TwoTowerModel, batch: dict, optimizer, cfg_loss: dict) -> torch.Tensor:
-    """One optimisation step on a packed batch (see raycg.data.batches). Returns the loss."""
-    user_out, item_out = model(batch)
-    loss, _ = training_loss(user_out, item_out, batch, cfg_loss, core.temperature)
+class StepContext:
+    """What a step needs beyond the batch: corpus tensors for extra negatives, the logQ
+    frequency estimator and the global step (identical on every rank)."""
+
+    def __init__(self, cfg_loss: dict, items=None, seed: int = 0, freq_buckets: int = 1):
+        self.cfg = cfg_loss
+        self.step = 0
+        self.item_cat = torch.from_numpy(items.cat) if items is not None else None
+        self.item_dense = torch.from_numpy(items.dense) if items is not None else None
+        self.gen = torch.Generator().manual_seed(seed)
+        self.freq = None
+        if cfg_loss.get("log_q_correction", False):
+            self.freq = StreamingFrequencyEstimator(freq_buckets, alpha=cfg_loss.get("freq_alpha", 0.01))
+
+    def extra_items(self, batch: dict) -> tuple[dict, Candidates, int, int]:
+        """Batch with hard/mixed candidate items appended to the item side (one tower call,
+        inside the DDP forward); returns (batch, ids of the extras, H, M)."""
+        H = batch["hard_rows"].shape[1] if "hard_rows" in batch else 0
+        M = int(self.cfg.get("mixed_negatives", 0))
+        if H == 0 and M == 0:
+            return batch, Candidates(), 0, 0
+        rows = [batch["hard_rows"].reshape(-1).clamp(min=0)] if H else []
+        if M:
+            rows.append(torch.randint(0, len(self.item_cat), (M,), generator=self.gen))
+        rows = torch.cat(rows)
+        out = dict(batch)
+        out["item_cat"] = torch.cat([batch["item_cat"], self.item_cat[rows]])
+        out["item_dense"] = torch.cat([batch["item_dense"], self.item_dense[rows]])
+        ids = self.item_cat[rows, 0]
+        extra = Candidates()
+        if H:
+            hard_ids = ids[: len(batch["hard_rows"]) * H].reshape(-1, H)
+            extra.hard_ids = torch.where(batch["hard_rows"] < 0, torch.full_like(hard_ids, -1), hard_ids)
+        if M:
+            extra.mixed_ids = ids[len(ids) - M:]
+            extra.mixed_log_q = mixed_log_q(M, len(self.item_cat))
+        return out, extra, H, M
+
+
+def train_step(model, core: TwoTowerModel, batch: dict, optimizer, ctx: StepContext) -> tuple[torch.Tensor, dict]:
+    """One optimisation step on a packed batch (see raycg.data.batches). Returns (loss, parts)."""
+    B = len(batch["signals"])
+    if ctx.freq is not None:
+        ctx.freq.update_global(batch["item_cat"][:, 0], ctx.step)
+    augmented, extra, H, M = ctx.extra_items(batch)
+    user_out, item_all = model(augmented)
+    item_out = {h: v[:B] for h, v in item_all.items()}
+    if H:
+        extra.hard = {h: v[B:B + B * H].reshape(B, H, -1) for h, v in item_all.items()}
+    if M:
+        extra.mixed = {h: v[len(v) - M:] for h, v in item_all.items()}
+    loss, parts = training_loss(user_out, item_out, batch, ctx.cfg, core.temperature, extra, ctx.freq,
+                                core.serve_head)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss.detach()
+    ctx.step += 1
+    return loss.detach(), parts
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -35,6 +87,9 @@ def train_loop_per_worker(config: dict) -> None:
     # -- model, optimiser, resume -------------------------------------------------------
     model = TwoTowerModel(cfg_model, item_dense_dim)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg_train["lr"], weight_decay=cfg_train["weight_decay"])
+    needs_corpus = cfg_loss.get("mixed_negatives", 0) > 0 or cfg_loss.get("hard_negatives", 0) > 0
+    step_ctx = StepContext(cfg_loss, ItemTable.read(config["data"]["items_path"]) if needs_corpus else None,
+                           seed=config["seed"] + rank, freq_buckets=cfg_model["buckets"]["item"])
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -42,6 +97,9 @@ def train_loop_per_worker(config: dict) -> None:
             state = ckpt_io.load_state(d)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        step_ctx.step = state.get("step", 0)
+        if step_ctx.freq is not None and state.get("freq") is not None:
+            step_ctx.freq.load_state_dict(state["freq"])
         start_epoch = state["epoch"] + 1
         if rank == 0:
             print(f"[raycg] resuming from checkpoint after epoch {state['epoch']}", flush=True)
@@ -56,7 +114,7 @@ def train_loop_per_worker(config: dict) -> None:
         for batch in shard.iter_torch_batches(
             batch_size=cfg_train["batch_size"], drop_last=True, prefetch_batches=cfg_train["prefetch_batches"]
         ):
-            loss = train_step(model, core, batch, optimizer, cfg_loss)
+            loss, _ = train_step(model, core, batch, optimizer, step_ctx)
             steps += 1
             rows += len(batch["signals"])
             loss_sum += loss.item()
@@ -78,7 +136,8 @@ def train_loop_per_worker(config: dict) -> None:
             with open(os.path.join(config["run_dir"], "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             with tempfile.TemporaryDirectory() as d:
-                ckpt_io.save(d, core, optimizer, epoch, config, item_dense_dim)
+                ckpt_io.save(d, core, optimizer, epoch, config, item_dense_dim, step=step_ctx.step,
+                             freq=step_ctx.freq.state_dict() if step_ctx.freq is not None else None)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics, checkpoint=None)
