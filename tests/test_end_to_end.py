@@ -51,3 +51,21 @@ def test_two_workers_beat_popularity_and_resume(ray_session, small_data_dir, tmp
     assert model_r > 1.3 * pop_r and model_r - pop_r > 0.1, (model_r, pop_r)
     assert results["model"]["engagement"][100] > results["popularity"]["engagement"][100]
     assert first["model"]["conversion"][1000] <= 1.0
+
+
+def test_full_objective_two_workers(ray_session, small_data_dir, tmp_path):
+    """logQ + cross-worker + mixed + hard negatives + advertiser loss, 2 DDP workers."""
+    import torch
+
+    overrides = [
+        "data=sim_small", f"data.dir={small_data_dir}", f"paths.runs_dir={tmp_path}", "run_name=full",
+        "loss=full", "trainer.epochs=2", "trainer.batch_size=512",
+    ]
+    results = run(compose(overrides))
+    lines = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [0, 1] and all(math.isfinite(x["loss"]) for x in lines)
+    assert results["model"]["conversion"][100] > 1.3 * results["popularity"]["conversion"][100]
+    state = torch.load(os.path.join(results["checkpoint"], "model.pt"), weights_only=True)
+    assert state["step"] == sum(x["steps"] for x in lines)
+    freq = state["freq"]  # the logQ estimator is checkpointed
+    assert (freq["A"] >= 0).sum() > 100 and freq["A"].max() == state["step"] - 1
