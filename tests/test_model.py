@@ -109,3 +109,34 @@ def test_gradient_reaches_every_parameter(structure, heads):
     dead = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert dead == []
     assert u.shape == (6, 8) and torch.allclose(u.norm(dim=-1), torch.ones(6), atol=1e-6)
+
+
+def test_mixture_of_low_rank_experts_matches_numpy_reference():
+    from raycg.model.cross import MixtureCrossLayer
+
+    rng = np.random.default_rng(2)
+    layer = MixtureCrossLayer(dim=6, low_rank=3, num_experts=4).double()
+    _rand_layer(layer, rng)
+    x0, xl = rng.normal(size=(5, 6)), rng.normal(size=(5, 6))
+    got = layer(torch.as_tensor(x0), torch.as_tensor(xl)).detach().numpy()
+
+    def w(m):
+        return m.weight.detach().numpy()
+
+    relu = lambda a: np.maximum(a, 0)  # noqa: E731
+    logits = xl @ w(layer.gate).T
+    gates = np.exp(logits - logits.max(1, keepdims=True))
+    gates /= gates.sum(1, keepdims=True)
+    ref = xl.copy()
+    for k in range(4):
+        h = relu(relu(xl @ w(layer.V[k]).T) @ w(layer.C[k]).T)
+        ref += gates[:, k:k + 1] * x0 * (h @ w(layer.U[k]).T + layer.U[k].bias.detach().numpy())
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-12)
+
+
+def test_mixture_tower_trains_every_parameter():
+    torch.manual_seed(0)
+    model = TwoTowerModel(dict(_model_cfg("parallel"), low_rank=4, num_experts=3), item_dense_dim=5)
+    user_out, item_out = model(_batch())
+    (user_out["unified"] @ item_out["unified"].T / model.temperature).logsumexp(1).sum().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0] == []

@@ -22,12 +22,13 @@ STRUCTURES = ("parallel", "stacked", "cross_only", "mlp_only")
 
 
 class TowerBody(nn.Module):
-    def __init__(self, in_dim: int, structure: str, cross_layers: int, low_rank: int | None, mlp_dims: list[int]):
+    def __init__(self, in_dim: int, structure: str, cross_layers: int, low_rank: int | None, mlp_dims: list[int],
+                 num_experts: int = 1):
         super().__init__()
         if structure not in STRUCTURES:
             raise ValueError(f"model.cross={structure!r}: expected one of {STRUCTURES}")
         self.structure = structure
-        self.cross = CrossNetwork(in_dim, cross_layers, low_rank) if structure != "mlp_only" else None
+        self.cross = CrossNetwork(in_dim, cross_layers, low_rank, num_experts) if structure != "mlp_only" else None
         mlp_in = in_dim  # stacked: MLP reads the cross output, which has x0's width
         self.mlp = MLP(mlp_in, mlp_dims) if structure != "cross_only" else None
         self.out_dim = {
@@ -95,7 +96,8 @@ class Tower(nn.Module):
         self.embeddings = nn.ModuleList(HashedEmbedding(b, id_dim) for b in buckets)
         self.dense_norm = nn.LayerNorm(dense_dim) if dense_dim else None
         in_dim = id_dim * len(buckets) + dense_dim
-        self.body = TowerBody(in_dim, cfg["cross"], cfg["cross_layers"], cfg.get("low_rank"), list(cfg["mlp_dims"]))
+        self.body = TowerBody(in_dim, cfg["cross"], cfg["cross_layers"], cfg.get("low_rank"), list(cfg["mlp_dims"]),
+                              cfg.get("num_experts", 1))
         self.heads = nn.ModuleDict({
             name: EmbeddingHead(self.body.out_dim, list(cfg["head_dims"]), cfg["embedding_dim"])
             for name in HEAD_SETS[heads]
