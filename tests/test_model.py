@@ -140,3 +140,18 @@ def test_mixture_tower_trains_every_parameter():
     user_out, item_out = model(_batch())
     (user_out["unified"] @ item_out["unified"].T / model.temperature).logsumexp(1).sum().backward()
     assert [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0] == []
+
+
+def test_model_card_counts_and_flops():
+    from raycg.model.card import component_params, flops_per_example, model_card
+
+    model = TwoTowerModel(dict(_model_cfg("parallel"), heads="multi_head"), item_dense_dim=5)
+    params = component_params(model)
+    assert sum(params.values()) == sum(p.numel() for p in model.parameters()) - 1  # all but log_temperature
+    # cross layer full rank on x0 of 4 ids x 4 dims = 16: 2 layers x (16*16 + 16)
+    assert params["user_tower.cross"] == 2 * (16 * 16 + 16)
+    flops = flops_per_example(model, 5)
+    # user tower matmuls: cross 2x16x16, mlp 16x32+32x16+16x8, two heads of (48x16 + 16x8), x2 FLOPs per MAC
+    expected = 2 * (2 * 16 * 16 + 16 * 32 + 32 * 16 + 16 * 8 + 2 * (24 * 16 + 16 * 8))
+    assert flops["user_tower"] == expected
+    assert "total" in model_card(model, 5)

@@ -21,6 +21,8 @@ from ray.train.torch import TorchTrainer
 from raycg.data.batches import ItemTable
 from raycg.data.pipeline import auto_buckets, packed_training_dataset
 from raycg.data.simulate import SimConfig, write_dataset
+from raycg.model.card import model_card
+from raycg.model.two_tower import TwoTowerModel
 from raycg.eval.evaluate import evaluate_checkpoint, format_table, write_results
 from raycg.train.loop import train_loop_per_worker
 
@@ -85,6 +87,8 @@ def build_trainer(cfg: DictConfig, callbacks: list | None = None) -> tuple[Torch
         f.write(OmegaConf.to_yaml(cfg))
     with open(os.path.join(run_dir, "data_stats.json"), "w") as f:
         json.dump(stats, f)
+    print(model_card(TwoTowerModel(OmegaConf.to_container(cfg.model, resolve=True), items.dense_dim),
+                     items.dense_dim), flush=True)
     loop_config = OmegaConf.to_container(cfg, resolve=True)
     loop_config.update(item_dense_dim=items.dense_dim, run_dir=run_dir)
     t = cfg.trainer
