@@ -8,6 +8,8 @@ backward, Adam) fed four ways, side by side in one run:
     ray_packed_stream    the same without materialize (decode + pack streamed every epoch)
     ray_pack_on_trainer  Ray Data read -> iter_batches(pyarrow); pack in the training loop
 
+The batch is the default feature set (no history sequence), unnormalised dense inputs.
+
 and prints each one's ratio to in_memory. Usage:
 
     python benchmarks/ingest.py                       # sim_small-sized data, 3 epochs
@@ -29,8 +31,9 @@ from omegaconf import OmegaConf
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from raycg.data.batches import ItemTable, pack_events  # noqa: E402
-from raycg.data.pipeline import auto_buckets, packed_training_dataset, read_events  # noqa: E402
+from raycg.data.batches import pack_events  # noqa: E402
+from raycg.data.features import FeatureSpec  # noqa: E402
+from raycg.data.pipeline import auto_buckets, build_feature_store, packed_training_dataset, read_events  # noqa: E402
 from raycg.data.simulate import SimConfig, write_dataset  # noqa: E402
 from raycg.model.two_tower import TwoTowerModel  # noqa: E402
 from raycg.train.loop import StepContext, train_step  # noqa: E402
@@ -42,15 +45,15 @@ def load_cfg():
     return model, loss
 
 
-def fresh_model(model_cfg, dense_dim, seed=0):
+def fresh_model(model_cfg, spec, seed=0):
     torch.manual_seed(seed)
-    model = TwoTowerModel(model_cfg, dense_dim)
+    model = TwoTowerModel(model_cfg, spec)
     return model, torch.optim.Adam(model.parameters(), lr=1e-3)
 
 
-def timed_epochs(batches_fn, model_cfg, loss_cfg, dense_dim, epochs, warmup_steps=5):
+def timed_epochs(batches_fn, model_cfg, loss_cfg, spec, epochs, warmup_steps=5):
     """rows/s over `epochs` passes (after a few warm-up steps on the first batches)."""
-    model, opt = fresh_model(model_cfg, dense_dim)
+    model, opt = fresh_model(model_cfg, spec)
     ctx = StepContext(loss_cfg, freq_buckets=model_cfg["buckets"]["item"])
     for i, batch in enumerate(batches_fn()):
         train_step(model, model, batch, opt, ctx)
@@ -81,25 +84,26 @@ def main():
         write_dataset(SimConfig(n_users=args.users, n_items=args.items, n_advertisers=max(args.items // 20, 10),
                                 n_categories=30, requests_per_user=args.requests_per_user), data_dir)
     train_path = os.path.join(data_dir, "events", "train")
-    items = ItemTable.read(os.path.join(data_dir, "items.parquet"))
     model_cfg, loss_cfg = load_cfg()
-    model_cfg["buckets"] = auto_buckets(model_cfg["buckets"], model_cfg["max_buckets"], train_path, items)
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     B = args.batch_size
 
-    mat_ds, stats = packed_training_dataset(train_path, items, materialize=True)
-    stream_ds, _ = packed_training_dataset(train_path, items, materialize=False)
+    store = build_feature_store(train_path, os.path.join(data_dir, "items.parquet"))
+    model_cfg["buckets"] = auto_buckets(model_cfg["buckets"], model_cfg["max_buckets"], train_path, store.items)
+    mat_ds, stats = packed_training_dataset(train_path, store, materialize=True)
+    stream_ds, _ = packed_training_dataset(train_path, store, materialize=False)
     raw_ds, _ = read_events(train_path)
 
     # in-memory ceiling: the same packed rows as torch tensors, sliced into batches
-    cols = {k: [] for k in ("user_cat", "item_cat", "item_dense", "signals")}
+    cols = {k: [] for k in ("user_cat", "user_dense", "item_cat", "item_dense", "signals")}
     for b in mat_ds.iter_batches(batch_size=None, batch_format="numpy"):
         for k in cols:
             cols[k].append(b[k])
     mem = {k: torch.from_numpy(np.concatenate(v)) for k, v in cols.items()}
     n = len(mem["signals"])
+    spec = FeatureSpec(user_dense=mem["user_dense"].shape[1], item_dense=mem["item_dense"].shape[1])
 
     def in_memory():
         for s in range(0, n - B + 1, B):
@@ -111,7 +115,7 @@ def main():
     def pack_on_trainer():
         buf = None
         for tbl in raw_ds.iter_batches(batch_size=B * 4, batch_format="pyarrow", prefetch_batches=2):
-            packed = {k: torch.from_numpy(v) for k, v in pack_events(tbl, items).items()}
+            packed = {k: torch.from_numpy(v) for k, v in pack_events(tbl, store).items()}
             buf = packed if buf is None else {k: torch.cat([buf[k], packed[k]]) for k in packed}
             while len(buf["signals"]) >= B:
                 yield {k: v[:B] for k, v in buf.items()}
@@ -121,7 +125,7 @@ def main():
     for name, fn in [("in_memory", in_memory), ("ray_packed_mat", ray_packed(mat_ds)),
                      ("ray_packed_stream", ray_packed(stream_ds)), ("ray_pack_on_trainer", pack_on_trainer),
                      ("in_memory_again", in_memory)]:
-        rps, rows = timed_epochs(fn, model_cfg, loss_cfg, items.dense_dim, args.epochs)
+        rps, rows = timed_epochs(fn, model_cfg, loss_cfg, spec, args.epochs)
         results[name] = rps
         print(f"  {name:<20} {rps:>10,.0f} rows/s  ({rows:,} rows)", flush=True)
 

@@ -6,16 +6,16 @@ import os
 import numpy as np
 
 from conftest import compose
-from raycg.data.batches import ItemTable
-from raycg.data.pipeline import packed_training_dataset
+from raycg.data.pipeline import build_feature_store, packed_training_dataset
 from raycg.train.driver import run
 
 
 def test_pipeline_row_accounting_and_batch_format(ray_session, small_data_dir):
     import pyarrow.parquet as pq
 
-    items = ItemTable.read(os.path.join(small_data_dir, "items.parquet"))
-    ds, stats = packed_training_dataset(os.path.join(small_data_dir, "events", "train"), items, batch_size=2048)
+    train = os.path.join(small_data_dir, "events", "train")
+    store = build_feature_store(train, os.path.join(small_data_dir, "items.parquet"), history_length=5)
+    ds, stats = packed_training_dataset(train, store, batch_size=2048)
     events = pq.read_table(os.path.join(small_data_dir, "events", "train"), columns=["event_type"])
     positives = np.isin(events.column("event_type").to_numpy(zero_copy_only=False),
                         ["click", "save", "add_to_cart", "checkout"]).sum()
@@ -23,8 +23,10 @@ def test_pipeline_row_accounting_and_batch_format(ray_session, small_data_dir):
     assert stats["rows_used"] == positives
     assert stats["rows_used"] + stats["rows_not_positive"] == stats["rows_read"]
     batch = next(iter(ds.iter_torch_batches(batch_size=256)))
-    assert sorted(batch) == ["item_cat", "item_dense", "signals", "user_cat"]  # four packed tensors
-    assert tuple(batch["user_cat"].shape) == (256, 4) and tuple(batch["item_dense"].shape) == (256, 16)
+    # a handful of packed tensors, not one per column
+    assert sorted(batch) == ["hist_actions", "hist_items", "item_cat", "item_dense", "signals", "user_cat", "user_dense"]
+    assert tuple(batch["user_cat"].shape) == (256, 4) and tuple(batch["item_dense"].shape) == (256, 16 + 6)
+    assert tuple(batch["user_dense"].shape) == (256, 6 + 16) and tuple(batch["hist_items"].shape) == (256, 5)
 
 
 def test_two_workers_beat_popularity_and_resume(ray_session, small_data_dir, tmp_path):

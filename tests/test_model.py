@@ -83,9 +83,19 @@ def _model_cfg(structure):
     }
 
 
+def _spec():
+    from raycg.data.features import FeatureSpec
+
+    return FeatureSpec(user_dense=3, item_dense=5, history_length=4,
+                       user_dense_mean=[0.5, 0.0, 1.0], user_dense_std=[2.0, 1.0, 1.0])
+
+
 def _batch(n=6, dense=5):
     g = torch.Generator().manual_seed(0)
     return {
+        "user_dense": torch.randn(n, 3, generator=g),
+        "hist_items": torch.randint(0, 40, (n, 4), generator=g),
+        "hist_actions": torch.tensor([[0, 1, 2, 3], [1, 1, 1, 1], [0, 0, 0, 4], [2, 3, 4, 1], [0, 0, 1, 2], [1, 2, 3, 4]][:n]),
         "user_cat": torch.stack([torch.randint(0, 40, (n,), generator=g), torch.randint(0, 3, (n,), generator=g),
                                  torch.randint(-1, 40, (n,), generator=g), torch.randint(-1, 5, (n,), generator=g)], 1),
         "item_cat": torch.stack([torch.arange(n), torch.randint(0, 5, (n,), generator=g),
@@ -98,12 +108,12 @@ def _batch(n=6, dense=5):
 @pytest.mark.parametrize("structure", STRUCTURES)
 def test_gradient_reaches_every_parameter(structure, heads):
     torch.manual_seed(0)
-    model = TwoTowerModel(dict(_model_cfg(structure), heads=heads), item_dense_dim=5)
+    model = TwoTowerModel(dict(_model_cfg(structure), heads=heads), _spec())
     b = _batch()
     user_out, item_out = model(b)
     assert set(user_out) == set(item_out) == ({"unified"} if heads == "unified" else {"engagement", "conversion"})
     sum((user_out[h] @ item_out[h].T / model.temperature).logsumexp(1).sum() for h in user_out).backward()
-    u = model.embed_users(b["user_cat"])
+    u = model.embed_users(b)
     if heads == "multi_head":  # serving uses the conversion head
         assert torch.equal(u, user_out["conversion"])
     dead = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
@@ -136,7 +146,7 @@ def test_mixture_of_low_rank_experts_matches_numpy_reference():
 
 def test_mixture_tower_trains_every_parameter():
     torch.manual_seed(0)
-    model = TwoTowerModel(dict(_model_cfg("parallel"), low_rank=4, num_experts=3), item_dense_dim=5)
+    model = TwoTowerModel(dict(_model_cfg("parallel"), low_rank=4, num_experts=3), _spec())
     user_out, item_out = model(_batch())
     (user_out["unified"] @ item_out["unified"].T / model.temperature).logsumexp(1).sum().backward()
     assert [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0] == []
@@ -145,13 +155,14 @@ def test_mixture_tower_trains_every_parameter():
 def test_model_card_counts_and_flops():
     from raycg.model.card import component_params, flops_per_example, model_card
 
-    model = TwoTowerModel(dict(_model_cfg("parallel"), heads="multi_head"), item_dense_dim=5)
+    model = TwoTowerModel(dict(_model_cfg("parallel"), heads="multi_head"), _spec())
     params = component_params(model)
     assert sum(params.values()) == sum(p.numel() for p in model.parameters()) - 1  # all but log_temperature
-    # cross layer full rank on x0 of 4 ids x 4 dims = 16: 2 layers x (16*16 + 16)
-    assert params["user_tower.cross"] == 2 * (16 * 16 + 16)
-    flops = flops_per_example(model, 5)
-    # user tower matmuls: cross 2x16x16, mlp 16x32+32x16+16x8, two heads of (48x16 + 16x8), x2 FLOPs per MAC
-    expected = 2 * (2 * 16 * 16 + 16 * 32 + 32 * 16 + 16 * 8 + 2 * (24 * 16 + 16 * 8))
-    assert flops["user_tower"] == expected
-    assert "total" in model_card(model, 5)
+    # item x0 = 3 ids x 4 dims + 5 dense = 17; full-rank cross: 2 layers x (17*17 + 17)
+    assert params["item_tower.cross"] == 2 * (17 * 17 + 17)
+    flops = flops_per_example(model)
+    # item tower matmuls: cross 2x17x17, mlp 17x32+32x16+16x8, two heads of ((17+8)x16 + 16x8); 2 FLOPs per MAC
+    expected = 2 * (2 * 17 * 17 + 17 * 32 + 32 * 16 + 16 * 8 + 2 * (25 * 16 + 16 * 8))
+    assert flops["item_tower"] == expected
+    assert flops["user_tower"] > 0 and params["user_tower.history"] > 0
+    assert "total" in model_card(model)

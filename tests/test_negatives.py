@@ -2,7 +2,8 @@
 import numpy as np
 import pyarrow as pa
 
-from raycg.data.batches import ItemTable, pack_events
+from raycg.data.batches import FeatureStore, ItemTable, pack_events
+from raycg.data.features import UserTable
 from raycg.data.negatives import ImpressionIndex
 
 
@@ -41,8 +42,10 @@ def test_pack_events_adds_hard_rows():
         "context_item_id": pa.array([-1] * 3, pa.int64()), "query_id": pa.array([-1] * 3, pa.int64()),
     })
     index = ImpressionIndex.from_events(events, items)
-    packed = pack_events(events, items, impressions=index, num_hard=3, seed=1)
+    store = FeatureStore(items=items, users=UserTable(np.array([1]), np.ones((1, 6), np.float32)))
+    packed = pack_events(events, store, impressions=index, num_hard=3, seed=1)
+    assert packed["user_dense"].shape == (2, 6 + 2) and (packed["user_dense"][:, :6] == 1).all()
     assert packed["hard_rows"].shape == (2, 3)
     assert (items.item_id[packed["hard_rows"]] == 101).all()
-    again = pack_events(events, items, impressions=index, num_hard=3, seed=1)
+    again = pack_events(events, store, impressions=index, num_hard=3, seed=1)
     assert np.array_equal(again["hard_rows"], packed["hard_rows"])  # deterministic

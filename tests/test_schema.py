@@ -4,7 +4,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raycg.data.batches import ItemTable, pack_events
+from raycg.data.batches import FeatureStore, ItemTable, pack_events
+from raycg.data.features import UserTable
 from raycg.data.schema import EVENT_SCHEMA, EventSchemaError, check_parquet_files, check_values
 
 
@@ -29,6 +30,10 @@ def items():
         "category_id": pa.array([5, 6, 7], pa.int64()),
         "content_emb": pa.FixedSizeListArray.from_arrays(pa.array(np.arange(6, dtype=np.float32)), 2),
     }))
+
+
+def store():
+    return FeatureStore(items=items(), users=UserTable(np.zeros(0, np.int64), np.zeros((0, 6), np.float32)))
 
 
 def write(tmp_path, table, name="part-0.parquet"):
@@ -93,7 +98,7 @@ def test_per_row_path_names_the_offending_file():
 
 
 def test_pack_events_keeps_positives_and_joins_items():
-    packed = pack_events(good_events(), items())
+    packed = pack_events(good_events(), store())
     # 6 rows: click, impression, checkout x2 -> 4 positives
     assert packed["user_cat"].shape == (4, 4) and packed["user_cat"].dtype == np.int64
     assert packed["item_cat"].shape == (4, 3)
@@ -114,7 +119,7 @@ def test_unknown_item_is_an_error():
     t = good_events()
     t = t.set_column(t.schema.get_field_index("item_id"), "item_id", pa.array([0, 1, 2, 99, 1, 0], pa.int64()))
     with pytest.raises(EventSchemaError, match=r"column 'item_id' has 1 of .* not in the item table.*e.g. 99"):
-        pack_events(t, items())
+        pack_events(t, store())
 
 
 def test_ragged_item_embeddings_are_an_error():

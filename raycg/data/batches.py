@@ -2,17 +2,20 @@
 
 A naive pipeline hands the trainer one tensor per column and stacks them on the worker
 (many small copies per step). raycg packs rows *inside Ray Data* (`map_batches`, vectorised
-numpy), so each training batch is exactly four tensors:
+numpy), so each training batch is a handful of packed tensors:
 
     user_cat    int64   [B, 4]   user_id, surface code, context_item_id, query_id (-1 = none)
+    user_dense  float32 [B, Du]  user stats (6) + context item content embedding (D)
     item_cat    int64   [B, 3]   item_id, advertiser_id, category_id   (from the item table)
-    item_dense  float32 [B, D]   item content embedding                (from the item table)
+    item_dense  float32 [B, Di]  item content embedding (D) + item stats (6)
     signals     float32 [B, 4]   is_conversion, is_click, is_save, click_duration (s)
     hard_rows   int64   [B, H]   item-table rows of impression hard negatives (-1 = none);
                                  only when loss.hard_negatives = H > 0
 
-The item tower reads only columns of the item table, so the corpus is embedded by exactly
-the same code at evaluation time (`ItemTable.pack`).
+The item tower reads only the item table (+ its training-window stats), so the corpus is
+embedded by exactly the same code at evaluation time (`ItemTable.pack`); the user tower
+reads `FeatureStore.pack_users`, used for training rows and evaluation queries alike.
+Stats come from raycg.data.features (training window only).
 """
 from __future__ import annotations
 
@@ -50,12 +53,38 @@ class ItemTable:
 
     item_id: np.ndarray  # int64 [N], sorted
     cat: np.ndarray  # int64 [N, 3]
-    dense: np.ndarray  # float32 [N, D]
+    dense: np.ndarray  # float32 [N, D (+ 6 stats once with_stats)]
     source: str = "items"
+    content_dim: int = -1  # width of the content embedding at the start of `dense`
+
+    def __post_init__(self):
+        if self.content_dim < 0:
+            self.content_dim = self.dense.shape[1]
 
     @property
     def dense_dim(self) -> int:
         return self.dense.shape[1]
+
+    def with_stats(self, ids: np.ndarray, counts: np.ndarray) -> "ItemTable":
+        """Append training-window stats (raycg.data.features) to the dense block; items with
+        no training events get the stats of zero counts."""
+        from raycg.data.features import COUNT_KINDS, stats_from_counts
+
+        full = np.zeros((len(self.item_id), len(COUNT_KINDS)), dtype=np.int64)
+        if len(ids):
+            pos = np.searchsorted(self.item_id, ids).clip(0, len(self.item_id) - 1)
+            hit = self.item_id[pos] == ids
+            full[pos[hit]] = counts[hit]
+        dense = np.concatenate([self.dense[:, :self.content_dim], stats_from_counts(full)], axis=1)
+        return ItemTable(self.item_id, self.cat, dense, self.source, self.content_dim)
+
+    def content_of(self, item_ids: np.ndarray) -> np.ndarray:
+        """Content embedding [B, D] of each id; zeros for -1 or ids not in the table."""
+        out = np.zeros((len(item_ids), self.content_dim), dtype=np.float32)
+        pos = np.searchsorted(self.item_id, item_ids).clip(0, len(self.item_id) - 1)
+        hit = self.item_id[pos] == item_ids
+        out[hit] = self.dense[pos[hit], :self.content_dim]
+        return out
 
     @classmethod
     def from_arrow(cls, table: pa.Table, source: str = "items") -> "ItemTable":
@@ -111,8 +140,8 @@ class ItemTable:
         return {"item_cat": self.cat[rows], "item_dense": self.dense[rows]}
 
 
-def pack_user(table: pa.Table) -> np.ndarray:
-    """User/query-tower inputs: int64 [B, 4]."""
+def pack_user_cat(table: pa.Table) -> np.ndarray:
+    """Categorical user/query-tower inputs: int64 [B, 4]."""
     return np.stack(
         [
             table.column("user_id").to_numpy().astype(np.int64),
@@ -124,7 +153,29 @@ def pack_user(table: pa.Table) -> np.ndarray:
     )
 
 
-def pack_events(table: pa.Table, items: ItemTable, validate: bool = True, impressions=None,
+@dataclass
+class FeatureStore:
+    """Everything the packers need to turn rows into tower inputs (shipped via the object store)."""
+
+    items: ItemTable
+    users: "UserTable"  # noqa: F821  (raycg.data.features.UserTable)
+    history: object = None  # raycg.data.history.HistoryIndex or None
+    history_length: int = 0
+
+    def pack_users(self, table: pa.Table) -> dict[str, np.ndarray]:
+        """User/query-tower inputs for event or query rows."""
+        user_cat = pack_user_cat(table)
+        user_dense = np.concatenate(
+            [self.users.lookup(user_cat[:, 0]), self.items.content_of(user_cat[:, 2])], axis=1)
+        out = {"user_cat": user_cat, "user_dense": user_dense}
+        if self.history is not None and self.history_length > 0:
+            items, actions = self.history.lookup(
+                user_cat[:, 0], table.column("timestamp").to_numpy().astype(np.int64), self.history_length)
+            out["hist_items"], out["hist_actions"] = items, actions
+        return out
+
+
+def pack_events(table: pa.Table, store: FeatureStore, validate: bool = True, impressions=None,
                 num_hard: int = 0, seed: int = 0) -> dict[str, np.ndarray]:
     """Event rows -> packed training batch. Keeps positives (conversion, click, save).
 
@@ -145,9 +196,9 @@ def pack_events(table: pa.Table, items: ItemTable, validate: bool = True, impres
     keep = is_conv | is_click | is_save
     table = table.filter(pa.array(keep))
     where = source if isinstance(source, str) else (str(source[0]) if len(source) else "events")
-    rows = items.rows(table.column("item_id").to_numpy().astype(np.int64), where)
-    out = items.pack(rows)
-    out["user_cat"] = pack_user(table)
+    rows = store.items.rows(table.column("item_id").to_numpy().astype(np.int64), where)
+    out = store.items.pack(rows)
+    out.update(store.pack_users(table))
     out["signals"] = np.stack(
         [is_conv[keep], is_click[keep], is_save[keep],
          table.column("click_duration").to_numpy().astype(np.float32)],

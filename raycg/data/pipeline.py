@@ -13,7 +13,8 @@ import os
 import pyarrow as pa
 import ray
 
-from raycg.data.batches import ItemTable, pack_events
+from raycg.data.batches import FeatureStore, ItemTable, pack_events
+from raycg.data.features import UserTable, aggregate_counts, stats_from_counts
 from raycg.data.schema import EVENT_COLUMNS, EventSchemaError, check_parquet_files
 
 
@@ -37,13 +38,35 @@ def read_events(path: str) -> tuple[ray.data.Dataset, int]:
     return ds, n_rows
 
 
+def build_feature_store(train_path: str, items_path: str, history_length: int = 0,
+                        history_paths: list[str] | None = None) -> FeatureStore:
+    """Item table + user/item stats from the training split (Ray Data) [+ history index].
+
+    `history_paths`: event files the history index is built from (default: the training
+    split; evaluation passes train + eval, since lookups only ever see strictly earlier events).
+    """
+    items = ItemTable.read(items_path)
+    ds, _ = read_events(train_path)
+    item_ids, item_counts = aggregate_counts(ds, "item_id")
+    user_ids, user_counts = aggregate_counts(ds, "user_id")
+    history = None
+    if history_length > 0:
+        from raycg.data.history import HistoryIndex
+
+        history = HistoryIndex.build(history_paths or event_files(train_path))
+    return FeatureStore(items=items.with_stats(item_ids, item_counts),
+                        users=UserTable(user_ids, stats_from_counts(user_counts)),
+                        history=history, history_length=history_length)
+
+
 def packed_training_dataset(
-    events_path: str, items: ItemTable, *, batch_size: int = 8192, materialize: bool = True,
+    events_path: str, store: FeatureStore, *, batch_size: int = 8192, materialize: bool = True,
     hard_negatives: int = 0, seed: int = 0,
 ) -> tuple[ray.data.Dataset, dict]:
     """Packed positives (+ impression hard negatives) for training, and the row accounting."""
     ds, rows_read = read_events(events_path)
-    items_ref = ray.put(items)
+    items = store.items
+    store_ref = ray.put(store)
     stats = {"rows_read": rows_read}
     imp_ref = None
     if hard_negatives > 0:
@@ -54,7 +77,7 @@ def packed_training_dataset(
         imp_ref = ray.put(index)
 
     def pack(batch: pa.Table) -> dict:
-        return pack_events(batch, ray.get(items_ref), impressions=ray.get(imp_ref) if imp_ref else None,
+        return pack_events(batch, ray.get(store_ref), impressions=ray.get(imp_ref) if imp_ref else None,
                            num_hard=hard_negatives, seed=seed)
 
     ds = ds.map_batches(pack, batch_format="pyarrow", batch_size=batch_size)

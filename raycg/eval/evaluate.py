@@ -9,6 +9,9 @@ import os
 import time
 
 import numpy as np
+import ray
+
+from raycg.data.pipeline import build_feature_store, event_files
 
 from raycg.eval.baselines import popularity_ranking
 from raycg.eval.embed import embed_corpus, embed_queries
@@ -16,13 +19,21 @@ from raycg.eval.queries import TASKS, build_queries, read_event_columns
 from raycg.eval.recall import exact_top_k, recall_at_k
 
 
-def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log=print) -> dict:
+def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log=print,
+                        history_length: int = 0) -> dict:
+    """Features are rebuilt from the training split exactly as for training; the history
+    index also sees the eval split (lookups only use events strictly before each query)."""
     ks = sorted(int(k) for k in eval_cfg["ks"])
     t_start = time.perf_counter()
+    store = build_feature_store(data_cfg["train_path"], data_cfg["items_path"], history_length,
+                                event_files(data_cfg["train_path"]) + event_files(data_cfg["eval_path"]))
+    store_ref = [ray.put(store)]
     log(f"[raycg] eval: embedding the item corpus {data_cfg['items_path']} (Ray Data)")
-    corpus_ids, item_emb = embed_corpus(data_cfg["items_path"], checkpoint_dir, eval_cfg["inference_batch_size"])
+    corpus_ids, item_emb = embed_corpus(data_cfg["items_path"], checkpoint_dir, store_ref,
+                                        eval_cfg["inference_batch_size"])
     eval_events = read_event_columns(
-        data_cfg["eval_path"], ["user_id", "item_id", "surface", "event_type", "context_item_id", "query_id"])
+        data_cfg["eval_path"], ["user_id", "item_id", "surface", "event_type", "context_item_id", "query_id",
+                                "timestamp"])
     train_events = read_event_columns(data_cfg["train_path"], ["item_id", "event_type"])
     results: dict = {"ks": ks, "n_items": int(len(corpus_ids)), "model": {}, "popularity": {}, "n_queries": {}}
     faiss_s = 0.0
@@ -33,7 +44,7 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
             log(f"[raycg] eval: no {task} queries in the eval split")
             continue
         log(f"[raycg] eval: {task}: {len(positives):,} queries, exact search over {len(corpus_ids):,} items")
-        q_emb = embed_queries(queries, checkpoint_dir, eval_cfg["query_batch_size"])
+        q_emb = embed_queries(queries, checkpoint_dir, store_ref, eval_cfg["query_batch_size"])
         top_rows, secs = exact_top_k(item_emb, q_emb, max(ks), eval_cfg["query_batch_size"], eval_cfg.get("faiss_threads"))
         faiss_s += secs
         results["model"][task] = recall_at_k(corpus_ids[top_rows], positives, ks)

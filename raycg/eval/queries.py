@@ -2,7 +2,8 @@
 
 A query is a request context (user_id, surface, context_item_id, query_id); its positives
 are the distinct items of that task it had in the eval window:
-conversion = add_to_cart/checkout, engagement = click/save.
+conversion = add_to_cart/checkout, engagement = click/save. The query's `timestamp` is its
+first positive event's: time-dependent features (history) only see events before it.
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ def build_queries(events: pa.Table, task: str) -> tuple[pa.Table, list[np.ndarra
     etype = events.column("event_type")
     pos = events.filter(pc.is_in(etype, value_set=pa.array(TASKS[task])))
     if pos.num_rows == 0:
-        return pa.table({k: pa.array([], type=events.schema.field(k).type) for k in QUERY_KEYS}), []
-    grouped = pos.group_by(QUERY_KEYS).aggregate([("item_id", "distinct")])
-    keys = grouped.select(QUERY_KEYS)
+        return pa.table({k: pa.array([], type=events.schema.field(k).type) for k in QUERY_KEYS + ["timestamp"]}), []
+    grouped = pos.group_by(QUERY_KEYS).aggregate([("item_id", "distinct"), ("timestamp", "min")])
+    keys = grouped.select(QUERY_KEYS + ["timestamp_min"]).rename_columns(QUERY_KEYS + ["timestamp"])
     positives = [np.asarray(v, dtype=np.int64) for v in grouped.column("item_id_distinct").to_pylist()]
     return keys, positives

@@ -16,7 +16,7 @@ def component_params(model: TwoTowerModel) -> dict[str, int]:
     for tower_name in ("user_tower", "item_tower"):
         tower = getattr(model, tower_name)
         out[f"{tower_name}.embeddings"] = _count(tower.embeddings)
-        out[f"{tower_name}.dense_norm"] = _count(tower.dense_norm)
+        out[f"{tower_name}.history"] = _count(tower.history)
         out[f"{tower_name}.cross"] = _count(tower.body.cross)
         out[f"{tower_name}.mlp"] = _count(tower.body.mlp)
         for head, module in tower.heads.items():
@@ -24,15 +24,27 @@ def component_params(model: TwoTowerModel) -> dict[str, int]:
     return out
 
 
-def flops_per_example(model: TwoTowerModel, item_dense_dim: int, batch: int = 8) -> dict[str, float]:
+def example_batch(model: TwoTowerModel, batch: int = 8) -> dict[str, torch.Tensor]:
+    """A zero batch with every input the model's FeatureSpec declares."""
+    spec = model.spec
+    out = {
+        "user_cat": torch.zeros(batch, len(spec.user_cat), dtype=torch.long),
+        "user_dense": torch.zeros(batch, spec.user_dense),
+        "item_cat": torch.zeros(batch, len(spec.item_cat), dtype=torch.long),
+        "item_dense": torch.zeros(batch, spec.item_dense),
+    }
+    if spec.history_length:
+        out["hist_items"] = torch.full((batch, spec.history_length), 3, dtype=torch.long)
+        out["hist_actions"] = torch.ones(batch, spec.history_length, dtype=torch.long)
+    return out
+
+
+def flops_per_example(model: TwoTowerModel, batch: int = 8) -> dict[str, float]:
     """Forward FLOPs (multiply-add = 2) per example of each tower, all heads."""
-    user_cat = torch.zeros(batch, len(model.user_tower.embeddings), dtype=torch.long)
-    item_cat = torch.zeros(batch, len(model.item_tower.embeddings), dtype=torch.long)
-    item_dense = torch.zeros(batch, item_dense_dim)
+    b = example_batch(model, batch)
     out = {}
     with torch.no_grad():
-        for name, fn in (("user_tower", lambda: model.user_tower(user_cat)),
-                         ("item_tower", lambda: model.item_tower(item_cat, item_dense))):
+        for name, fn in (("user_tower", lambda: model.user_heads(b)), ("item_tower", lambda: model.item_heads(b))):
             counter = FlopCounterMode(display=False)
             with counter:
                 fn()
@@ -40,9 +52,9 @@ def flops_per_example(model: TwoTowerModel, item_dense_dim: int, batch: int = 8)
     return out
 
 
-def model_card(model: TwoTowerModel, item_dense_dim: int) -> str:
+def model_card(model: TwoTowerModel) -> str:
     params = component_params(model)
-    flops = flops_per_example(model, item_dense_dim)
+    flops = flops_per_example(model)
     lines = ["model card", f"  {'component':<34}{'parameters':>14}"]
     lines += [f"  {name:<34}{n:>14,}" for name, n in params.items()]
     lines.append(f"  {'total':<34}{_count(model):>14,}")

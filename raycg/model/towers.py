@@ -82,20 +82,37 @@ class EmbeddingHead(nn.Module):
         return F.normalize(self.out(self.mlp(h)), dim=-1)
 
 
+class DenseNormalizer(nn.Module):
+    """(x - mean) / std with statistics of the training split, kept as buffers so that
+    checkpoints and exported towers carry them."""
+
+    def __init__(self, dim: int, mean: list[float] | None = None, std: list[float] | None = None):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean if mean is not None else [0.0] * dim, dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(std if std is not None else [1.0] * dim, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
 class Tower(nn.Module):
-    """Categorical columns (hashed embeddings) + optional dense block -> one unit embedding per head.
+    """Categorical columns (hashed embeddings) + optional dense block [+ history encoder]
+    -> one unit embedding per head.
 
     Encoders and the body are shared by all heads; `forward` returns {head name: [B, E]}.
     """
 
-    def __init__(self, buckets: list[int], id_dim: int, dense_dim: int, cfg: dict):
+    def __init__(self, buckets: list[int], id_dim: int, dense_dim: int, cfg: dict,
+                 dense_mean: list[float] | None = None, dense_std: list[float] | None = None,
+                 history: nn.Module | None = None):
         super().__init__()
         heads = cfg.get("heads", "unified")
         if heads not in HEAD_SETS:
             raise ValueError(f"model.heads={heads!r}: expected one of {list(HEAD_SETS)}")
         self.embeddings = nn.ModuleList(HashedEmbedding(b, id_dim) for b in buckets)
-        self.dense_norm = nn.LayerNorm(dense_dim) if dense_dim else None
-        in_dim = id_dim * len(buckets) + dense_dim
+        self.dense_norm = DenseNormalizer(dense_dim, dense_mean, dense_std) if dense_dim else None
+        self.history = history
+        in_dim = id_dim * len(buckets) + dense_dim + (history.out_dim if history is not None else 0)
         self.body = TowerBody(in_dim, cfg["cross"], cfg["cross_layers"], cfg.get("low_rank"), list(cfg["mlp_dims"]),
                               cfg.get("num_experts", 1))
         self.heads = nn.ModuleDict({
@@ -103,9 +120,13 @@ class Tower(nn.Module):
             for name in HEAD_SETS[heads]
         })
 
-    def forward(self, cat: torch.Tensor, dense: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, cat: torch.Tensor, dense: torch.Tensor | None = None,
+                hist_items: torch.Tensor | None = None, hist_actions: torch.Tensor | None = None,
+                ) -> dict[str, torch.Tensor]:
         parts = [emb(cat[:, i]) for i, emb in enumerate(self.embeddings)]
         if self.dense_norm is not None:
             parts.append(self.dense_norm(dense))
+        if self.history is not None:
+            parts.append(self.history(hist_items, hist_actions))
         h = self.body(torch.cat(parts, dim=-1))
         return {name: head(h) for name, head in self.heads.items()}

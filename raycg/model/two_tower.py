@@ -3,6 +3,9 @@
 `model.heads=unified`: one embedding per tower, trained on both tasks.
 `model.heads=multi_head`: separate `engagement` and `conversion` heads on shared encoders;
 retrieval/evaluation serves `model.serve_head` (default: conversion).
+
+Inputs are the packed tensors of raycg.data.batches; which columns exist, their bucket
+names and the dense normalisation statistics come from a `FeatureSpec`.
 """
 from __future__ import annotations
 
@@ -11,22 +14,37 @@ import math
 import torch
 from torch import nn
 
+from raycg.data.features import FeatureSpec
 from raycg.model.towers import Tower
 
 
 class TwoTowerModel(nn.Module):
-    """user tower reads `user_cat` [B, 4]; item tower reads `item_cat` [B, 3] + `item_dense` [B, D].
+    """User tower reads `user_cat` [B, len(spec.user_cat)] + `user_dense` [B, spec.user_dense]
+    (+ `hist_items`/`hist_actions` [B, L] when spec.history_length > 0); item tower reads
+    `item_cat` [B, len(spec.item_cat)] + `item_dense` [B, spec.item_dense].
 
-    Config keys (conf/model/*.yaml): cross, cross_layers, low_rank, mlp_dims, head_dims,
-    embedding_dim, id_dim, buckets.{user,surface,context_item,query,item,advertiser,category},
-    temperature, learn_temperature, heads, serve_head.
+    Config keys (conf/model/*.yaml): cross, cross_layers, low_rank, num_experts, mlp_dims,
+    head_dims, embedding_dim, id_dim, buckets.<name>, temperature, learn_temperature, heads,
+    serve_head, history.{layers, heads}.
     """
 
-    def __init__(self, cfg: dict, item_dense_dim: int):
+    def __init__(self, cfg: dict, spec: FeatureSpec | int):
         super().__init__()
+        if isinstance(spec, int):  # item content width only: the minimal feature set
+            spec = FeatureSpec(item_dense=spec)
+        self.spec = spec
         b = cfg["buckets"]
-        self.user_tower = Tower([b["user"], b["surface"], b["context_item"], b["query"]], cfg["id_dim"], 0, cfg)
-        self.item_tower = Tower([b["item"], b["advertiser"], b["category"]], cfg["id_dim"], item_dense_dim, cfg)
+        history = None
+        if spec.history_length > 0:
+            from raycg.model.history import HistoryEncoder
+
+            h = cfg.get("history") or {}
+            history = HistoryEncoder(b["item"], cfg["id_dim"], num_layers=h.get("layers", 1),
+                                     num_heads=h.get("heads", 2), max_len=spec.history_length)
+        self.user_tower = Tower([b[n] for n in spec.user_cat], cfg["id_dim"], spec.user_dense, cfg,
+                                spec.user_dense_mean, spec.user_dense_std, history)
+        self.item_tower = Tower([b[n] for n in spec.item_cat], cfg["id_dim"], spec.item_dense, cfg,
+                                spec.item_dense_mean, spec.item_dense_std)
         heads = tuple(self.user_tower.heads)
         self.serve_head = cfg.get("serve_head") or ("conversion" if "conversion" in heads else heads[0])
         if self.serve_head not in heads:
@@ -41,14 +59,21 @@ class TwoTowerModel(nn.Module):
     def temperature(self) -> torch.Tensor:
         return self.log_temperature.exp()
 
-    def embed_users(self, user_cat: torch.Tensor) -> torch.Tensor:
-        """Serving embedding of the user/query tower [B, E]."""
-        return self.user_tower(user_cat)[self.serve_head]
+    def user_heads(self, batch: dict) -> dict[str, torch.Tensor]:
+        return self.user_tower(batch["user_cat"], batch.get("user_dense"), batch.get("hist_items"),
+                               batch.get("hist_actions"))
 
-    def embed_items(self, item_cat: torch.Tensor, item_dense: torch.Tensor) -> torch.Tensor:
+    def item_heads(self, batch: dict) -> dict[str, torch.Tensor]:
+        return self.item_tower(batch["item_cat"], batch.get("item_dense"))
+
+    def embed_users(self, batch: dict) -> torch.Tensor:
+        """Serving embedding of the user/query tower [B, E]."""
+        return self.user_heads(batch)[self.serve_head]
+
+    def embed_items(self, batch: dict) -> torch.Tensor:
         """Serving embedding of the item tower [B, E]."""
-        return self.item_tower(item_cat, item_dense)[self.serve_head]
+        return self.item_heads(batch)[self.serve_head]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """All heads of both towers: ({head: user emb [B, E]}, {head: item emb [B, E]})."""
-        return self.user_tower(batch["user_cat"]), self.item_tower(batch["item_cat"], batch["item_dense"])
+        return self.user_heads(batch), self.item_heads(batch)

@@ -2,7 +2,7 @@
 
     <checkpoint dir>/model.pt     {"model": state_dict, "optimizer": ..., "epoch": int,
                                    "step": int, "freq": logQ estimator state or None}
-    <checkpoint dir>/meta.json    {"config": full run config, "item_dense_dim": int}
+    <checkpoint dir>/meta.json    {"config": full run config, "feature_spec": FeatureSpec dict}
 """
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import os
 
 import torch
 
+from raycg.data.features import FeatureSpec
 from raycg.model.two_tower import TwoTowerModel
 
 
-def save(directory: str, model, optimizer, epoch: int, config: dict, item_dense_dim: int,
+def save(directory: str, model, optimizer, epoch: int, config: dict, spec: dict,
          step: int = 0, freq: dict | None = None) -> None:
     """`step` (global optimiser step) and `freq` (logQ estimator state) resume the loss state."""
     torch.save(
@@ -23,7 +24,7 @@ def save(directory: str, model, optimizer, epoch: int, config: dict, item_dense_
         os.path.join(directory, "model.pt"),
     )
     with open(os.path.join(directory, "meta.json"), "w") as f:
-        json.dump({"config": config, "item_dense_dim": item_dense_dim, "epoch": epoch}, f)
+        json.dump({"config": config, "feature_spec": spec, "epoch": epoch}, f)
 
 
 def load_state(directory: str) -> dict:
@@ -34,7 +35,7 @@ def load_model(directory: str) -> tuple[TwoTowerModel, dict]:
     """Model in eval mode + the run config it was trained with."""
     with open(os.path.join(directory, "meta.json")) as f:
         meta = json.load(f)
-    model = TwoTowerModel(meta["config"]["model"], meta["item_dense_dim"])
+    model = TwoTowerModel(meta["config"]["model"], FeatureSpec.from_dict(meta["feature_spec"]))
     model.load_state_dict(load_state(directory)["model"])
     model.eval()
     return model, meta["config"]

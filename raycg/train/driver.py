@@ -18,8 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from raycg.data.batches import ItemTable
-from raycg.data.pipeline import auto_buckets, packed_training_dataset
+from raycg.data.features import FeatureSpec, dense_moments
+from raycg.data.pipeline import auto_buckets, build_feature_store, packed_training_dataset
 from raycg.data.simulate import SimConfig, write_dataset
 from raycg.model.card import model_card
 from raycg.model.two_tower import TwoTowerModel
@@ -73,13 +73,21 @@ def ensure_data(cfg: DictConfig) -> None:
 
 def build_trainer(cfg: DictConfig, callbacks: list | None = None) -> tuple[TorchTrainer, str]:
     """Ray Data dataset + TorchTrainer for this config; returns (trainer, run_dir)."""
-    items = ItemTable.read(cfg.data.items_path)
+    t0 = time.perf_counter()
+    store = build_feature_store(cfg.data.train_path, cfg.data.items_path, cfg.model.history.length)
+    items = store.items
     cfg.model.buckets = auto_buckets(
         OmegaConf.to_container(cfg.model.buckets), cfg.model.max_buckets, cfg.data.train_path, items)
-    t0 = time.perf_counter()
     train_ds, stats = packed_training_dataset(
-        cfg.data.train_path, items, batch_size=cfg.data.pack_batch_size, materialize=cfg.data.materialize,
+        cfg.data.train_path, store, batch_size=cfg.data.pack_batch_size, materialize=cfg.data.materialize,
         hard_negatives=cfg.loss.hard_negatives, seed=cfg.seed)
+    moments = dense_moments(train_ds, ["user_dense", "item_dense"])
+    spec = FeatureSpec(
+        user_dense=len(moments["user_dense"][0]), item_dense=items.dense_dim,
+        user_dense_mean=moments["user_dense"][0], user_dense_std=moments["user_dense"][1],
+        item_dense_mean=moments["item_dense"][0], item_dense_std=moments["item_dense"][1],
+        history_length=cfg.model.history.length,
+    )
     log(f"[raycg] data: {stats} ({time.perf_counter() - t0:.1f}s)")
     run_dir = os.path.join(cfg.paths.runs_dir, cfg.run_name)
     os.makedirs(run_dir, exist_ok=True)
@@ -87,10 +95,9 @@ def build_trainer(cfg: DictConfig, callbacks: list | None = None) -> tuple[Torch
         f.write(OmegaConf.to_yaml(cfg))
     with open(os.path.join(run_dir, "data_stats.json"), "w") as f:
         json.dump(stats, f)
-    print(model_card(TwoTowerModel(OmegaConf.to_container(cfg.model, resolve=True), items.dense_dim),
-                     items.dense_dim), flush=True)
+    print(model_card(TwoTowerModel(OmegaConf.to_container(cfg.model, resolve=True), spec)), flush=True)
     loop_config = OmegaConf.to_container(cfg, resolve=True)
-    loop_config.update(item_dense_dim=items.dense_dim, run_dir=run_dir)
+    loop_config.update(feature_spec=spec.to_dict(), run_dir=run_dir, store_ref=[ray.put(store)])
     t = cfg.trainer
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -123,7 +130,8 @@ def run(cfg: DictConfig, callbacks: list | None = None) -> dict:
     log(f"[raycg] train: done in {time.perf_counter() - t0:.1f}s; checkpoint {result.checkpoint.path}")
     with result.checkpoint.as_directory() as ckpt_dir:
         results = evaluate_checkpoint(ckpt_dir, OmegaConf.to_container(cfg.data, resolve=True),
-                                      OmegaConf.to_container(cfg.eval, resolve=True), log)
+                                      OmegaConf.to_container(cfg.eval, resolve=True), log,
+                                      history_length=cfg.model.history.length)
     results["checkpoint"] = result.checkpoint.path
     results["train_metrics"] = result.metrics
     path = write_results(run_dir, results)

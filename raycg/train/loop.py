@@ -6,11 +6,12 @@ import os
 import tempfile
 import time
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
 
-from raycg.data.batches import ItemTable
+from raycg.data.features import FeatureSpec
 from raycg.losses.frequency import StreamingFrequencyEstimator
 from raycg.losses.objective import Candidates, mixed_log_q, training_loss
 from raycg.model.two_tower import TwoTowerModel
@@ -79,16 +80,17 @@ def train_step(model, core: TwoTowerModel, batch: dict, optimizer, ctx: StepCont
 
 def train_loop_per_worker(config: dict) -> None:
     cfg_model, cfg_loss, cfg_train = config["model"], config["loss"], config["trainer"]
-    item_dense_dim = config["item_dense_dim"]
+    spec = FeatureSpec.from_dict(config["feature_spec"])
+    saved_config = {k: v for k, v in config.items() if k != "store_ref"}  # the ref is not JSON
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(config["seed"])
 
     # -- model, optimiser, resume -------------------------------------------------------
-    model = TwoTowerModel(cfg_model, item_dense_dim)
+    model = TwoTowerModel(cfg_model, spec)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg_train["lr"], weight_decay=cfg_train["weight_decay"])
     needs_corpus = cfg_loss.get("mixed_negatives", 0) > 0 or cfg_loss.get("hard_negatives", 0) > 0
-    step_ctx = StepContext(cfg_loss, ItemTable.read(config["data"]["items_path"]) if needs_corpus else None,
+    step_ctx = StepContext(cfg_loss, ray.get(config["store_ref"][0]).items if needs_corpus else None,
                            seed=config["seed"] + rank, freq_buckets=cfg_model["buckets"]["item"])
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
@@ -136,7 +138,7 @@ def train_loop_per_worker(config: dict) -> None:
             with open(os.path.join(config["run_dir"], "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             with tempfile.TemporaryDirectory() as d:
-                ckpt_io.save(d, core, optimizer, epoch, config, item_dense_dim, step=step_ctx.step,
+                ckpt_io.save(d, core, optimizer, epoch, saved_config, config["feature_spec"], step=step_ctx.step,
                              freq=step_ctx.freq.state_dict() if step_ctx.freq is not None else None)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:

@@ -1,0 +1,142 @@
+"""Feature tables computed from the training window, and the feature spec the towers read.
+
+Aggregates (Ray Data map -> numpy combine, over the *training* split only, so nothing from
+the evaluation window can leak into a feature):
+
+    per user and per item: counts of impressions, clicks, saves, conversions ->
+    dense stats [6] = log1p(n_imp), log1p(n_click), log1p(n_save), log1p(n_conv),
+                      click rate n_click / (n_imp + n_click + 1), conversion rate n_conv / (n_click + 1)
+
+Tower inputs (see raycg.data.batches):
+
+    user_dense = [user stats (6), content embedding of the context (subject) item (D; zeros without one)]
+    item_dense = [item content embedding (D), item stats (6)]
+
+Normalisation statistics (mean, std of every dense column over the packed training
+examples) are computed by Ray Data too, kept in `FeatureSpec`, and become buffers of the
+towers, so checkpoints and exports carry them.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from raycg.data.schema import CONVERSION_EVENTS
+
+N_STATS = 6
+COUNT_KINDS = ("impression", "click", "save", "conversion")
+
+
+@dataclass
+class FeatureSpec:
+    """Column names of the categorical inputs (bucket names) and dense widths + stats."""
+
+    user_cat: list[str] = field(default_factory=lambda: ["user", "surface", "context_item", "query"])
+    item_cat: list[str] = field(default_factory=lambda: ["item", "advertiser", "category"])
+    user_dense: int = 0
+    item_dense: int = 0
+    user_dense_mean: list[float] | None = None
+    user_dense_std: list[float] | None = None
+    item_dense_mean: list[float] | None = None
+    item_dense_std: list[float] | None = None
+    history_length: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FeatureSpec":
+        return cls(**d)
+
+
+def stats_from_counts(counts: np.ndarray) -> np.ndarray:
+    """[N, 4] counts (impression, click, save, conversion) -> [N, 6] float32 dense stats."""
+    counts = counts.astype(np.float64)
+    imp, click, save, conv = counts.T
+    out = np.stack([
+        np.log1p(imp), np.log1p(click), np.log1p(save), np.log1p(conv),
+        click / (imp + click + 1.0), conv / (click + 1.0),
+    ], axis=1)
+    return out.astype(np.float32)
+
+
+def partial_counts(table: pa.Table, key: str) -> dict:
+    """Per-batch counts by `key` (the map step of the aggregation)."""
+    etype = table.column("event_type").combine_chunks()
+    if pa.types.is_dictionary(etype.type):
+        etype = etype.cast(pa.string())
+    kinds = np.stack([
+        np.asarray(pc.equal(etype, "impression")), np.asarray(pc.equal(etype, "click")),
+        np.asarray(pc.equal(etype, "save")), np.asarray(pc.is_in(etype, value_set=pa.array(CONVERSION_EVENTS))),
+    ], axis=1).astype(np.int64)
+    ids = table.column(key).to_numpy().astype(np.int64)
+    uniq, inv = np.unique(ids, return_inverse=True)
+    counts = np.zeros((len(uniq), len(COUNT_KINDS)), dtype=np.int64)
+    np.add.at(counts, inv, kinds)
+    return {"id": uniq, "counts": counts}
+
+
+def combine_counts(parts: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """The reduce step: sum partial counts by id -> (sorted ids, counts [N, 4])."""
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros((0, len(COUNT_KINDS)), np.int64)
+    ids = np.concatenate([p["id"] for p in parts])
+    counts = np.concatenate([p["counts"] for p in parts])
+    uniq, inv = np.unique(ids, return_inverse=True)
+    out = np.zeros((len(uniq), len(COUNT_KINDS)), dtype=np.int64)
+    np.add.at(out, inv, counts)
+    return uniq, out
+
+
+def aggregate_counts(ds, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Counts per `key` over a Ray dataset of events (map in Ray Data, combine on the driver)."""
+    mapped = ds.map_batches(lambda t: partial_counts(t, key), batch_format="pyarrow", batch_size=65536)
+    parts = [{"id": b["id"], "counts": b["counts"]} for b in mapped.iter_batches(batch_size=None, batch_format="numpy")]
+    return combine_counts(parts)
+
+
+@dataclass
+class UserTable:
+    """Per-user dense stats (training window), sorted by user_id; unknown users get zeros."""
+
+    user_id: np.ndarray
+    dense: np.ndarray  # float32 [U, 6]
+
+    def lookup(self, user_ids: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(user_ids), self.dense.shape[1]), dtype=np.float32)
+        if len(self.user_id) == 0:
+            return out
+        pos = np.searchsorted(self.user_id, user_ids).clip(0, len(self.user_id) - 1)
+        hit = self.user_id[pos] == user_ids
+        out[hit] = self.dense[pos[hit]]
+        return out
+
+
+def dense_moments(ds, columns: list[str]) -> dict[str, tuple[list[float], list[float]]]:
+    """Mean and std of each packed dense column over a Ray dataset (map: sums; reduce: numpy)."""
+
+    def moments(batch: dict) -> dict:
+        out = {}
+        for c in columns:
+            x = batch[c].astype(np.float64)
+            out[f"{c}_n"] = np.array([len(x)])
+            out[f"{c}_s"] = x.sum(0, keepdims=True)
+            out[f"{c}_ss"] = (x * x).sum(0, keepdims=True)
+        return out
+
+    totals: dict[str, np.ndarray] = {}
+    for b in ds.map_batches(moments, batch_format="numpy").iter_batches(batch_size=None, batch_format="numpy"):
+        for k, v in b.items():
+            totals[k] = totals.get(k, 0) + v.sum(0)
+    result = {}
+    for c in columns:
+        n = max(float(totals.get(f"{c}_n", 0)), 1.0)
+        mean = totals[f"{c}_s"] / n
+        var = np.maximum(totals[f"{c}_ss"] / n - mean**2, 0.0)
+        std = np.sqrt(var)
+        std = np.where(std < 1e-6, 1.0, std)  # constant columns pass through centred
+        result[c] = (mean.astype(np.float32).tolist(), std.astype(np.float32).tolist())
+    return result
