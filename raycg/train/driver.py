@@ -6,6 +6,7 @@ Run directory (<paths.runs_dir>/<run_name>/):
     metrics.jsonl     one line per epoch (loss, rows/s, ...)
     checkpoint_*/     Ray Train checkpoints (model.pt + meta.json)
     eval.json         recall@K, model vs popularity
+    export/           TorchScript user/item towers + feature_spec.json (serving)
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from raycg.data.features import FeatureSpec, dense_moments
 from raycg.data.pipeline import auto_buckets, build_feature_store, packed_training_dataset
 from raycg.data.simulate import SimConfig, write_dataset
 from raycg.model.card import model_card
+from raycg.model.export import export_towers
+from raycg.train.checkpoint import load_model
 from raycg.model.two_tower import TwoTowerModel
 from raycg.eval.evaluate import evaluate_checkpoint, format_table, write_results
 from raycg.train.loop import train_loop_per_worker
@@ -133,6 +136,9 @@ def run(cfg: DictConfig, callbacks: list | None = None) -> dict:
                                       OmegaConf.to_container(cfg.eval, resolve=True), log,
                                       history_length=cfg.model.history.length)
     results["checkpoint"] = result.checkpoint.path
+    with result.checkpoint.as_directory() as ckpt_dir:
+        model, _ = load_model(ckpt_dir)
+        export_towers(model, os.path.join(run_dir, "export"))
     results["train_metrics"] = result.metrics
     path = write_results(run_dir, results)
     log("\n" + format_table(results))
