@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+import pytest
 import yaml
 
 from conftest import ROOT
@@ -34,6 +35,9 @@ def test_search_space_parsing():
     params = sweep.build_param_space(space)
     assert params["loss"]["t_max"] == {"grid_search": [30, 120]}
     assert "trainer" in cfg and cfg.tune.metric == "conversion_recall@100"
+    bad = sweep.compose_sweep(["tune.metric=conversion_recall@50"])  # not in eval.ks
+    with pytest.raises(ValueError, match="is not reported"):
+        sweep.run_sweep(bad)  # fails before Ray starts
 
 
 def test_sweep_two_trials(ray_session, small_data_dir, tmp_path):

@@ -100,9 +100,11 @@ def _plain(x):
     return x.item() if hasattr(x, "item") else x
 
 
-def _get(d: dict, dotted: str):
+def _get(d: dict | None, dotted: str):
     for part in dotted.split("."):
-        d = d[part]
+        if not isinstance(d, dict):
+            return None
+        d = d.get(part)
     return d
 
 
@@ -140,6 +142,9 @@ def run_sweep(cfg: DictConfig) -> tuple[tune.ResultGrid, dict]:
         raise ValueError(f"tune.scheduler={ts.scheduler!r}: only 'fifo' is supported (see conf/tune/default.yaml)")
     if ts.mode not in ("max", "min"):
         raise ValueError(f"tune.mode must be max or min, got {ts.mode!r}")
+    valid = [f"{task}_recall@{int(k)}" for task in ("conversion", "engagement") for k in cfg.eval.ks]
+    if ts.metric not in valid:
+        raise ValueError(f"tune.metric={ts.metric!r} is not reported; one of {valid} (eval.ks)")
     resolve_paths(cfg)
     if cfg.ray.include_dashboard is None:
         cfg.ray.include_dashboard = True  # without it a finished trial's worker reservation leaks
@@ -156,7 +161,7 @@ def run_sweep(cfg: DictConfig) -> tuple[tune.ResultGrid, dict]:
 
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, base_cfg=base_cfg, runs_dir=os.path.join(sweep_dir, "runs")),
-        {"CPU": ts.trial_cpus})
+        OmegaConf.to_container(ts.trial_resources))
     tuner = tune.Tuner(
         trainable,
         param_space=build_param_space(space),
@@ -187,7 +192,7 @@ def summarize(grid: tune.ResultGrid, keys: list[str], metric: str, mode: str) ->
     for result in grid:
         m = result.metrics or {}
         rows.append({
-            "trial": m.get("trial_id"),
+            "trial": m.get("trial_id") or os.path.basename(result.path or ""),
             "error": None if result.error is None else repr(result.error),
             "params": {k: _get(result.config, k) for k in keys},
             "metrics": {k: v for k, v in m.items() if "recall@" in k and not k.startswith("popularity_")},
@@ -196,7 +201,8 @@ def summarize(grid: tune.ResultGrid, keys: list[str], metric: str, mode: str) ->
         })
     scored = [r for r in rows if r["error"] is None and _finite(r["metrics"].get(metric))]
     if not scored:
-        raise RuntimeError(f"no trial reported {metric}: {[r['error'] for r in rows]}")
+        errors = "\n".join(f"  {r['trial']}: {r['error']}" for r in rows)
+        raise RuntimeError(f"no trial reported {metric}; trial errors:\n{errors}")
     best = grid.get_best_result(metric=metric, mode=mode, scope="last")
     best_row = next(r for r in rows if r["trial"] == best.metrics["trial_id"])
     return {"metric": metric, "mode": mode, "keys": keys, "trials": rows,
@@ -222,12 +228,22 @@ def format_summary(s: dict) -> str:
             line += "".join(f"{_fmt(r['metrics'].get(c)):>13}" for c in metric_cols)
         lines.append(line + ("   <- best" if r["trial"] == s["best"]["trial"] else ""))
     b = s["best"]
-    lines.append(f"best ({s['mode']} {s['metric']} = {b['value']:.4f}; popularity baseline "
-                 f"{_fmt(b['popularity'])}): " + " ".join(f"{k}={_fmt(v)}" for k, v in b["params"].items()))
+    lines.append(f"best trial {b['trial']}: {s['metric']} = {b['value']:.4f} ({s['mode']}; popularity baseline "
+                 f"{_fmt(b['popularity'])})")
+    lines.append("best config (overrides): " + " ".join(
+        f"{k}={_override(v)}" for k, v in b["params"].items()))
     lines.append(f"best run dir: {b['run_dir']}")
     lines.append(f"sweep: {len(s['trials'])} trials in {s['seconds']:.0f}s -> {s['dir']}/sweep.json"
                  if "seconds" in s else "")
     return "\n".join(lines).rstrip()
+
+
+def _override(v) -> str:
+    """A Hydra override value; floats stay floats (1.0, not 1)."""
+    if isinstance(v, float):
+        text = f"{v:.6g}"
+        return text if any(c in text for c in ".einn") else text + ".0"
+    return str(v)
 
 
 def _fmt(v) -> str:
