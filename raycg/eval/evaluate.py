@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -20,13 +21,19 @@ from raycg.eval.recall import exact_top_k, recall_at_k
 
 
 def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log=print,
-                        history_length: int = 0) -> dict:
-    """Features are rebuilt from the training split exactly as for training; the history
-    index also sees the eval split (lookups only use events strictly before each query)."""
+                        history_length: int = 0, store=None) -> dict:
+    """Features come from the training split exactly as for training (`store`, the training
+    run's FeatureStore, or rebuilt when None); the history index also sees the eval split
+    (lookups only use events strictly before each query)."""
     ks = sorted(int(k) for k in eval_cfg["ks"])
     t_start = time.perf_counter()
-    store = build_feature_store(data_cfg["train_path"], data_cfg["items_path"], history_length,
-                                event_files(data_cfg["train_path"]) + event_files(data_cfg["eval_path"]))
+    history_files = event_files(data_cfg["train_path"]) + event_files(data_cfg["eval_path"])
+    if store is None:
+        store = build_feature_store(data_cfg["train_path"], data_cfg["items_path"], history_length, history_files)
+    elif history_length > 0:
+        from raycg.data.history import HistoryIndex
+
+        store = dataclasses.replace(store, history=HistoryIndex.build(history_files))
     store_ref = [ray.put(store)]
     log(f"[raycg] eval: embedding the item corpus {data_cfg['items_path']} (Ray Data)")
     corpus_ids, item_emb = embed_corpus(data_cfg["items_path"], checkpoint_dir, store_ref,

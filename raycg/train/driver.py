@@ -74,8 +74,8 @@ def ensure_data(cfg: DictConfig) -> None:
         f"{meta['n_conversions']:,} conversions) in {time.perf_counter() - t0:.1f}s -> {cfg.data.dir}")
 
 
-def build_trainer(cfg: DictConfig, callbacks: list | None = None) -> tuple[TorchTrainer, str]:
-    """Ray Data dataset + TorchTrainer for this config; returns (trainer, run_dir)."""
+def build_trainer(cfg: DictConfig, callbacks: list | None = None):
+    """Ray Data dataset + TorchTrainer for this config; returns (trainer, run_dir, feature store)."""
     t0 = time.perf_counter()
     store = build_feature_store(cfg.data.train_path, cfg.data.items_path, cfg.model.history.length)
     items = store.items
@@ -115,7 +115,7 @@ def build_trainer(cfg: DictConfig, callbacks: list | None = None) -> tuple[Torch
         ),
         datasets={"train": train_ds},
     )
-    return trainer, run_dir
+    return trainer, run_dir, store
 
 
 def run(cfg: DictConfig, callbacks: list | None = None) -> dict:
@@ -123,7 +123,7 @@ def run(cfg: DictConfig, callbacks: list | None = None) -> dict:
     resolve_paths(cfg)
     init_ray(cfg)
     ensure_data(cfg)
-    trainer, run_dir = build_trainer(cfg, callbacks)
+    trainer, run_dir, store = build_trainer(cfg, callbacks)
     log(f"[raycg] train: run {cfg.run_name} ({cfg.trainer.num_workers} workers, model.cross={cfg.model.cross}) "
         f"-> {run_dir}")
     t0 = time.perf_counter()
@@ -134,7 +134,7 @@ def run(cfg: DictConfig, callbacks: list | None = None) -> dict:
     with result.checkpoint.as_directory() as ckpt_dir:
         results = evaluate_checkpoint(ckpt_dir, OmegaConf.to_container(cfg.data, resolve=True),
                                       OmegaConf.to_container(cfg.eval, resolve=True), log,
-                                      history_length=cfg.model.history.length)
+                                      history_length=cfg.model.history.length, store=store)
     results["checkpoint"] = result.checkpoint.path
     with result.checkpoint.as_directory() as ckpt_dir:
         model, _ = load_model(ckpt_dir)
