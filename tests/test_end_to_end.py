@@ -4,6 +4,7 @@ import math
 import os
 
 import numpy as np
+import pyarrow as pa
 
 from conftest import compose
 from raycg.data.pipeline import build_feature_store, packed_training_dataset
@@ -71,3 +72,37 @@ def test_full_objective_two_workers(ray_session, small_data_dir, tmp_path):
     assert state["step"] == sum(x["steps"] for x in lines)
     freq = state["freq"]  # the logQ estimator is checkpointed
     assert (freq["A"] >= 0).sum() > 100 and freq["A"].max() == state["step"] - 1
+
+
+def test_eval_window_cannot_change_training_features(ray_session, small_data_dir, tmp_path):
+    """User/item stats and training histories come from the training split only."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from raycg.data.schema import EVENT_SCHEMA
+
+    # a copy of the dataset whose eval split has extra conversions for existing users/items
+    other = tmp_path / "data"
+    shutil.copytree(small_data_dir, other)
+    ev = pq.read_table(other / "events" / "eval" / "part-00000.parquet")
+    extra = ev.slice(0, 500).set_column(4, "event_type", pa.array(["checkout"] * 500)).cast(EVENT_SCHEMA)
+    pq.write_table(extra, other / "events" / "eval" / "part-extra.parquet")
+
+    def packed(root):
+        train = os.path.join(root, "events", "train")
+        store = build_feature_store(train, os.path.join(root, "items.parquet"), history_length=5)
+        ds, _ = packed_training_dataset(train, store, batch_size=100_000)
+        return store, ds.to_pandas()
+
+    ctx = ray_session.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # compare row by row
+    try:
+        store_a, rows_a = packed(small_data_dir)
+        store_b, rows_b = packed(str(other))
+    finally:
+        ctx.execution_options.preserve_order = False
+    assert np.array_equal(store_a.items.dense, store_b.items.dense)
+    assert np.array_equal(store_a.users.dense, store_b.users.dense)
+    for col in ("user_dense", "item_dense", "hist_items", "hist_actions"):
+        assert np.array_equal(np.stack(rows_a[col]), np.stack(rows_b[col])), col

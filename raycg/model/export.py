@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -56,7 +57,9 @@ def export_towers(model: TwoTowerModel, out_dir: str) -> dict[str, str]:
     model = model.eval()
     example = example_batch(model, batch=4)
     paths = {"user_tower": os.path.join(out_dir, "user_tower.pt"), "item_tower": os.path.join(out_dir, "item_tower.pt")}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # shape-only Python branches (history length) are fixed at export, by design
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         user = torch.jit.trace(UserTowerForServing(model), user_inputs(example), check_trace=False)
         item = torch.jit.trace(ItemTowerForServing(model), (example["item_cat"], example["item_dense"]),
                                check_trace=False)
