@@ -181,6 +181,12 @@ def head_node(tmp_path):
         # SIGTERM makes `ray start --block` first wait up to this long (default 30 s) for the
         # node to drain; nothing runs on it by then, so skip straight to stopping its processes.
         RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+        # Ray Train's PlacementGroupCleaner actor queries the state API with address=None. With a
+        # --temp-dir of its own, the node is not in /tmp/ray/ray_current_cluster, so that lookup
+        # falls back to pgrep'ing gcs_server and dies with "ConnectionError: Found multiple active
+        # Ray instances" whenever another Ray runs on the machine (or, worse, follows that file to
+        # someone else's cluster). Workers inherit the node's env: point them at this node.
+        RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dashboard_port}",
     )
     cmd = [
         RAY_CLI, "start", "--head", "--block",
