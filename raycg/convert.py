@@ -1,0 +1,108 @@
+"""Convert a public shopping log into a raycg data directory (docs/adapters.md).
+
+    python -m raycg.convert tmall  user_log.csv  data/tmall   [--cutoff-ts N] [--eval-fraction F] [--shards N]
+    python -m raycg.convert rees46 2019-Oct.csv  data/rees46  [--session-gap-cap S] ...
+
+then train with `python -m raycg.train data=files data.dir=OUT_DIR` (for Tmall add
+`loss.duration_weighting=false`: the log has no click durations).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from raycg.data.adapters import (
+    CONTENT_DIM,
+    ConversionError,
+    rees46_to_events,
+    tmall_to_events,
+    write_data_dir,
+)
+
+
+def _fmt(x, spec=".3f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def summary(meta: dict) -> str:
+    m = meta["marginals"]
+    types = ", ".join(f"{k} {v:,}" for k, v in meta["event_types"].items() if v)
+    dropped = {k: v for k, v in meta["dropped"].items() if v}
+    imputed = {k: v for k, v in meta.get("imputed", {}).items() if v}
+    lines = [
+        f"{meta['source']}: read {meta['rows_in']:,} rows from {meta['input']}",
+        f"  kept {meta['rows_out']:,} events: {types}",
+        "  dropped " + (f"{sum(dropped.values()):,}: " + ", ".join(f"{k} {v:,}" for k, v in dropped.items())
+                        if dropped else "0 (checked: " + ", ".join(meta["dropped"]) + ")"),
+    ]
+    if imputed:
+        lines.append("  kept with an unknown value: " + ", ".join(f"{k} {v:,}" for k, v in imputed.items()))
+    for col, info in meta.get("users", {}).items():
+        if info.get("users_with_several_values"):
+            lines.append(f"  warning: '{col}' varies within {info['users_with_several_values']} of "
+                         f"{meta['n_users']} users (users.parquet keeps each user's most frequent value)")
+    conflicts = {k: v for k, v in meta.get("item_conflicts", {}).items() if v}
+    if conflicts:
+        lines.append("  items with several values (item table keeps the most frequent): "
+                     + ", ".join(f"{k} {v}" for k, v in conflicts.items()))
+    if meta["source"] == "rees46":
+        lines.append(f"  click durations: gap to next event in session, cap {meta['session_gap_cap_s']:g} s; "
+                     f"{meta['clicks_zero_duration']:,} clicks at 0 (session end), "
+                     f"{meta['clicks_at_cap']:,} at the cap")
+    else:
+        lines.append("  click durations: none in the source (all 0) -> train with loss.duration_weighting=false")
+    lines += [
+        f"  split at {meta['cutoff_ts']} ({meta['cutoff_utc']}, {meta['cutoff_rule']}): "
+        f"train {meta['n_train_events']:,}, eval {meta['n_eval_events']:,} "
+        f"({meta['eval_fraction_actual']:.1%})",
+        f"  marginals: conversion/click {_fmt(m['conversion_per_click'])}, "
+        f"events/user {_fmt(m['events_per_user_mean'], '.2f')} (median {_fmt(m['events_per_user_median'], 'g')}), "
+        f"top-1% item share {_fmt(m['top1pct_item_share'])}, "
+        "median click duration " + (f"{m['median_click_duration_s']:g} s" if m["median_click_duration_s"]
+                                    is not None else "n/a (no durations in the source)"),
+        "  wrote:",
+        f"    {meta['paths']['items']} ({meta['n_items']:,} items)",
+    ]
+    if "users" in meta["paths"]:
+        lines.append(f"    {meta['paths']['users']} ({meta['n_users']:,} users)")
+    for split in ("train", "eval"):
+        p = meta["paths"][split]
+        lines.append(f"    {len(p)} {split} shard(s): {p[0]}" + (f" .. {p[-1]}" if len(p) > 1 else ""))
+    lines.append(f"    {meta['paths']['meta']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m raycg.convert", description=__doc__.split("\n\n")[0])
+    ap.add_argument("format", choices=("tmall", "rees46"), help="source log format")
+    ap.add_argument("input", help="input CSV file")
+    ap.add_argument("out_dir", help="output data directory (data=files data.dir=OUT_DIR)")
+    ap.add_argument("--cutoff-ts", type=int, default=None,
+                    help="train/eval cutoff, unix seconds (default: quantile leaving --eval-fraction in eval)")
+    ap.add_argument("--eval-fraction", type=float, default=0.2, help="share of events in eval (default 0.2)")
+    ap.add_argument("--shards", type=int, default=2, help="Parquet shards per split (default 2)")
+    ap.add_argument("--session-gap-cap", type=float, default=300.0,
+                    help="rees46: cap on a view's click duration, seconds (default 300)")
+    ap.add_argument("--content-dim", type=int, default=CONTENT_DIM,
+                    help=f"length of the proxy content embedding (default {CONTENT_DIM})")
+    ap.add_argument("--seed", type=int, default=0, help="shard shuffle seed (default 0)")
+    ap.add_argument("--overwrite", action="store_true", help="replace existing shards in OUT_DIR")
+    args = ap.parse_args(argv)
+    try:
+        if args.format == "tmall":
+            result = tmall_to_events(args.input, content_dim=args.content_dim)
+        else:
+            result = rees46_to_events(args.input, session_gap_cap_s=args.session_gap_cap,
+                                      content_dim=args.content_dim)
+        meta = write_data_dir(result, args.out_dir, cutoff_ts=args.cutoff_ts,
+                              eval_fraction=args.eval_fraction, num_shards=args.shards,
+                              seed=args.seed, overwrite=args.overwrite)
+    except (ConversionError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary(meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
