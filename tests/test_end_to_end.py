@@ -4,6 +4,7 @@ import math
 import os
 
 import numpy as np
+import pytest
 import pyarrow as pa
 
 from conftest import compose
@@ -106,3 +107,37 @@ def test_eval_window_cannot_change_training_features(ray_session, small_data_dir
     assert np.array_equal(store_a.users.dense, store_b.users.dense)
     for col in ("user_dense", "item_dense", "hist_items", "hist_actions"):
         assert np.array_equal(np.stack(rows_a[col]), np.stack(rows_b[col])), col
+
+
+def test_bad_shard_fails_clearly_or_is_quarantined_and_counted(ray_session, small_data_dir, tmp_path):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from raycg.data.schema import EVENT_SCHEMA
+
+    root = tmp_path / "data"
+    shutil.copytree(small_data_dir, root)
+    train = root / "events" / "train"
+    good = pq.read_table(train / "part-00000.parquet").slice(0, 300).cast(EVENT_SCHEMA)
+    # one second later than the originals, so no row duplicates an existing event
+    good = good.set_column(6, "timestamp", pa.array(np.asarray(good.column("timestamp")) + 1, pa.int64()))
+    bad = good.set_column(4, "event_type", pa.array(["click"] * 100 + ["buy"] * 100 + ["click"] * 100))
+    dur = np.asarray(bad.column("click_duration")).copy()
+    dur[:50] = -1.0
+    bad = bad.set_column(5, "click_duration", pa.array(dur, pa.float32()))
+    pq.write_table(bad, train / "part-bad.parquet")  # 150 bad rows, 150 good clicks
+
+    store = build_feature_store(str(train), str(root / "items.parquet"))
+    with pytest.raises(Exception, match=r"part-bad\.parquet: column '(event_type|click_duration)'"):
+        packed_training_dataset(str(train), store)
+
+    ds, stats = packed_training_dataset(str(train), store, quarantine_dir=str(tmp_path / "q"))
+    assert stats["rows_quarantined"] == 150
+    events = pq.read_table(os.path.join(small_data_dir, "events", "train"), columns=["event_type"])
+    positives = np.isin(events.column("event_type").to_numpy(zero_copy_only=False),
+                        ["click", "save", "add_to_cart", "checkout"]).sum()
+    assert stats["rows_used"] == positives + 150  # the 150 good clicks of the bad shard are kept
+    assert stats["rows_used"] + stats["rows_not_positive"] + stats["rows_quarantined"] == stats["rows_read"]
+    reasons = pq.read_table(tmp_path / "q").column("quarantine_reason").to_pylist()
+    assert sorted(set(reasons)) == ["click_duration:bad_float", "event_type:unknown_value"]

@@ -38,7 +38,8 @@ def test_pack_events_adds_hard_rows():
         "user_id": pa.array([1, 1, 1], pa.int64()), "item_id": pa.array([101, 102, 103], pa.int64()),
         "advertiser_id": pa.array([0, 0, 0], pa.int64()), "surface": ["home"] * 3,
         "event_type": ["impression", "click", "checkout"],
-        "click_duration": pa.array([0, 3, 0], pa.float32()), "timestamp": pa.array([1, 2, 3], pa.int64()),
+        "click_duration": pa.array([0, 3, 0], pa.float32()),
+        "timestamp": pa.array([1_700_000_001, 1_700_000_002, 1_700_000_003], pa.int64()),
         "context_item_id": pa.array([-1] * 3, pa.int64()), "query_id": pa.array([-1] * 3, pa.int64()),
     })
     index = ImpressionIndex.from_events(events, items)

@@ -128,3 +128,40 @@ def test_ragged_item_embeddings_are_an_error():
             "item_id": pa.array([0, 1], pa.int64()), "advertiser_id": pa.array([0, 0], pa.int64()),
             "category_id": pa.array([0, 0], pa.int64()), "content_emb": [[1.0, 2.0], [1.0]],
         }))
+
+
+def test_timestamps_out_of_range_and_duplicates():
+    t = good_events()
+    ms = t.set_column(t.schema.get_field_index("timestamp"), "timestamp",
+                      pa.array([1_700_000_000_000] + [1_700_000_000] * 5, pa.int64()))  # milliseconds
+    with pytest.raises(EventSchemaError, match=r"column 'timestamp' has 1 of 6 rows above 4102444800"):
+        check_values(ms, "f.parquet")
+    dup = pa.concat_tables([t, t.slice(2, 1)])
+    check_values(dup, "f.parquet")  # duplicates are only checked when asked
+    with pytest.raises(EventSchemaError, match=r"f.parquet: 1 of 7 rows repeat an earlier event"):
+        check_values(dup, "f.parquet", check_duplicates=True)
+
+
+def test_quarantine_sets_bad_rows_aside_with_reasons(tmp_path):
+    import pyarrow.parquet as pq
+
+    from raycg.data.batches import quarantine_rows
+
+    t = good_events()
+    t = t.set_column(t.schema.get_field_index("event_type"), "event_type",
+                     pa.array(["click", "impression", "buy", "click", "impression", "checkout"]))
+    t = t.set_column(t.schema.get_field_index("item_id"), "item_id", pa.array([0, 1, 2, 77, 1, 2], pa.int64()))
+    t = pa.concat_tables([t, t.slice(0, 1)])  # row 6 duplicates row 0
+    kept = quarantine_rows(t, store(), str(tmp_path / "q"))
+    assert kept.num_rows == 4
+    rejected = pq.read_table(tmp_path / "q")
+    assert sorted(rejected.column("quarantine_reason").to_pylist()) == [
+        "*:duplicate", "event_type:unknown_value", "item_id:not_in_item_table"]
+    assert kept.num_rows + rejected.num_rows == t.num_rows
+    # the same batch again rewrites the same file (no double counting on re-execution)
+    quarantine_rows(t, store(), str(tmp_path / "q"))
+    assert len(list((tmp_path / "q").iterdir())) == 1
+    with pytest.raises(EventSchemaError):
+        pack_events(t, store())  # without quarantine the batch fails
+    # kept: click, impression, impression, checkout -> 2 positives
+    assert pack_events(t, store(), quarantine_dir=str(tmp_path / "q2"))["user_cat"].shape == (2, 4)

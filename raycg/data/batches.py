@@ -19,6 +19,8 @@ Stats come from raycg.data.features (training window only).
 """
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +36,7 @@ from raycg.data.schema import (
     EventSchemaError,
     check_schema,
     check_values,
+    find_problems,
 )
 
 USER_CAT = ("user_id", "surface", "context_item_id", "query_id")
@@ -175,18 +178,51 @@ class FeatureStore:
         return out
 
 
+def quarantine_rows(table: pa.Table, store: FeatureStore, quarantine_dir: str,
+                    check_duplicates: bool = True) -> pa.Table:
+    """Move rows that break a rule (or name an item missing from the item table) to a side
+    Parquet dataset under `quarantine_dir`, with a `quarantine_reason` column; return the rest.
+
+    File names are a hash of the quarantined rows, so re-executing a batch rewrites the same file.
+    """
+    problems = find_problems(table, EVENT_COLUMNS, check_duplicates)
+    reason = np.full(table.num_rows, "", dtype=object)
+    for p in problems:
+        reason[(reason == "") & p.mask] = f"{p.column}:{p.reason}"
+    item_ids = table.column("item_id").fill_null(-1).to_numpy().astype(np.int64)
+    pos = np.searchsorted(store.items.item_id, item_ids).clip(0, len(store.items.item_id) - 1)
+    reason[(reason == "") & (store.items.item_id[pos] != item_ids)] = "item_id:not_in_item_table"
+    bad = reason != ""
+    if not bad.any():
+        return table
+    rejected = table.filter(pa.array(bad)).append_column("quarantine_reason", pa.array(reason[bad].tolist()))
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, rejected.schema) as writer:
+        writer.write_table(rejected)
+    name = hashlib.sha1(sink.getvalue().to_pybytes()).hexdigest()[:20]
+    os.makedirs(quarantine_dir, exist_ok=True)
+    pq.write_table(rejected, os.path.join(quarantine_dir, f"part-{name}.parquet"))
+    return table.filter(pa.array(~bad))
+
+
 def pack_events(table: pa.Table, store: FeatureStore, validate: bool = True, impressions=None,
-                num_hard: int = 0, seed: int = 0) -> dict[str, np.ndarray]:
+                num_hard: int = 0, seed: int = 0, quarantine_dir: str | None = None,
+                check_duplicates: bool = True) -> dict[str, np.ndarray]:
     """Event rows -> packed training batch. Keeps positives (conversion, click, save).
 
     With an `ImpressionIndex` and num_hard > 0, also draws `hard_rows` per positive.
+    Bad rows fail the batch with an `EventSchemaError` naming file, column, count and an
+    example; with `quarantine_dir` they are written there instead (see `quarantine_rows`).
 
     Impression-only rows are not training positives in this loss; they are dropped
-    here and counted by the caller (rows in - rows out).
+    here and counted by the caller (rows in - rows out - rows quarantined).
     """
     source = table.column("path").to_numpy(zero_copy_only=False) if "path" in table.column_names else "events"
-    if validate:
-        check_values(table, source, EVENT_COLUMNS)
+    if quarantine_dir is not None:
+        table = quarantine_rows(table, store, quarantine_dir, check_duplicates)
+        source = table.column("path").to_numpy(zero_copy_only=False) if "path" in table.column_names else "events"
+    elif validate:
+        check_values(table, source, EVENT_COLUMNS, check_duplicates)
     etype = table.column("event_type").combine_chunks()
     if pa.types.is_dictionary(etype.type):
         etype = etype.cast(pa.string())

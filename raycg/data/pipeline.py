@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 
 from raycg.data.batches import FeatureStore, ItemTable, pack_events
@@ -61,9 +63,19 @@ def build_feature_store(train_path: str, items_path: str, history_length: int = 
 
 def packed_training_dataset(
     events_path: str, store: FeatureStore, *, batch_size: int = 8192, materialize: bool = True,
-    hard_negatives: int = 0, seed: int = 0,
+    hard_negatives: int = 0, seed: int = 0, quarantine_dir: str | None = None, check_duplicates: bool = True,
 ) -> tuple[ray.data.Dataset, dict]:
-    """Packed positives (+ impression hard negatives) for training, and the row accounting."""
+    """Packed positives (+ impression hard negatives) for training, and the row accounting:
+
+        rows_read = rows_used (positives) + rows_not_positive (impressions) + rows_quarantined
+
+    With `quarantine_dir` bad rows go there instead of failing the run; that needs
+    `materialize` (the quarantine is written once, by the materialising pass).
+    """
+    if quarantine_dir is not None and not materialize:
+        raise ValueError("data.on_bad_rows=quarantine needs data.materialize=true")
+    if quarantine_dir is not None and os.path.isdir(quarantine_dir):
+        shutil.rmtree(quarantine_dir)  # recount from scratch (e.g. a resumed run)
     ds, rows_read = read_events(events_path)
     items = store.items
     store_ref = ray.put(store)
@@ -78,20 +90,23 @@ def packed_training_dataset(
 
     def pack(batch: pa.Table) -> dict:
         return pack_events(batch, ray.get(store_ref), impressions=ray.get(imp_ref) if imp_ref else None,
-                           num_hard=hard_negatives, seed=seed)
+                           num_hard=hard_negatives, seed=seed, quarantine_dir=quarantine_dir,
+                           check_duplicates=check_duplicates)
 
     ds = ds.map_batches(pack, batch_format="pyarrow", batch_size=batch_size)
     if materialize:
         ds = ds.materialize()
         stats["rows_used"] = ds.count()
-        stats["rows_not_positive"] = rows_read - stats["rows_used"]
+        stats["rows_quarantined"] = 0
+        if quarantine_dir is not None and os.path.isdir(quarantine_dir):
+            stats["rows_quarantined"] = sum(pq.read_metadata(f).num_rows for f in event_files(quarantine_dir))
+            stats["quarantine_dir"] = quarantine_dir
+        stats["rows_not_positive"] = rows_read - stats["rows_used"] - stats["rows_quarantined"]
     return ds, stats
 
 
 def max_id_from_footers(files: list[str], column: str) -> int:
     """Largest value of an integer column from Parquet row-group statistics (no data read)."""
-    import pyarrow.parquet as pq
-
     best = -1
     for path in files:
         meta = pq.read_metadata(path)

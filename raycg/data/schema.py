@@ -9,7 +9,7 @@ One row per event. Required columns (documented in README "Event schema"):
     surface           string    one of SURFACES
     event_type        string    one of EVENT_TYPES
     click_duration    float     seconds >= 0 (clicks); 0 for other events; never NaN
-    timestamp         int64     unix seconds
+    timestamp         int64     unix seconds, 2000-01-01 .. 2100-01-01
     context_item_id   int64     subject item on the related surface, -1 otherwise
     query_id          int64     query (id or hashed text) on search, -1 otherwise
 
@@ -33,6 +33,8 @@ CONVERSION_EVENTS = ("add_to_cart", "checkout")
 ENGAGEMENT_EVENTS = ("click", "save")
 
 _INT, _FLOAT, _STR = "integer", "floating", "string"
+# Plausible event times: 2000-01-01 .. 2100-01-01 (catches milliseconds and zero dates).
+TIMESTAMP_MIN, TIMESTAMP_MAX = 946_684_800, 4_102_444_800
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class Column:
     kind: str  # integer | floating | string
     arrow_type: pa.DataType
     min_value: int | None = None  # inclusive, integers only
+    max_value: int | None = None  # inclusive, integers only
     allowed: tuple[str, ...] | None = None  # strings only
 
 
@@ -51,7 +54,7 @@ EVENT_COLUMNS: tuple[Column, ...] = (
     Column("surface", _STR, pa.string(), allowed=SURFACES),
     Column("event_type", _STR, pa.string(), allowed=EVENT_TYPES),
     Column("click_duration", _FLOAT, pa.float32()),
-    Column("timestamp", _INT, pa.int64(), min_value=0),
+    Column("timestamp", _INT, pa.int64(), min_value=TIMESTAMP_MIN, max_value=TIMESTAMP_MAX),
     Column("context_item_id", _INT, pa.int64(), min_value=-1),
     Column("query_id", _INT, pa.int64(), min_value=-1),
 )
@@ -129,48 +132,73 @@ def _where(source, mask: np.ndarray) -> str:
     return str(source[int(np.flatnonzero(mask)[0])])
 
 
-def check_values(table: pa.Table, source, columns=EVENT_COLUMNS) -> None:
-    """Fail on nulls, out-of-range ids, unknown categories, bad durations.
+@dataclass(frozen=True)
+class Problem:
+    """Rows of a batch that break one rule: `mask` marks them, `message` says what is wrong."""
 
-    `source` names the file, or is a per-row array of file names.
-    """
+    column: str
+    reason: str  # short tag, e.g. "null", "below_min", "unknown_value"
+    mask: np.ndarray
+    message: str
+
+
+def find_problems(table: pa.Table, columns=EVENT_COLUMNS, check_duplicates: bool = False) -> list[Problem]:
+    """Every rule broken by some row: nulls, out-of-range ids/timestamps, unknown categories,
+    negative/NaN/inf durations and (optionally) exact duplicate events within the batch."""
     n = table.num_rows
+    problems = []
     for col in columns:
         arr = table.column(col.name).combine_chunks()
+        if pa.types.is_dictionary(arr.type):
+            arr = arr.cast(pa.string())
         if arr.null_count:
             mask = np.asarray(arr.is_null())
-            raise EventSchemaError(
-                f"{_where(source, mask)}: column '{col.name}' has {arr.null_count} null value(s) "
-                f"in a batch of {n} rows (first at batch row {int(np.flatnonzero(mask)[0])})"
-            )
-        if col.kind == _INT and col.min_value is not None:
+            problems.append(Problem(col.name, "null", mask, (
+                f"column '{col.name}' has {arr.null_count} null value(s) in a batch of {n} rows "
+                f"(first at batch row {int(np.flatnonzero(mask)[0])})")))
+            arr = arr.fill_null(col.allowed[0] if col.allowed else 0)
+        if col.kind == _INT:
             values = arr.to_numpy(zero_copy_only=False)
-            bad = values < col.min_value
-            if bad.any():
-                raise EventSchemaError(
-                    f"{_where(source, bad)}: column '{col.name}' has {int(bad.sum())} of {n} rows "
-                    f"below {col.min_value}, e.g. {_example(arr, bad)}"
-                )
+            if col.min_value is not None and (bad := values < col.min_value).any():
+                problems.append(Problem(col.name, "below_min", bad, (
+                    f"column '{col.name}' has {int(bad.sum())} of {n} rows below {col.min_value}, "
+                    f"e.g. {_example(arr, bad)}")))
+            if col.max_value is not None and (bad := values > col.max_value).any():
+                problems.append(Problem(col.name, "above_max", bad, (
+                    f"column '{col.name}' has {int(bad.sum())} of {n} rows above {col.max_value}, "
+                    f"e.g. {_example(arr, bad)}")))
         elif col.kind == _STR and col.allowed is not None:
-            if pa.types.is_dictionary(arr.type):
-                arr = arr.cast(pa.string())
             bad = ~np.asarray(pc.is_in(arr, value_set=pa.array(col.allowed)))
             if bad.any():
-                raise EventSchemaError(
-                    f"{_where(source, bad)}: column '{col.name}' has {int(bad.sum())} of {n} rows "
-                    f"with unknown value, e.g. {_example(arr, bad)!r}; "
-                    f"allowed: {list(col.allowed)}"
-                )
+                problems.append(Problem(col.name, "unknown_value", bad, (
+                    f"column '{col.name}' has {int(bad.sum())} of {n} rows with unknown value, "
+                    f"e.g. {_example(arr, bad)!r}; allowed: {list(col.allowed)}")))
         elif col.kind == _FLOAT:
             values = arr.to_numpy(zero_copy_only=False).astype(np.float64)
             bad = ~np.isfinite(values) | (values < 0)
             if bad.any():
                 ex = _example(arr, bad)
                 ex = "NaN" if isinstance(ex, float) and math.isnan(ex) else ex
-                raise EventSchemaError(
-                    f"{_where(source, bad)}: column '{col.name}' has {int(bad.sum())} of {n} rows "
-                    f"that are negative, NaN or infinite, e.g. {ex}"
-                )
+                problems.append(Problem(col.name, "bad_float", bad, (
+                    f"column '{col.name}' has {int(bad.sum())} of {n} rows that are negative, NaN or "
+                    f"infinite, e.g. {ex}")))
+    if check_duplicates and n > 1:
+        dup = table.select([c.name for c in columns]).to_pandas().duplicated(keep="first").to_numpy()
+        if dup.any():
+            first = int(np.flatnonzero(dup)[0])
+            problems.append(Problem("*", "duplicate", dup, (
+                f"{int(dup.sum())} of {n} rows repeat an earlier event of the batch exactly "
+                f"(all columns equal), e.g. batch row {first}")))
+    return problems
+
+
+def check_values(table: pa.Table, source, columns=EVENT_COLUMNS, check_duplicates: bool = False) -> None:
+    """Fail on the first broken rule (see `find_problems`).
+
+    `source` names the file, or is a per-row array of file names.
+    """
+    for problem in find_problems(table, columns, check_duplicates):
+        raise EventSchemaError(f"{_where(source, problem.mask)}: {problem.message}")
 
 
 def conform(table: pa.Table, columns=EVENT_COLUMNS) -> pa.Table:

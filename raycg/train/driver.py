@@ -81,9 +81,14 @@ def build_trainer(cfg: DictConfig, callbacks: list | None = None):
     items = store.items
     cfg.model.buckets = auto_buckets(
         OmegaConf.to_container(cfg.model.buckets), cfg.model.max_buckets, cfg.data.train_path, items)
+    run_dir = os.path.join(cfg.paths.runs_dir, cfg.run_name)
+    if cfg.data.on_bad_rows not in ("fail", "quarantine"):
+        raise ValueError(f"data.on_bad_rows={cfg.data.on_bad_rows!r}: expected 'fail' or 'quarantine'")
     train_ds, stats = packed_training_dataset(
         cfg.data.train_path, store, batch_size=cfg.data.pack_batch_size, materialize=cfg.data.materialize,
-        hard_negatives=cfg.loss.hard_negatives, seed=cfg.seed)
+        hard_negatives=cfg.loss.hard_negatives, seed=cfg.seed,
+        quarantine_dir=os.path.join(run_dir, "quarantine") if cfg.data.on_bad_rows == "quarantine" else None,
+        check_duplicates=cfg.data.check_duplicates)
     moments = dense_moments(train_ds, ["user_dense", "item_dense"])
     spec = FeatureSpec(
         user_dense=len(moments["user_dense"][0]), item_dense=items.dense_dim,
@@ -92,7 +97,6 @@ def build_trainer(cfg: DictConfig, callbacks: list | None = None):
         history_length=cfg.model.history.length,
     )
     log(f"[raycg] data: {stats} ({time.perf_counter() - t0:.1f}s)")
-    run_dir = os.path.join(cfg.paths.runs_dir, cfg.run_name)
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         f.write(OmegaConf.to_yaml(cfg))
@@ -100,7 +104,7 @@ def build_trainer(cfg: DictConfig, callbacks: list | None = None):
         json.dump(stats, f)
     print(model_card(TwoTowerModel(OmegaConf.to_container(cfg.model, resolve=True), spec)), flush=True)
     loop_config = OmegaConf.to_container(cfg, resolve=True)
-    loop_config.update(feature_spec=spec.to_dict(), run_dir=run_dir, store_ref=[ray.put(store)])
+    loop_config.update(feature_spec=spec.to_dict(), run_dir=run_dir, store_ref=[ray.put(store)], data_stats=stats)
     t = cfg.trainer
     trainer = TorchTrainer(
         train_loop_per_worker,

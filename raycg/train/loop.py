@@ -132,9 +132,18 @@ def train_loop_per_worker(config: dict) -> None:
             "epoch": epoch, "loss": loss_sum / steps, "steps": steps,
             "rows": rows * world, "rows_per_s": rows * world / elapsed, "epoch_s": elapsed,
         }
+        data = config.get("data_stats") or {}
+        if "rows_used" in data:
+            # rows read = trained + remainder (drop_last, equal shards) + impressions + quarantined
+            metrics.update(rows_read=data["rows_read"], rows_remainder=data["rows_used"] - metrics["rows"],
+                           rows_not_positive=data["rows_not_positive"], rows_rejected=data["rows_quarantined"])
         if rank == 0:
             print(f"[raycg] epoch {epoch} done: loss {metrics['loss']:.4f}, {metrics['rows']:,} rows, "
                   f"{metrics['rows_per_s']:,.0f} rows/s, {elapsed:.1f}s", flush=True)
+            if "rows_read" in metrics:
+                print(f"[raycg] epoch {epoch} rows: read {metrics['rows_read']:,} = trained {metrics['rows']:,} "
+                      f"+ batch remainder {metrics['rows_remainder']:,} + not positive "
+                      f"{metrics['rows_not_positive']:,} + rejected {metrics['rows_rejected']:,}", flush=True)
             with open(os.path.join(config["run_dir"], "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             with tempfile.TemporaryDirectory() as d:
