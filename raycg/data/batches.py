@@ -33,6 +33,7 @@ from raycg.data.schema import (
     EVENT_COLUMNS,
     ITEM_COLUMNS,
     SURFACES,
+    Column,
     EventSchemaError,
     check_schema,
     check_values,
@@ -59,6 +60,7 @@ class ItemTable:
     dense: np.ndarray  # float32 [N, D (+ 6 stats once with_stats)]
     source: str = "items"
     content_dim: int = -1  # width of the content embedding at the start of `dense`
+    cat_names: tuple = ("item", "advertiser", "category")  # bucket names of the `cat` columns
 
     def __post_init__(self):
         if self.content_dim < 0:
@@ -79,7 +81,7 @@ class ItemTable:
             hit = self.item_id[pos] == ids
             full[pos[hit]] = counts[hit]
         dense = np.concatenate([self.dense[:, :self.content_dim], stats_from_counts(full)], axis=1)
-        return ItemTable(self.item_id, self.cat, dense, self.source, self.content_dim)
+        return ItemTable(self.item_id, self.cat, dense, self.source, self.content_dim, self.cat_names)
 
     def content_of(self, item_ids: np.ndarray) -> np.ndarray:
         """Content embedding [B, D] of each id; zeros for -1 or ids not in the table."""
@@ -90,9 +92,11 @@ class ItemTable:
         return out
 
     @classmethod
-    def from_arrow(cls, table: pa.Table, source: str = "items") -> "ItemTable":
-        check_schema(table.schema, source, ITEM_COLUMNS)
-        check_values(table, source, ITEM_COLUMNS)
+    def from_arrow(cls, table: pa.Table, source: str = "items", extra_cat: tuple = ()) -> "ItemTable":
+        """`extra_cat`: further integer item columns (e.g. "tier") used as categorical features."""
+        columns = ITEM_COLUMNS + tuple(Column(c, "integer", pa.int64(), min_value=0) for c in extra_cat)
+        check_schema(table.schema, source, columns)
+        check_values(table, source, columns)
         if "content_emb" not in table.column_names:
             raise EventSchemaError(f"{source}: missing required column 'content_emb' (fixed-size list<float>)")
         table = table.sort_by("item_id")
@@ -114,16 +118,17 @@ class ItemTable:
         dense = np.asarray(emb.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(ids), dim)
         if not np.isfinite(dense).all():
             raise EventSchemaError(f"{source}: column 'content_emb' has NaN or infinite values")
-        cat = np.stack([table.column(c).to_numpy().astype(np.int64) for c in ITEM_CAT], axis=1)
-        return cls(item_id=ids.astype(np.int64), cat=cat, dense=dense, source=source)
+        cat = np.stack([table.column(c).to_numpy().astype(np.int64) for c in ITEM_CAT + tuple(extra_cat)], axis=1)
+        return cls(item_id=ids.astype(np.int64), cat=cat, dense=dense, source=source,
+                   cat_names=("item", "advertiser", "category") + tuple(extra_cat))
 
     @classmethod
-    def read(cls, path: str) -> "ItemTable":
+    def read(cls, path: str, extra_cat: tuple = ()) -> "ItemTable":
         try:
             table = pq.read_table(path)
         except Exception as e:
             raise EventSchemaError(f"{path}: cannot read item table: {e}") from e
-        return cls.from_arrow(table, source=path)
+        return cls.from_arrow(table, source=path, extra_cat=tuple(extra_cat))
 
     def rows(self, item_ids: np.ndarray, source: str) -> np.ndarray:
         """Row index of each id; unknown ids are an input error."""
@@ -168,6 +173,8 @@ class FeatureStore:
     def pack_users(self, table: pa.Table) -> dict[str, np.ndarray]:
         """User/query-tower inputs for event or query rows."""
         user_cat = pack_user_cat(table)
+        if self.users.cat.shape[1]:
+            user_cat = np.concatenate([user_cat, self.users.lookup_cat(user_cat[:, 0])], axis=1)
         user_dense = np.concatenate(
             [self.users.lookup(user_cat[:, 0]), self.items.content_of(user_cat[:, 2])], axis=1)
         out = {"user_cat": user_cat, "user_dense": user_dense}

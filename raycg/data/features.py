@@ -100,10 +100,43 @@ def aggregate_counts(ds, key: str) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass
 class UserTable:
-    """Per-user dense stats (training window), sorted by user_id; unknown users get zeros."""
+    """Per-user dense stats (training window) and optional categorical attributes (e.g.
+    demographics from a users table); unknown users get zero stats and -1 (missing) ids."""
 
     user_id: np.ndarray
     dense: np.ndarray  # float32 [U, 6]
+    cat: np.ndarray | None = None  # int64 [U, k], aligned with user_id
+    cat_names: tuple = ()
+
+    def __post_init__(self):
+        if self.cat is None:
+            self.cat = np.zeros((len(self.user_id), 0), dtype=np.int64)
+
+    def with_attributes(self, table: pa.Table, columns: list[str], source: str) -> "UserTable":
+        """Join integer attribute columns of a users table (user_id + columns) onto the stats."""
+        from raycg.data.schema import Column, check_schema, check_values
+
+        cols = (Column("user_id", "integer", pa.int64(), min_value=0),) + tuple(
+            Column(c, "integer", pa.int64(), min_value=0) for c in columns)
+        check_schema(table.schema, source, cols)
+        check_values(table, source, cols)
+        ids = table.column("user_id").to_numpy().astype(np.int64)
+        attrs = np.stack([table.column(c).to_numpy().astype(np.int64) for c in columns], axis=1)
+        all_ids = np.union1d(self.user_id, ids)
+        dense = np.zeros((len(all_ids), self.dense.shape[1]), np.float32)
+        dense[np.searchsorted(all_ids, self.user_id)] = self.dense
+        cat = np.full((len(all_ids), len(columns)), -1, np.int64)
+        cat[np.searchsorted(all_ids, ids)] = attrs
+        return UserTable(all_ids, dense, cat, tuple(columns))
+
+    def lookup_cat(self, user_ids: np.ndarray) -> np.ndarray:
+        out = np.full((len(user_ids), self.cat.shape[1]), -1, dtype=np.int64)
+        if len(self.user_id) == 0:
+            return out
+        pos = np.searchsorted(self.user_id, user_ids).clip(0, len(self.user_id) - 1)
+        hit = self.user_id[pos] == user_ids
+        out[hit] = self.cat[pos[hit]]
+        return out
 
     def lookup(self, user_ids: np.ndarray) -> np.ndarray:
         out = np.zeros((len(user_ids), self.dense.shape[1]), dtype=np.float32)

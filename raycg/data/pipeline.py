@@ -41,13 +41,15 @@ def read_events(path: str) -> tuple[ray.data.Dataset, int]:
 
 
 def build_feature_store(train_path: str, items_path: str, history_length: int = 0,
-                        history_paths: list[str] | None = None) -> FeatureStore:
-    """Item table + user/item stats from the training split (Ray Data) [+ history index].
+                        history_paths: list[str] | None = None, item_categorical=(),
+                        users_path: str | None = None, user_categorical=()) -> FeatureStore:
+    """Item table + user/item stats from the training split (Ray Data) [+ history index]
+    [+ categorical item columns and user attributes from a users table].
 
     `history_paths`: event files the history index is built from (default: the training
     split; evaluation passes train + eval, since lookups only ever see strictly earlier events).
     """
-    items = ItemTable.read(items_path)
+    items = ItemTable.read(items_path, extra_cat=tuple(item_categorical))
     ds, _ = read_events(train_path)
     item_ids, item_counts = aggregate_counts(ds, "item_id")
     user_ids, user_counts = aggregate_counts(ds, "user_id")
@@ -56,9 +58,25 @@ def build_feature_store(train_path: str, items_path: str, history_length: int = 
         from raycg.data.history import HistoryIndex
 
         history = HistoryIndex.build(history_paths or event_files(train_path))
-    return FeatureStore(items=items.with_stats(item_ids, item_counts),
-                        users=UserTable(user_ids, stats_from_counts(user_counts)),
+    users = UserTable(user_ids, stats_from_counts(user_counts))
+    if user_categorical:
+        if not users_path:
+            raise ValueError(f"data.user_categorical={list(user_categorical)} needs data.users_path")
+        try:
+            table = pq.read_table(users_path)
+        except Exception as e:
+            raise EventSchemaError(f"{users_path}: cannot read users table: {e}") from e
+        users = users.with_attributes(table, list(user_categorical), users_path)
+    return FeatureStore(items=items.with_stats(item_ids, item_counts), users=users,
                         history=history, history_length=history_length)
+
+
+def feature_store_from_config(data_cfg: dict, history_length: int = 0,
+                              history_paths: list[str] | None = None) -> FeatureStore:
+    return build_feature_store(
+        data_cfg["train_path"], data_cfg["items_path"], history_length, history_paths,
+        item_categorical=data_cfg.get("item_categorical") or (), users_path=data_cfg.get("users_path"),
+        user_categorical=data_cfg.get("user_categorical") or ())
 
 
 def packed_training_dataset(
@@ -120,8 +138,14 @@ def max_id_from_footers(files: list[str], column: str) -> int:
     return best
 
 
-def auto_buckets(buckets: dict, max_buckets: int, events_path: str, items: ItemTable) -> dict:
-    """Fill null bucket counts from the data: max id + 2 (row 0 is 'missing'), capped."""
+def auto_buckets(buckets: dict, max_buckets: int, events_path: str, items: ItemTable, users=None) -> dict:
+    """Fill null (or absent) bucket counts from the data: max id + 2 (row 0 is 'missing'), capped."""
+    extra = {name: (lambda i=i: int(items.cat[:, i].max())) for i, name in enumerate(items.cat_names) if i >= 3}
+    if users is not None:
+        extra.update({name: (lambda i=i: int(users.cat[:, i].max())) for i, name in enumerate(users.cat_names)})
+    buckets = dict(buckets)
+    for name in extra:
+        buckets.setdefault(name, None)
     out = dict(buckets)
     files = event_files(events_path)
     sources = {
@@ -131,6 +155,7 @@ def auto_buckets(buckets: dict, max_buckets: int, events_path: str, items: ItemT
         "item": lambda: int(items.cat[:, 0].max()),
         "advertiser": lambda: int(items.cat[:, 1].max()),
         "category": lambda: int(items.cat[:, 2].max()),
+        **extra,
     }
     for name, value in buckets.items():
         if value is None:

@@ -81,7 +81,9 @@ class SimConfig:
     conversion_delay_mean_s: float = 3 * 3600.0
     # scale-out path (write_dataset): above this many impressions, simulate in Ray tasks
     parallel_min_impressions: int = 5_000_000
-    users_per_block: int = 10_000  # users per Ray task (bounds a task's memory, ~250 B/impression)
+    # users per Ray task; bounds a task's memory: about 350 B per impression on top of a ~200 MB
+    # worker (10k users x 20 requests x 10 impressions -> ~0.9 GB) and sets the shard size
+    users_per_block: int = 10_000
 
     @property
     def n_impressions(self) -> int:
@@ -418,6 +420,11 @@ def _log(msg: str) -> None:
     print(f"[raycg.sim] {msg}", flush=True)
 
 
+def _rate(n: int, seconds: float) -> str:
+    r = n / max(seconds, 1e-9)
+    return f"{r / 1e6:.2f}M events/s" if r >= 1e5 else f"{r / 1e3:.1f}k events/s"
+
+
 def _write_dataset_parallel(cfg: SimConfig, out_dir: str, progress_every_s: float = 5.0) -> dict:
     import ray
 
@@ -466,9 +473,16 @@ def _write_dataset_parallel(cfg: SimConfig, out_dir: str, progress_every_s: floa
                 last = now
                 ev = sum(r["n_events"] for r in results.values())
                 el = now - t_gen
-                _log(f"blocks {len(results)}/{n_blocks}  events {ev:,}  "
-                     f"{ev / max(el, 1e-9) / 1e6:.2f}M events/s  elapsed {el:.1f}s")
+                _log(f"blocks {len(results)}/{n_blocks}  events {ev:,}  {_rate(ev, el)}  elapsed {el:.1f}s")
         del world_ref
+        t_tasks = time.perf_counter() - t_gen
+        missing = [p for b in range(n_blocks) for split in ("train", "eval")
+                   if results[b][f"n_{split}_files"]
+                   and not os.path.exists(p := os.path.join(out_abs, "events", split, f"part-{b:05d}.parquet"))]
+        if missing:
+            raise RuntimeError(
+                f"{len(missing)} shard(s) written by Ray tasks are not visible from the driver, e.g. {missing[0]}: "
+                f"on a multi-node cluster `out_dir` must be on a filesystem shared by all nodes")
 
         keys = ("n_events", "n_impressions_shown", "n_clicks", "n_conversions", "n_train_events",
                 "n_eval_events", "n_train_files", "n_eval_files")
@@ -483,8 +497,8 @@ def _write_dataset_parallel(cfg: SimConfig, out_dir: str, progress_every_s: floa
             json.dump(meta, f, indent=2)
         wall = time.perf_counter() - t0
         _log(f"done: {meta['n_events']:,} events ({meta['n_train_events']:,} train / {meta['n_eval_events']:,} eval) "
-             f"in {tot['n_train_files']} + {tot['n_eval_files']} shards, {wall:.1f}s wall "
-             f"({meta['n_events'] / wall / 1e6:.2f}M events/s); peak RSS driver {_peak_rss_mb():.0f} MB, "
+             f"in {tot['n_train_files']} + {tot['n_eval_files']} shards, {wall:.1f}s wall ({t_tasks:.1f}s in tasks, "
+             f"{_rate(meta['n_events'], t_tasks)}); peak RSS driver {_peak_rss_mb():.0f} MB, "
              f"largest task-worker {max(r['_peak_rss_mb'] for r in results.values()):.0f} MB")
         return meta
     finally:
@@ -508,13 +522,18 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     cfg = SimConfig(**{f.name: getattr(args, f.name) for f in fields(SimConfig)
                        if getattr(args, f.name, None) is not None})
-    if args.num_cpus is not None and use_parallel(cfg, args.parallel):
+    own_ray = args.num_cpus is not None and use_parallel(cfg, args.parallel)
+    if own_ray:
         import ray
 
         ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
-    t0 = time.perf_counter()
-    meta = write_dataset(cfg, args.out, parallel=args.parallel)
-    wall = time.perf_counter() - t0
+    try:
+        t0 = time.perf_counter()
+        meta = write_dataset(cfg, args.out, parallel=args.parallel)
+        wall = time.perf_counter() - t0
+    finally:
+        if own_ray:
+            ray.shutdown()
     size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(args.out) for f in fs)
     print(json.dumps({
         "wall_s": round(wall, 1), "n_impressions_shown": meta["n_impressions_shown"], "n_events": meta["n_events"],

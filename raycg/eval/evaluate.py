@@ -12,7 +12,7 @@ import time
 import numpy as np
 import ray
 
-from raycg.data.pipeline import build_feature_store, event_files
+from raycg.data.pipeline import event_files, feature_store_from_config
 
 from raycg.eval.baselines import popularity_ranking
 from raycg.eval.embed import embed_corpus, embed_queries
@@ -29,7 +29,7 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
     t_start = time.perf_counter()
     history_files = event_files(data_cfg["train_path"]) + event_files(data_cfg["eval_path"])
     if store is None:
-        store = build_feature_store(data_cfg["train_path"], data_cfg["items_path"], history_length, history_files)
+        store = feature_store_from_config(data_cfg, history_length, history_files)
     elif history_length > 0:
         from raycg.data.history import HistoryIndex
 

@@ -15,12 +15,12 @@ import os
 import time
 
 import ray
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from raycg.data.features import FeatureSpec, dense_moments
-from raycg.data.pipeline import auto_buckets, build_feature_store, packed_training_dataset
+from raycg.data.pipeline import auto_buckets, feature_store_from_config, packed_training_dataset
 from raycg.data.simulate import SimConfig, write_dataset
 from raycg.model.card import model_card
 from raycg.model.export import export_towers
@@ -36,8 +36,9 @@ def log(msg: str) -> None:
 
 def resolve_paths(cfg: DictConfig) -> None:
     """Make data and run paths absolute (workers and Ray Train need absolute paths)."""
-    for key in ("dir", "train_path", "eval_path", "items_path"):
-        cfg.data[key] = os.path.abspath(str(cfg.data[key]))
+    for key in ("dir", "train_path", "eval_path", "items_path", "users_path"):
+        if cfg.data.get(key):
+            cfg.data[key] = os.path.abspath(str(cfg.data[key]))
     cfg.paths.runs_dir = os.path.abspath(str(cfg.paths.runs_dir))
     if not cfg.run_name:
         cfg.run_name = f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.cross}"
@@ -77,10 +78,11 @@ def ensure_data(cfg: DictConfig) -> None:
 def build_trainer(cfg: DictConfig, callbacks: list | None = None):
     """Ray Data dataset + TorchTrainer for this config; returns (trainer, run_dir, feature store)."""
     t0 = time.perf_counter()
-    store = build_feature_store(cfg.data.train_path, cfg.data.items_path, cfg.model.history.length)
+    store = feature_store_from_config(OmegaConf.to_container(cfg.data, resolve=True), cfg.model.history.length)
     items = store.items
-    cfg.model.buckets = auto_buckets(
-        OmegaConf.to_container(cfg.model.buckets), cfg.model.max_buckets, cfg.data.train_path, items)
+    with open_dict(cfg.model):  # extra categorical columns add bucket names
+        cfg.model.buckets = auto_buckets(
+            OmegaConf.to_container(cfg.model.buckets), cfg.model.max_buckets, cfg.data.train_path, items, store.users)
     run_dir = os.path.join(cfg.paths.runs_dir, cfg.run_name)
     if cfg.data.on_bad_rows not in ("fail", "quarantine"):
         raise ValueError(f"data.on_bad_rows={cfg.data.on_bad_rows!r}: expected 'fail' or 'quarantine'")
@@ -91,6 +93,8 @@ def build_trainer(cfg: DictConfig, callbacks: list | None = None):
         check_duplicates=cfg.data.check_duplicates)
     moments = dense_moments(train_ds, ["user_dense", "item_dense"])
     spec = FeatureSpec(
+        user_cat=["user", "surface", "context_item", "query", *store.users.cat_names],
+        item_cat=list(items.cat_names),
         user_dense=len(moments["user_dense"][0]), item_dense=items.dense_dim,
         user_dense_mean=moments["user_dense"][0], user_dense_std=moments["user_dense"][1],
         item_dense_mean=moments["item_dense"][0], item_dense_std=moments["item_dense"][1],

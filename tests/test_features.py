@@ -1,0 +1,59 @@
+"""Feature tables: stats from counts, user attributes join, categorical item columns."""
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from raycg.data.batches import FeatureStore, ItemTable
+from raycg.data.features import UserTable, combine_counts, partial_counts, stats_from_counts
+from raycg.data.schema import EventSchemaError
+
+
+def test_stats_from_counts_hand_values():
+    # impressions, clicks, saves, conversions
+    s = stats_from_counts(np.array([[9, 3, 1, 1]]))[0]
+    expected = [math.log(10), math.log(4), math.log(2), math.log(2), 3 / 13, 1 / 4]
+    np.testing.assert_allclose(s, expected, rtol=1e-6)
+
+
+def test_partial_counts_combine_like_one_pass():
+    t = pa.table({"item_id": pa.array([5, 5, 7, 7, 7], pa.int64()),
+                  "event_type": ["impression", "click", "checkout", "add_to_cart", "save"]})
+    ids, counts = combine_counts([partial_counts(t.slice(0, 2), "item_id"), partial_counts(t.slice(2), "item_id")])
+    assert ids.tolist() == [5, 7] and counts.tolist() == [[1, 1, 0, 0], [0, 0, 1, 2]]
+
+
+def test_user_attributes_and_item_categoricals_reach_the_packed_batch():
+    users = UserTable(np.array([1, 2]), np.ones((2, 6), np.float32)).with_attributes(
+        pa.table({"user_id": pa.array([2, 3], pa.int64()), "segment": pa.array([1, 0], pa.int64())}),
+        ["segment"], "users.parquet")
+    assert users.cat_names == ("segment",)
+    assert users.lookup_cat(np.array([1, 2, 3, 9])).ravel().tolist() == [-1, 1, 0, -1]  # -1 = missing
+    assert users.lookup(np.array([3]))[0].sum() == 0  # attributes only: zero stats
+    items = ItemTable.from_arrow(pa.table({
+        "item_id": pa.array([0, 1], pa.int64()), "advertiser_id": pa.array([0, 0], pa.int64()),
+        "category_id": pa.array([0, 0], pa.int64()), "tier": pa.array([1, 0], pa.int64()),
+        "content_emb": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(4, np.float32)), 2),
+    }), extra_cat=("tier",))
+    assert items.cat_names[-1] == "tier" and items.cat[:, 3].tolist() == [1, 0]
+    store = FeatureStore(items=items, users=users)
+    packed = store.pack_users(pa.table({
+        "user_id": pa.array([2, 9], pa.int64()), "surface": ["home", "search"],
+        "context_item_id": pa.array([-1, -1], pa.int64()), "query_id": pa.array([-1, 3], pa.int64())}))
+    assert packed["user_cat"].tolist() == [[2, 0, -1, -1, 1], [9, 2, -1, 3, -1]]
+
+
+def test_bad_user_attribute_names_the_file_and_column():
+    users = UserTable(np.array([1]), np.ones((1, 6), np.float32))
+    with pytest.raises(EventSchemaError, match="users.parquet: column 'segment' has 1 of 2 rows below 0"):
+        users.with_attributes(pa.table({"user_id": pa.array([1, 2], pa.int64()),
+                                        "segment": pa.array([0, -4], pa.int64())}), ["segment"], "users.parquet")
+
+
+def test_nan_in_item_embeddings_is_an_error():
+    with pytest.raises(EventSchemaError, match="content_emb' has NaN or infinite"):
+        ItemTable.from_arrow(pa.table({
+            "item_id": pa.array([0], pa.int64()), "advertiser_id": pa.array([0], pa.int64()),
+            "category_id": pa.array([0], pa.int64()),
+            "content_emb": pa.FixedSizeListArray.from_arrays(pa.array([1.0, float("nan")], pa.float32()), 2)}))
