@@ -36,3 +36,15 @@ def test_popularity_ranking_counts_task_events():
     # conversions: item 1 -> 2, item 2 -> 1; item 3 none but most engaged, item 4 nothing
     assert popularity_ranking(events, "conversion", corpus, 4).tolist() == [1, 2, 3, 4]
     assert popularity_ranking(events, "engagement", corpus, 2).tolist() == [3, 2]
+
+
+def test_bootstrap_interval_and_groups():
+    from raycg.eval.recall import bootstrap_ci, recall_report
+
+    lo, hi = bootstrap_ci(np.r_[np.zeros(500), np.ones(500)], n_boot=500)
+    assert lo < 0.5 < hi and hi - lo < 0.1  # ~ +-1.96 * sqrt(0.25/1000) = 0.031
+    assert bootstrap_ci(np.full(10, 0.3)) == pytest.approx((0.3, 0.3))
+    top = np.array([[1, 2], [3, 4], [5, 6]])
+    report = recall_report(top, [np.array([1]), np.array([9]), np.array([6])], [2], groups=np.array(["a", "b", "a"]))
+    assert report[2]["mean"] == pytest.approx(2 / 3)
+    assert report[2]["by_group"] == {"a": 1.0, "b": 0.0}

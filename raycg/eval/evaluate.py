@@ -17,7 +17,7 @@ from raycg.data.pipeline import event_files, feature_store_from_config
 from raycg.eval.baselines import popularity_ranking
 from raycg.eval.embed import embed_corpus, embed_queries
 from raycg.eval.queries import TASKS, build_queries, read_event_columns
-from raycg.eval.recall import exact_top_k, recall_at_k
+from raycg.eval.recall import exact_top_k, recall_report
 
 
 def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log=print,
@@ -42,7 +42,9 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
         data_cfg["eval_path"], ["user_id", "item_id", "surface", "event_type", "context_item_id", "query_id",
                                 "timestamp"])
     train_events = read_event_columns(data_cfg["train_path"], ["item_id", "event_type"])
-    results: dict = {"ks": ks, "n_items": int(len(corpus_ids)), "model": {}, "popularity": {}, "n_queries": {}}
+    results: dict = {"ks": ks, "n_items": int(len(corpus_ids)), "model": {}, "popularity": {}, "n_queries": {},
+                     "detail": {"model": {}, "popularity": {}}}
+    adv_of = store.items.cat[:, 1][np.searchsorted(store.items.item_id, corpus_ids)]  # advertiser per corpus row
     faiss_s = 0.0
     for task in TASKS:
         queries, positives = build_queries(eval_events, task)
@@ -54,26 +56,49 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
         q_emb = embed_queries(queries, checkpoint_dir, store_ref, eval_cfg["query_batch_size"])
         top_rows, secs = exact_top_k(item_emb, q_emb, max(ks), eval_cfg["query_batch_size"], eval_cfg.get("faiss_threads"))
         faiss_s += secs
-        results["model"][task] = recall_at_k(corpus_ids[top_rows], positives, ks)
+        surfaces = queries.column("surface").to_numpy(zero_copy_only=False).astype(str)
         pop = popularity_ranking(train_events, task, corpus_ids, max(ks))
-        results["popularity"][task] = recall_at_k(np.broadcast_to(pop, (len(positives), len(pop))), positives, ks)
+        tops = {"model": corpus_ids[top_rows], "popularity": np.broadcast_to(pop, (len(positives), len(pop)))}
+        for method, top in tops.items():
+            report = recall_report(top, positives, ks, groups=surfaces)
+            results[method][task] = {k: v["mean"] for k, v in report.items()}
+            results["detail"][method][task] = report
+            if task == "conversion":
+                # advertiser level: the held-out conversion's advertiser among the top-K items' advertisers
+                adv_pos = [np.unique(adv_of[np.searchsorted(corpus_ids, p)]) for p in positives]
+                report = recall_report(adv_of[np.searchsorted(corpus_ids, top)], adv_pos, ks, groups=surfaces)
+                results[method]["conversion_advertiser"] = {k: v["mean"] for k, v in report.items()}
+                results["detail"][method]["conversion_advertiser"] = report
     results["seconds"] = {"total": time.perf_counter() - t_start, "faiss": faiss_s}
     return results
 
 
+def _get(d: dict, k):
+    return d.get(k, d.get(str(k)))
+
+
 def format_table(results: dict) -> str:
+    """Main table (recall@K per task, advertiser level) + per-surface recall and 95% intervals."""
     ks = results["ks"]
-    cols = [(task, k) for task in TASKS for k in ks]
-    head = f"{'method':<12}" + "".join(f"{task[:4]} R@{k:<6}" for task, k in cols)
+    tasks = [t for t in ("conversion", "engagement", "conversion_advertiser") if t in results["model"]]
+    short = {"conversion": "conv", "engagement": "enga", "conversion_advertiser": "adv"}
+    cols = [(task, k) for task in tasks for k in ks]
+    head = f"{'method':<12}" + "".join(f"{short[t] + ' R@' + str(k):>12}" for t, k in cols)
     lines = [head, "-" * len(head)]
     for method in ("model", "popularity"):
-        cells = []
-        for task, k in cols:
-            v = results[method].get(task, {}).get(k, results[method].get(task, {}).get(str(k)))
-            cells.append(f"{v:>11.4f}" if v is not None else f"{'n/a':>11}")
-        lines.append(f"{method:<12}" + "".join(cells))
+        cells = [_get(results[method].get(task, {}), k) for task, k in cols]
+        lines.append(f"{method:<12}" + "".join(f"{v:>12.4f}" if v is not None else f"{'n/a':>12}" for v in cells))
     nq = results["n_queries"]
-    lines.append(f"queries: " + ", ".join(f"{t} {nq.get(t, 0):,}" for t in TASKS) + f"; corpus {results['n_items']:,} items")
+    lines.append("queries: " + ", ".join(f"{t} {nq.get(t, 0):,}" for t in TASKS) + f"; corpus {results['n_items']:,} items")
+    detail = results.get("detail", {}).get("model", {})
+    if detail:
+        k = ks[0]
+        lines.append(f"model recall@{k}: mean [95% bootstrap interval] and per surface")
+        for task in tasks:
+            entry = _get(detail.get(task, {}), k)
+            if entry:
+                surf = ", ".join(f"{g} {v:.4f}" for g, v in entry.get("by_group", {}).items())
+                lines.append(f"  {task:<22} {entry['mean']:.4f} [{entry['ci95'][0]:.4f}, {entry['ci95'][1]:.4f}]  {surf}")
     return "\n".join(lines)
 
 

@@ -46,3 +46,30 @@ def recall_at_k(top, positives: list[np.ndarray], ks) -> dict[int, float]:
     if len(positives) == 0:
         return {int(k): float("nan") for k in ks}
     return {int(k): float(per_query_recall(top, positives, k).mean()) for k in ks}
+
+
+def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-query values (resampling queries)."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot)
+    for b in range(0, n_boot, 100):  # chunks keep memory at 100 x Q indices
+        idx = rng.integers(0, len(values), size=(min(100, n_boot - b), len(values)))
+        means[b:b + len(idx)] = values[idx].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def recall_report(top_ids: np.ndarray, positives: list[np.ndarray], ks, groups: np.ndarray | None = None,
+                  n_boot: int = 1000) -> dict:
+    """{k: {"mean", "ci95": [lo, hi], "by_group": {g: mean}}} from per-query recall@k."""
+    out = {}
+    for k in ks:
+        per_query = per_query_recall(np.asarray(top_ids), positives, k)
+        entry = {"mean": float(per_query.mean()), "ci95": list(bootstrap_ci(per_query, n_boot))}
+        if groups is not None:
+            entry["by_group"] = {str(g): float(per_query[groups == g].mean()) for g in np.unique(groups)}
+        out[int(k)] = entry
+    return out
