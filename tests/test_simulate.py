@@ -73,3 +73,74 @@ def test_time_split_is_strict():
     a, b = time_split(ev, cut)
     assert a.num_rows + b.num_rows == ev.num_rows
     assert pc.max(a["timestamp"]).as_py() < cut <= pc.min(b["timestamp"]).as_py()
+
+
+# --- scale-out path: user blocks simulated and written by Ray tasks ---------------------------
+
+def _files(root, split):
+    return sorted((root / "events" / split).glob("*.parquet"))
+
+
+def test_path_choice_by_size():
+    from raycg.data.simulate import use_parallel
+
+    assert not use_parallel(SimConfig(**SMALL))
+    assert not use_parallel(SimConfig(n_users=20000, requests_per_user=15))  # conf/data/sim_default: 3M
+    assert use_parallel(SimConfig(n_users=200_000, requests_per_user=20))  # 40M impressions
+    assert use_parallel(SimConfig(**SMALL), parallel=True)
+    assert not use_parallel(SimConfig(n_users=200_000), parallel=False)
+
+
+def test_parallel_path(ray_session, tmp_path):
+    cfg = SimConfig(seed=5, users_per_block=300, **SMALL)  # 800 users -> 3 blocks
+    a, b = tmp_path / "a", tmp_path / "b"
+    meta = write_dataset(cfg, str(a), parallel=True)
+    assert meta["parallel"]["n_blocks"] == 3 and meta["shards"] == {"train": 3, "eval": 3}
+
+    # valid shards; meta counts are the rows in the files
+    train_files, eval_files = _files(a, "train"), _files(a, "eval")
+    assert len(train_files) == 3 and len(eval_files) == 3
+    n_train = check_parquet_files([str(f) for f in train_files])
+    n_eval = check_parquet_files([str(f) for f in eval_files])
+    assert (n_train, n_eval) == (meta["n_train_events"], meta["n_eval_events"])
+    assert n_train + n_eval == meta["n_events"]
+    train, evaluation = pq.read_table(a / "events" / "train"), pq.read_table(a / "events" / "eval")
+    et = np.concatenate([t.column("event_type").to_numpy(zero_copy_only=False) for t in (train, evaluation)])
+    assert (et == "click").sum() == meta["n_clicks"]
+    assert np.isin(et, ["add_to_cart", "checkout"]).sum() == meta["n_conversions"]
+    assert np.isin(et, ["impression", "click"]).sum() == meta["n_impressions_shown"]
+
+    # strict time split with the config's cutoff, in every block
+    assert pc.max(train["timestamp"]).as_py() < meta["cutoff_ts"] <= pc.min(evaluation["timestamp"]).as_py()
+
+    # block b holds exactly its own users; the world is the in-memory path's world
+    for i, f in enumerate(train_files):
+        users = pq.read_table(f, columns=["user_id"]).column("user_id").to_numpy()
+        assert users.min() >= 300 * i and users.max() < min(300 * (i + 1), SMALL["n_users"])
+    mem = simulate(SimConfig(seed=5, **SMALL))
+    assert pq.read_table(a / "items.parquet").equals(mem["items"])
+    assert pq.read_table(a / "users.parquet").equals(mem["users"])
+    adv = mem["items"].column("advertiser_id").to_numpy()
+    assert (adv[train.column("item_id").to_numpy()] == train.column("advertiser_id").to_numpy()).all()
+
+    # marginals in the same range as the in-memory path
+    ctr = meta["n_clicks"] / meta["n_impressions_shown"]
+    mem_ctr = mem["meta"]["n_clicks"] / mem["meta"]["n_impressions_shown"]
+    assert 0.02 < ctr < 0.15 and abs(ctr - mem_ctr) < 0.01
+    assert 0.01 <= meta["conversion_per_click"] <= 0.06
+    assert abs(meta["conversion_per_click"] - mem["meta"]["conversion_per_click"]) < 0.015
+
+    # deterministic: a second run (into a dir holding another run's shards) gives the same files
+    write_dataset(SimConfig(seed=5, users_per_block=400, **SMALL), str(b), parallel=True)  # 2 blocks
+    assert len(_files(b, "train")) == 2
+    meta_b = write_dataset(cfg, str(b), parallel=True)
+    assert meta_b == meta
+    for split in ("train", "eval"):
+        fa, fb = _files(a, split), _files(b, split)
+        assert [f.name for f in fa] == [f.name for f in fb]  # stale shards of the 2-block run removed
+        for x, y in zip(fa, fb):
+            assert pq.read_table(x).equals(pq.read_table(y))
+    # another seed gives other events
+    c = tmp_path / "c"
+    meta_c = write_dataset(SimConfig(seed=6, users_per_block=300, **SMALL), str(c), parallel=True)
+    assert meta_c["n_events"] != meta["n_events"] or not pq.read_table(c / "events" / "train").equals(train)
