@@ -144,3 +144,28 @@ def test_parallel_path(ray_session, tmp_path):
     c = tmp_path / "c"
     meta_c = write_dataset(SimConfig(seed=6, users_per_block=300, **SMALL), str(c), parallel=True)
     assert meta_c["n_events"] != meta["n_events"] or not pq.read_table(c / "events" / "train").equals(train)
+
+
+def test_rewriting_with_fewer_shards_leaves_no_stale_files(tmp_path):
+    write_dataset(SimConfig(seed=0, num_shards=4, **SMALL), str(tmp_path))
+    meta = write_dataset(SimConfig(seed=1, num_shards=2, **SMALL), str(tmp_path))
+    files = sorted(str(f) for f in (tmp_path / "events").rglob("*.parquet"))
+    assert len(files) == 3  # 2 train + 1 eval shards, nothing left from the 4-shard run
+    assert check_parquet_files(files) == meta["n_events"]
+
+
+def test_cached_simulation_is_reused_only_for_the_same_knobs(tmp_path, capsys):
+    import json
+
+    from conftest import compose
+    from raycg.train.driver import ensure_data
+
+    base = ["data=sim_small", f"data.dir={tmp_path}", "data.sim.n_users=300", "data.sim.n_items=200"]
+    ensure_data(compose(base))
+    first = json.loads((tmp_path / "meta.json").read_text())
+    ensure_data(compose(base))
+    assert "reusing simulated dataset" in capsys.readouterr().out
+    ensure_data(compose(base + ["+data.sim.click_bias=-4.0"]))  # knobs not in the yaml need "+"
+    assert "simulating again" in capsys.readouterr().out
+    second = json.loads((tmp_path / "meta.json").read_text())
+    assert second["config"]["click_bias"] == -4.0 and second["n_clicks"] > first["n_clicks"]

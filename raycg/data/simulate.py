@@ -316,6 +316,16 @@ def time_split(events: pa.Table, cutoff_ts: int) -> tuple[pa.Table, pa.Table]:
     return events.filter(pa.array(ts < cutoff_ts)), events.filter(pa.array(ts >= cutoff_ts))
 
 
+def clear_shards(out_dir: str) -> None:
+    """This layout is ours: drop the event shards of an earlier simulation in `out_dir`."""
+    for split in ("train", "eval"):
+        d = os.path.join(out_dir, "events", split)
+        os.makedirs(d, exist_ok=True)
+        for f in os.listdir(d):
+            if f.startswith("part-") and (f.endswith(".parquet") or f.endswith(".parquet.tmp")):
+                os.remove(os.path.join(d, f))
+
+
 def write_shards(table: pa.Table, directory: str, num_shards: int, seed: int) -> list[str]:
     """Shuffle rows (so in-batch negatives are not all one user's session) and shard."""
     os.makedirs(directory, exist_ok=True)
@@ -347,6 +357,7 @@ def write_dataset(cfg: SimConfig, out_dir: str, parallel: bool | None = None) ->
         return _write_dataset_parallel(cfg, out_dir)
     out = simulate(cfg)
     train, evaluation = time_split(out["events"], out["meta"]["cutoff_ts"])
+    clear_shards(out_dir)
     write_shards(train, os.path.join(out_dir, "events", "train"), cfg.num_shards, cfg.seed)
     write_shards(evaluation, os.path.join(out_dir, "events", "eval"), max(1, cfg.num_shards // 2), cfg.seed + 1)
     pq.write_table(out["items"], os.path.join(out_dir, "items.parquet"))
@@ -441,12 +452,7 @@ def _write_dataset_parallel(cfg: SimConfig, out_dir: str, progress_every_s: floa
         req_counts = rng.multinomial(R, world["activity"])  # requests per user, heavy-tailed
         items_tbl, users_tbl = _item_user_tables(cfg, world)
 
-        for split in ("train", "eval"):  # this layout is ours: drop shards of an earlier run
-            d = os.path.join(out_dir, "events", split)
-            os.makedirs(d, exist_ok=True)
-            for f in os.listdir(d):
-                if f.startswith("part-") and (f.endswith(".parquet") or f.endswith(".parquet.tmp")):
-                    os.remove(os.path.join(d, f))
+        clear_shards(out_dir)
         pq.write_table(items_tbl, os.path.join(out_dir, "items.parquet"))
         pq.write_table(users_tbl, os.path.join(out_dir, "users.parquet"))
 

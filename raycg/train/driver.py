@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import asdict
 
 import ray
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -62,14 +63,19 @@ def init_ray(cfg: DictConfig) -> None:
 
 
 def ensure_data(cfg: DictConfig) -> None:
-    """Simulate the default dataset once (cached by its parameters in data.dir)."""
+    """Simulate the default dataset once; reuse it while its meta.json records the same
+    simulator config, simulate again (same directory) when any knob changed."""
     if cfg.data.source != "simulator":
         return
-    if os.path.exists(os.path.join(cfg.data.dir, "meta.json")):
-        log(f"[raycg] data: reusing simulated dataset {cfg.data.dir}")
-        return
-    t0 = time.perf_counter()
     sim = SimConfig(**OmegaConf.to_container(cfg.data.sim, resolve=True))
+    meta_path = os.path.join(cfg.data.dir, "meta.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            if json.load(f).get("config") == json.loads(json.dumps(asdict(sim))):
+                log(f"[raycg] data: reusing simulated dataset {cfg.data.dir}")
+                return
+        log(f"[raycg] data: {cfg.data.dir} was simulated with other data.sim settings; simulating again")
+    t0 = time.perf_counter()
     meta = write_dataset(sim, cfg.data.dir)
     log(f"[raycg] data: simulated {meta['n_events']:,} events ({meta['n_clicks']:,} clicks, "
         f"{meta['n_conversions']:,} conversions) in {time.perf_counter() - t0:.1f}s -> {cfg.data.dir}")
