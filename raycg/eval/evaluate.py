@@ -68,6 +68,7 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
                 adv_pos = [np.unique(adv_of[np.searchsorted(corpus_ids, p)]) for p in positives]
                 report = recall_report(adv_of[np.searchsorted(corpus_ids, top)], adv_pos, ks, groups=surfaces)
                 results[method]["conversion_advertiser"] = {k: v["mean"] for k, v in report.items()}
+                results["n_queries"]["conversion_advertiser"] = len(adv_pos)
                 results["detail"][method]["conversion_advertiser"] = report
     results["seconds"] = {"total": time.perf_counter() - t_start, "faiss": faiss_s}
     return results
