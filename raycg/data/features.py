@@ -129,23 +129,21 @@ class UserTable:
         cat[np.searchsorted(all_ids, ids)] = attrs
         return UserTable(all_ids, dense, cat, tuple(columns))
 
-    def lookup_cat(self, user_ids: np.ndarray) -> np.ndarray:
-        out = np.full((len(user_ids), self.cat.shape[1]), -1, dtype=np.int64)
+    def _gather(self, values: np.ndarray, user_ids: np.ndarray, missing) -> np.ndarray:
+        """Rows of `values` (aligned with user_id) for each id; `missing` where unknown."""
+        out = np.full((len(user_ids), values.shape[1]), missing, dtype=values.dtype)
         if len(self.user_id) == 0:
             return out
         pos = np.searchsorted(self.user_id, user_ids).clip(0, len(self.user_id) - 1)
         hit = self.user_id[pos] == user_ids
-        out[hit] = self.cat[pos[hit]]
+        out[hit] = values[pos[hit]]
         return out
 
+    def lookup_cat(self, user_ids: np.ndarray) -> np.ndarray:
+        return self._gather(self.cat, user_ids, -1)
+
     def lookup(self, user_ids: np.ndarray) -> np.ndarray:
-        out = np.zeros((len(user_ids), self.dense.shape[1]), dtype=np.float32)
-        if len(self.user_id) == 0:
-            return out
-        pos = np.searchsorted(self.user_id, user_ids).clip(0, len(self.user_id) - 1)
-        hit = self.user_id[pos] == user_ids
-        out[hit] = self.dense[pos[hit]]
-        return out
+        return self._gather(self.dense, user_ids, 0.0)
 
 
 def dense_moments(ds, columns: list[str]) -> dict[str, tuple[list[float], list[float]]]:
