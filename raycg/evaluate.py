@@ -1,11 +1,13 @@
-"""python -m raycg.evaluate run_dir=runs/<name>  -- evaluate a run's latest checkpoint.
+"""python -m raycg.evaluate run_dir=runs/<name> [eval.KEY=VALUE ...]  -- evaluate a run's latest checkpoint.
 
-Uses the data paths and eval settings stored with the checkpoint; prints the recall table
-and writes <run_dir>/eval.json.
+Uses the data paths and eval settings stored with the checkpoint (override any `eval.` key,
+e.g. `eval.ks=[10,100,1000] eval.baselines=[popularity]`); prints the recall table and
+writes <run_dir>/eval.json.
 """
 import sys
 
 import ray
+from omegaconf import OmegaConf
 
 from raycg.eval.evaluate import evaluate_checkpoint, format_table, write_results
 from raycg.train.checkpoint import load_model
@@ -13,17 +15,23 @@ from raycg.train.runs import latest_checkpoint, parse_overrides
 
 
 def main(argv: list[str]) -> None:
-    args = parse_overrides(argv, {"run_dir": None})
+    eval_args = [a for a in argv if a.startswith("eval.")]
+    args = parse_overrides([a for a in argv if not a.startswith("eval.")], {"run_dir": None})
     ckpt = latest_checkpoint(args["run_dir"])
     _, config = load_model(ckpt)
+    eval_cfg = OmegaConf.to_container(OmegaConf.merge(
+        {"eval": config["eval"]}, OmegaConf.from_dotlist(eval_args)), resolve=True)["eval"]
     ray.init(address="local", _node_ip_address="127.0.0.1") if not ray.is_initialized() else None
     ray.data.DataContext.get_current().enable_progress_bars = False
-    results = evaluate_checkpoint(ckpt, config["data"], config["eval"],
-                                  history_length=config["model"].get("history", {}).get("length", 0))
+    results = evaluate_checkpoint(ckpt, config["data"], eval_cfg,
+                                  history_length=config["model"].get("history", {}).get("length", 0),
+                                  seed=config.get("seed", 0))
     results["checkpoint"] = ckpt
     path = write_results(args["run_dir"], results)
     print("\n" + format_table(results))
-    print(f"[raycg] eval: results -> {path}")
+    sec = results["seconds"]
+    print(f"[raycg] eval: faiss {sec['faiss']:.1f}s of {sec['total']:.1f}s total "
+          f"(baselines and recall scoring {sec['scoring_and_baselines']:.1f}s); results -> {path}")
 
 
 if __name__ == "__main__":

@@ -48,3 +48,66 @@ def test_bootstrap_interval_and_groups():
     report = recall_report(top, [np.array([1]), np.array([9]), np.array([6])], [2], groups=np.array(["a", "b", "a"]))
     assert report[2]["mean"] == pytest.approx(2 / 3)
     assert report[2]["by_group"] == {"a": 1.0, "b": 0.0}
+
+
+def test_positive_ranks_golden():
+    from raycg.eval.recall import positive_ranks
+
+    ranks = positive_ranks(np.array([[7, 3, 5], [1, 2, 4]]), [np.array([5, 9, 7]), np.array([4])])
+    assert ranks[0].tolist() == [2, 3, 0] and ranks[1].tolist() == [2]  # 3 = absent (K)
+    with pytest.raises(ValueError, match="no positives"):
+        recall_at_k(np.array([[1, 2]]), [np.array([], dtype=np.int64)], [1])
+
+
+def test_surface_popularity_counts_only_that_surface():
+    from raycg.eval.baselines import surface_popularity_rankings
+
+    events = pa.table({
+        "item_id": pa.array([1, 1, 1, 2, 2, 3], pa.int64()),
+        "event_type": ["click"] * 6,
+        "surface": ["search", "search", "search", "home_feed", "home_feed", "home_feed"],
+    })
+    corpus = np.array([1, 2, 3], dtype=np.int64)
+    ranks = surface_popularity_rankings(events, "engagement", corpus, 2, ["search", "home_feed", "related_item"])
+    assert ranks["home_feed"].tolist() == [2, 3]           # item 1 is globally top, but not here
+    assert ranks["search"].tolist() == [1, 2]              # tie between 2 and 3 breaks by all-surface count
+    assert ranks["related_item"].tolist() == [1, 2]        # unseen surface -> global popularity
+
+
+def _block_interactions(n_users=60, n_items=40, seed=0):
+    """Users 0..29 only touch items 0..19, users 30..59 only items 20..39 (two taste blocks)."""
+    rng = np.random.default_rng(seed)
+    users, items = [], []
+    for u in range(n_users):
+        block = 0 if u < n_users // 2 else n_items // 2
+        for i in rng.choice(n_items // 2, size=6, replace=False):
+            users.append(u)
+            items.append(block + i)
+    users.append(0)
+    items.append(39)  # one off-block checkout makes item 39 the most converted item
+    etype = ["click"] * (len(users) - 1) + ["checkout"]
+    users += [1, 2]
+    items += [39, 39]
+    etype += ["checkout", "checkout"]
+    return pa.table({"user_id": pa.array(users, pa.int64()), "item_id": pa.array(items, pa.int64()),
+                     "event_type": etype})
+
+
+def test_als_recovers_taste_blocks_and_falls_back_to_popularity():
+    from raycg.eval.baselines import ALSBaseline
+
+    events = _block_interactions()
+    corpus = np.arange(40, dtype=np.int64)
+    als = ALSBaseline.fit(events, "engagement", corpus, factors=4, iterations=20, regularization=0.01,
+                          alpha=10.0, seed=0, threads=1)
+    assert als.n_interactions == 60 * 6  # the checkouts are not engagement
+    top, _ = als.top_k(np.array([5, 45]), 10)
+    assert (top[0] < 20).mean() >= 0.9 and (top[1] >= 20).mean() >= 0.9  # each user's own block
+    # conversion ALS knows only users 0, 1, 2; anyone else gets conversion popularity (item 39 first)
+    conv = ALSBaseline.fit(events, "conversion", corpus, factors=2, iterations=5, seed=0, threads=1)
+    top, _ = conv.top_k(np.array([1, 50]), 5)
+    assert top[1].tolist() == popularity_ranking(events, "conversion", corpus, 5).tolist()
+    assert top[1][0] == 39 and top[0][0] == 39
+    assert conv.coverage(np.array([1, 50, 51, 2])) == 0.5
+    with pytest.raises(ValueError, match="no conversion events"):
+        ALSBaseline.fit(events.filter(pa.compute.equal(events["event_type"], "click")), "conversion", corpus)

@@ -14,18 +14,40 @@ import ray
 
 from raycg.data.pipeline import event_files, feature_store_from_config
 
-from raycg.eval.baselines import popularity_ranking
+from raycg.eval.baselines import ALSBaseline, popularity_ranking, surface_popularity_rankings
 from raycg.eval.embed import embed_corpus, embed_queries
 from raycg.eval.queries import TASKS, build_queries, read_event_columns
 from raycg.eval.recall import exact_top_k, recall_report
 
 
+BASELINES = ("popularity", "popularity_surface", "als_engagement", "als_conversion")
+
+
+def _fit_baselines(names: list[str], train_events, corpus_ids: np.ndarray, eval_cfg: dict, seed: int, log) -> dict:
+    unknown = sorted(set(names) - set(BASELINES))
+    if unknown:
+        raise ValueError(f"eval.baselines: unknown {unknown}; choose from {list(BASELINES)}")
+    fitted = {}
+    for name in names:
+        if name.startswith("als_"):
+            t0 = time.perf_counter()
+            als = ALSBaseline.fit(train_events, name[len("als_"):], corpus_ids, seed=seed,
+                                  **{k: v for k, v in (eval_cfg.get("als") or {}).items()})
+            fitted[name] = als
+            log(f"[raycg] eval: {name}: ALS on {als.n_interactions:,} training user-item pairs, "
+                f"{len(als.user_ids):,} users ({time.perf_counter() - t0:.1f}s)")
+    return fitted
+
+
 def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log=print,
-                        history_length: int = 0, store=None) -> dict:
+                        history_length: int = 0, store=None, seed: int = 0) -> dict:
     """Features come from the training split exactly as for training (`store`, the training
     run's FeatureStore, or rebuilt when None); the history index also sees the eval split
-    (lookups only use events strictly before each query)."""
+    (lookups only use events strictly before each query). Baselines (`eval.baselines`) are
+    fitted on the same training split and scored on the same queries."""
     ks = sorted(int(k) for k in eval_cfg["ks"])
+    baselines = list(eval_cfg.get("baselines", ["popularity"]))
+    methods = ["model", *baselines]
     t_start = time.perf_counter()
     history_files = event_files(data_cfg["train_path"]) + event_files(data_cfg["eval_path"])
     if store is None:
@@ -41,11 +63,15 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
     eval_events = read_event_columns(
         data_cfg["eval_path"], ["user_id", "item_id", "surface", "event_type", "context_item_id", "query_id",
                                 "timestamp"])
-    train_events = read_event_columns(data_cfg["train_path"], ["item_id", "event_type"])
-    results: dict = {"ks": ks, "n_items": int(len(corpus_ids)), "model": {}, "popularity": {}, "n_queries": {},
-                     "detail": {"model": {}, "popularity": {}}}
+    train_events = read_event_columns(data_cfg["train_path"], ["user_id", "item_id", "event_type", "surface"])
+    t_base = time.perf_counter()
+    fitted = _fit_baselines(baselines, train_events, corpus_ids, eval_cfg, seed, log)
+    baseline_s = time.perf_counter() - t_base
+    results: dict = {"ks": ks, "n_items": int(len(corpus_ids)), "methods": methods, "n_queries": {},
+                     "detail": {m: {} for m in methods}, "als_coverage": {}, **{m: {} for m in methods}}
     adv_of = store.items.cat[:, 1][np.searchsorted(store.items.item_id, corpus_ids)]  # advertiser per corpus row
     faiss_s = 0.0
+    K = max(ks)
     for task in TASKS:
         queries, positives = build_queries(eval_events, task)
         results["n_queries"][task] = len(positives)
@@ -54,23 +80,39 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
             continue
         log(f"[raycg] eval: {task}: {len(positives):,} queries, exact search over {len(corpus_ids):,} items")
         q_emb = embed_queries(queries, checkpoint_dir, store_ref, eval_cfg["query_batch_size"])
-        top_rows, secs = exact_top_k(item_emb, q_emb, max(ks), eval_cfg["query_batch_size"], eval_cfg.get("faiss_threads"))
+        top_rows, secs = exact_top_k(item_emb, q_emb, K, eval_cfg["query_batch_size"], eval_cfg.get("faiss_threads"))
         faiss_s += secs
         surfaces = queries.column("surface").to_numpy(zero_copy_only=False).astype(str)
-        pop = popularity_ranking(train_events, task, corpus_ids, max(ks))
-        tops = {"model": corpus_ids[top_rows], "popularity": np.broadcast_to(pop, (len(positives), len(pop)))}
-        for method, top in tops.items():
+        users = queries.column("user_id").to_numpy()
+        adv_pos = [np.unique(adv_of[np.searchsorted(corpus_ids, p)]) for p in positives]
+        t_base = time.perf_counter()
+        for method in methods:
+            if method == "model":
+                top = corpus_ids[top_rows]
+            elif method == "popularity":
+                pop = popularity_ranking(train_events, task, corpus_ids, K)
+                top = np.broadcast_to(pop, (len(positives), len(pop)))
+            elif method == "popularity_surface":
+                per_surface = surface_popularity_rankings(train_events, task, corpus_ids, K, surfaces)
+                names = sorted(per_surface)
+                top = np.stack([per_surface[n] for n in names])[np.searchsorted(names, surfaces)]
+            else:
+                top, _ = fitted[method].top_k(users, K, eval_cfg["query_batch_size"], eval_cfg.get("faiss_threads"))
+                results["als_coverage"].setdefault(method, {})[task] = fitted[method].coverage(users)
             report = recall_report(top, positives, ks, groups=surfaces)
             results[method][task] = {k: v["mean"] for k, v in report.items()}
             results["detail"][method][task] = report
             if task == "conversion":
                 # advertiser level: the held-out conversion's advertiser among the top-K items' advertisers
-                adv_pos = [np.unique(adv_of[np.searchsorted(corpus_ids, p)]) for p in positives]
                 report = recall_report(adv_of[np.searchsorted(corpus_ids, top)], adv_pos, ks, groups=surfaces)
                 results[method]["conversion_advertiser"] = {k: v["mean"] for k, v in report.items()}
-                results["n_queries"]["conversion_advertiser"] = len(adv_pos)
                 results["detail"][method]["conversion_advertiser"] = report
-    results["seconds"] = {"total": time.perf_counter() - t_start, "faiss": faiss_s}
+            del top
+        if task == "conversion":
+            results["n_queries"]["conversion_advertiser"] = len(adv_pos)
+        baseline_s += time.perf_counter() - t_base
+    results["seconds"] = {"total": time.perf_counter() - t_start, "faiss": faiss_s,
+                          "scoring_and_baselines": baseline_s}
     return results
 
 
@@ -84,11 +126,11 @@ def format_table(results: dict) -> str:
     tasks = [t for t in ("conversion", "engagement", "conversion_advertiser") if t in results["model"]]
     short = {"conversion": "conv", "engagement": "enga", "conversion_advertiser": "adv"}
     cols = [(task, k) for task in tasks for k in ks]
-    head = f"{'method':<12}" + "".join(f"{short[t] + ' R@' + str(k):>12}" for t, k in cols)
+    head = f"{'method':<20}" + "".join(f"{short[t] + ' R@' + str(k):>12}" for t, k in cols)
     lines = [head, "-" * len(head)]
-    for method in ("model", "popularity"):
+    for method in results.get("methods", ["model", "popularity"]):
         cells = [_get(results[method].get(task, {}), k) for task, k in cols]
-        lines.append(f"{method:<12}" + "".join(f"{v:>12.4f}" if v is not None else f"{'n/a':>12}" for v in cells))
+        lines.append(f"{method:<20}" + "".join(f"{v:>12.4f}" if v is not None else f"{'n/a':>12}" for v in cells))
     nq = results["n_queries"]
     lines.append("queries: " + ", ".join(f"{t} {nq.get(t, 0):,}" for t in TASKS) + f"; corpus {results['n_items']:,} items")
     detail = results.get("detail", {}).get("model", {})

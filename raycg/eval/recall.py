@@ -33,12 +33,33 @@ def exact_top_k(item_emb: np.ndarray, query_emb: np.ndarray, k: int, batch_size:
     return out, time.perf_counter() - t0
 
 
+def positive_ranks(top: np.ndarray, positives: list[np.ndarray]) -> list[np.ndarray]:
+    """0-based rank of each positive in its query's list `top[i]` ([Q, K] ids); K if absent.
+
+    One pass serves every k <= K: a positive is a hit at k when its rank < k.
+    """
+    top = np.asarray(top)
+    K = top.shape[1] if top.ndim == 2 else 0
+    out = []
+    for i, pos in enumerate(positives):
+        eq = top[i][None, :] == np.asarray(pos)[:, None]  # [P, K]
+        out.append(np.where(eq.any(axis=1), eq.argmax(axis=1), K))
+    return out
+
+
+def _recall_from_ranks(ranks: list[np.ndarray], k: int) -> np.ndarray:
+    lengths = np.array([len(r) for r in ranks], dtype=np.int64)
+    if len(ranks) == 0:
+        return np.zeros(0)
+    if (lengths == 0).any():
+        raise ValueError(f"recall: query {int(np.argmax(lengths == 0))} has no positives")
+    hits = np.add.reduceat((np.concatenate(ranks) < k).astype(np.float64), np.cumsum(lengths) - lengths)
+    return hits / lengths
+
+
 def per_query_recall(top: np.ndarray, positives: list[np.ndarray], k: int) -> np.ndarray:
     """recall@k of each query; `top` [Q, >=k] ids, positives a list of id arrays."""
-    out = np.empty(len(positives), dtype=np.float64)
-    for i, pos in enumerate(positives):
-        out[i] = np.isin(pos, top[i, :k]).mean()
-    return out
+    return _recall_from_ranks(positive_ranks(np.asarray(top)[:, :k], positives), k)
 
 
 def recall_at_k(top, positives: list[np.ndarray], ks) -> dict[int, float]:
@@ -66,8 +87,9 @@ def recall_report(top_ids: np.ndarray, positives: list[np.ndarray], ks, groups: 
                   n_boot: int = 1000) -> dict:
     """{k: {"mean", "ci95": [lo, hi], "by_group": {g: mean}}} from per-query recall@k."""
     out = {}
+    ranks = positive_ranks(top_ids, positives)
     for k in ks:
-        per_query = per_query_recall(np.asarray(top_ids), positives, k)
+        per_query = _recall_from_ranks(ranks, k)
         entry = {"mean": float(per_query.mean()), "ci95": list(bootstrap_ci(per_query, n_boot))}
         if groups is not None:
             entry["by_group"] = {str(g): float(per_query[groups == g].mean()) for g in np.unique(groups)}

@@ -148,7 +148,7 @@ def run(cfg: DictConfig, callbacks: list | None = None) -> dict:
     with result.checkpoint.as_directory() as ckpt_dir:
         results = evaluate_checkpoint(ckpt_dir, OmegaConf.to_container(cfg.data, resolve=True),
                                       OmegaConf.to_container(cfg.eval, resolve=True), log,
-                                      history_length=cfg.model.history.length, store=store)
+                                      history_length=cfg.model.history.length, store=store, seed=cfg.seed)
     results["checkpoint"] = result.checkpoint.path
     with result.checkpoint.as_directory() as ckpt_dir:
         model, _ = load_model(ckpt_dir)
@@ -156,6 +156,7 @@ def run(cfg: DictConfig, callbacks: list | None = None) -> dict:
     results["train_metrics"] = result.metrics
     path = write_results(run_dir, results)
     log("\n" + format_table(results))
-    log(f"[raycg] eval: faiss {results['seconds']['faiss']:.1f}s of {results['seconds']['total']:.1f}s; "
-        f"results -> {path}")
+    sec = results["seconds"]
+    log(f"[raycg] eval: faiss {sec['faiss']:.1f}s of {sec['total']:.1f}s total "
+        f"(baselines and recall scoring {sec['scoring_and_baselines']:.1f}s); results -> {path}")
     return results

@@ -1,0 +1,93 @@
+"""Run one ablation grid: every (variant, seed) is a full `raycg.train` run (Ray Train fit +
+evaluation with the baselines) in its own run directory. Finished runs (eval.json present)
+are skipped, so an interrupted report resumes where it stopped."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+
+from omegaconf import OmegaConf
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
+
+
+@dataclass
+class Grid:
+    name: str
+    title: str
+    base: list[str]
+    variants: dict[str, list[str]]
+    reference: str
+    claims: list[dict] = field(default_factory=list)
+    source_csv: str | None = None
+
+    @classmethod
+    def load(cls, name: str) -> "Grid":
+        path = os.path.join(CONF_DIR, "report", f"{name}.yaml")
+        if not os.path.exists(path):
+            choices = sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, "report")) if f.endswith(".yaml"))
+            raise SystemExit(f"report grid {name!r}: no {path}; choose from {choices}")
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        grid = cls(**raw)
+        if grid.reference not in grid.variants:
+            raise ValueError(f"{path}: reference {grid.reference!r} is not one of the variants {list(grid.variants)}")
+        for claim in grid.claims:
+            missing = {claim["a"], claim["b"]} - set(grid.variants)
+            if missing:
+                raise ValueError(f"{path}: claim {claim} names unknown variant(s) {sorted(missing)}")
+        return grid
+
+
+def compose_run(overrides: list[str]):
+    """The config `python -m raycg.train <overrides>` would run with."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def run_overrides(grid: Grid, variant: str, seed: int, runs_dir: str, extra: list[str]) -> list[str]:
+    return [*grid.base, *extra, *(grid.variants[variant] or []), f"seed={seed}",
+            f"run_name={variant}-s{seed}", f"paths.runs_dir={runs_dir}"]
+
+
+def run_grid(grid: Grid, seeds: list[int], out_dir: str, extra: list[str], log=print) -> list[dict]:
+    """Train + evaluate every (variant, seed); returns one record per run (eval.json + timing)."""
+    from raycg.train.driver import run
+
+    runs_dir = os.path.abspath(os.path.join(out_dir, "runs", grid.name))
+    config_dir = os.path.join(out_dir, "configs", grid.name)
+    os.makedirs(config_dir, exist_ok=True)
+    records = []
+    todo = [(v, s) for v in grid.variants for s in seeds]
+    t_grid = time.perf_counter()
+    for i, (variant, seed) in enumerate(todo):
+        run_dir = os.path.join(runs_dir, f"{variant}-s{seed}")
+        eval_path = os.path.join(run_dir, "eval.json")
+        timing_path = os.path.join(run_dir, "report_timing.json")
+        overrides = run_overrides(grid, variant, seed, runs_dir, extra)
+        if os.path.exists(eval_path) and os.path.exists(timing_path):
+            log(f"[raycg.report] {grid.name} {i + 1}/{len(todo)} {variant} seed {seed}: done earlier, reusing {eval_path}")
+        else:
+            if os.path.exists(run_dir):
+                shutil.rmtree(run_dir)  # a run stopped mid-way: start it again from scratch
+            log(f"[raycg.report] {grid.name} {i + 1}/{len(todo)} {variant} seed {seed}: "
+                f"python -m raycg.train {' '.join(overrides)}")
+            t0 = time.perf_counter()
+            run(compose_run(overrides))
+            with open(timing_path, "w") as f:
+                json.dump({"seconds": time.perf_counter() - t0, "overrides": overrides}, f)
+            done = i + 1
+            elapsed = time.perf_counter() - t_grid
+            log(f"[raycg.report] {grid.name}: {done}/{len(todo)} runs, {elapsed / 60:.1f} min so far")
+        shutil.copyfile(os.path.join(run_dir, "config.yaml"), os.path.join(config_dir, f"{variant}-s{seed}.yaml"))
+        with open(eval_path) as f:
+            results = json.load(f)
+        with open(timing_path) as f:
+            timing = json.load(f)
+        records.append({"grid": grid.name, "variant": variant, "seed": seed, "run_dir": run_dir,
+                        "seconds": timing["seconds"], "overrides": timing["overrides"], "eval": results})
+    return records
