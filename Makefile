@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER = 0
 export PYTHONUNBUFFERED = 1
 
-.PHONY: env demo test bench clean
+.PHONY: env demo test bench bench-eval report clean
 
 env: $(STAMP)
 
@@ -27,5 +27,13 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/ingest.py
 
+# evaluation at corpus scale: 1M items x ~100k queries (random-init model; times, not recall)
+bench-eval: $(STAMP)
+	$(PY) benchmarks/eval_scale.py
+
+# ablation grids x 3 seeds + baselines -> report/ and docs/results.md (about 1 h on 2 cores)
+report: $(STAMP)
+	$(PY) -m raycg.report publish=docs/results.md
+
 clean:
-	rm -rf runs data/sim outputs .pytest_cache
+	rm -rf runs data/sim outputs report .pytest_cache

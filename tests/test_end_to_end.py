@@ -55,6 +55,13 @@ def test_two_workers_beat_popularity_and_resume(ray_session, small_data_dir, tmp
     assert model_r > 1.3 * pop_r and model_r - pop_r > 0.1, (model_r, pop_r)
     assert results["model"]["engagement"][100] > results["popularity"]["engagement"][100]
     assert first["model"]["conversion"][1000] <= 1.0
+    # the baselines are scored on the same queries; ALS learns user taste that popularity lacks
+    assert saved["methods"] == ["model", "popularity", "popularity_surface", "als_engagement", "als_conversion"]
+    assert results["als_engagement"]["engagement"][100] > results["popularity"]["engagement"][100] + 0.05
+    assert 0.9 < saved["als_coverage"]["als_engagement"]["engagement"] <= 1.0
+    assert saved["als_coverage"]["als_conversion"]["engagement"] < saved["als_coverage"]["als_engagement"]["engagement"]
+    by_surface = saved["detail"]["popularity_surface"]["engagement"]["100"]["by_group"]
+    assert sorted(by_surface) == ["home", "related", "search"]
 
 
 def test_full_objective_two_workers(ray_session, small_data_dir, tmp_path):

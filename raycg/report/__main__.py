@@ -172,12 +172,12 @@ def write_markdown(path: str, body: str) -> None:
 def main(argv: list[str]) -> None:
     opts, overrides = parse_args(argv)
     seeds = list(range(int(opts["seeds"])))
+    grids = [load_grid(g) for g in opts["grids"].split(",") if g]
     out_dir = os.path.abspath(opts["out"])
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     sections, all_records, skipped = [], [], []
-    grids = [load_grid(g) for g in opts["grids"].split(",") if g]
     for grid in grids:
         extra = prepare_source(grid, out_dir)
         if extra is None:

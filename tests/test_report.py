@@ -1,0 +1,112 @@
+"""The ablation report: seed intervals and paired deltas (golden values), and a tiny grid run
+end to end through `python -m raycg.report` on a real embedded Ray."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from raycg.report.summary import claims_table, paired_delta, recall_table, seed_interval, verdict
+
+
+def _record(variant, seed, conv100, method_values=None):
+    ev = {"ks": [100], "methods": ["model", "popularity"], "n_queries": {"conversion": 10},
+          "model": {"conversion": {"100": conv100}},
+          "popularity": {"conversion": {"100": (method_values or {}).get(seed, 0.1)}}}
+    return {"variant": variant, "seed": seed, "eval": ev}
+
+
+def test_seed_interval_golden():
+    mean, lo, hi = seed_interval([0.5, 0.6, 0.7])
+    # sd = 0.1, t(0.975, 2) = 4.302653; half = 4.302653 * 0.1 / sqrt(3) = 0.248414
+    assert mean == pytest.approx(0.6) and hi - mean == pytest.approx(0.248414, abs=1e-6)
+    assert lo == pytest.approx(0.6 - 0.248414, abs=1e-6)
+    assert seed_interval([0.5, 0.6, 0.7], bounds=(0.0, 0.8))[2] == 0.8
+    assert seed_interval([0.4]) == (0.4, 0.4, 0.4)
+    assert seed_interval([0.4, None, float("nan"), 0.4]) == (0.4, 0.4, 0.4)
+    assert np.isnan(seed_interval([])[0])
+
+
+def test_paired_delta_cancels_shared_seed_noise():
+    # seeds differ a lot, but a is always exactly 10% above b
+    records = [_record("a", s, 1.1 * base) for s, base in enumerate([0.2, 0.5, 0.8])]
+    records += [_record("b", s, base) for s, base in enumerate([0.2, 0.5, 0.8])]
+    d = paired_delta(records, "a", "b", "conversion", 100)
+    assert d["n_seeds"] == 3 and d["rel_mean"] == pytest.approx(0.1)
+    assert d["rel_lo"] == pytest.approx(0.1) and d["rel_hi"] == pytest.approx(0.1)
+    assert verdict(d) == "a better (interval above 0)"
+    # unpaired, the same numbers would overlap completely
+    a_int, b_int = seed_interval([r["eval"]["model"]["conversion"]["100"] for r in records[:3]]), \
+        seed_interval([r["eval"]["model"]["conversion"]["100"] for r in records[3:]])
+    assert a_int[1] < b_int[2]
+    table = claims_table(records, [{"a": "a", "b": "b", "task": "conversion", "k": 100, "seed": "a wins"}])
+    assert "+10.0% [+10.0%, +10.0%]" in table and "a better" in table
+    noisy = records[:3] + [_record("b", s, v) for s, v in enumerate([0.3, 0.4, 0.9])]
+    assert verdict(paired_delta(noisy, "a", "b", "conversion", 100)).startswith("no significant")
+
+
+def test_recall_table_has_variants_then_baselines():
+    records = [_record(v, s, 0.5 + 0.01 * s, {0: 0.1, 1: 0.2}) for v in ("ref", "x") for s in (0, 1)]
+    table = recall_table(records, ["ref", "x"], "ref", [("conversion", 100)]).splitlines()
+    assert table[0] == "| method | conv R@100 |"
+    assert table[2].startswith("| two-tower: ref (reference) | 0.5050 [")
+    assert table[3].startswith("| two-tower: x | 0.5050 [")
+    assert table[4].startswith("| baseline: popularity (global) | 0.1500 [0.0000, ")  # clipped at 0
+
+
+def test_report_runs_a_tiny_grid_and_resumes(ray_session, small_data_dir, tmp_path, capsys):
+    from raycg.report.__main__ import main
+
+    grid = tmp_path / "tiny.yaml"
+    grid.write_text(f"""
+name: tiny
+title: Tiny grid
+base: [data=sim_small, "data.dir={small_data_dir}", trainer.epochs=1, trainer.batch_size=512,
+       "eval.ks=[10,100,1000]", "eval.baselines=[popularity,als_engagement]", loss.advertiser_weight=0.3]
+reference: ref
+variants:
+  ref: []
+  stacked: [model.cross=stacked]
+claims:
+  - {{a: ref, b: stacked, task: conversion, k: 100, seed: "parallel beats stacked"}}
+""")
+    out, doc = tmp_path / "report", tmp_path / "docs" / "results.md"
+    doc.parent.mkdir()
+    doc.write_text("old\n<!-- discussion -->\nOur reading.\n<!-- /discussion -->\nold tail\n")
+    main([f"grids={grid}", "seeds=2", f"out={out}", f"publish={doc}"])
+
+    records = json.loads((out / "results.json").read_text())
+    assert sorted((r["variant"], r["seed"]) for r in records) == [("ref", 0), ("ref", 1), ("stacked", 0), ("stacked", 1)]
+    for r in records:
+        assert r["eval"]["methods"] == ["model", "popularity", "als_engagement"]
+        assert 0 <= r["eval"]["model"]["conversion"]["100"] <= 1
+    # seeds change the model, not the data: same queries, different recall
+    assert records[0]["eval"]["n_queries"] == records[1]["eval"]["n_queries"]
+    assert records[0]["eval"]["model"]["engagement"]["10"] != records[1]["eval"]["model"]["engagement"]["10"]
+    assert sorted(os.listdir(out / "configs" / "tiny")) == ["ref-s0.yaml", "ref-s1.yaml", "stacked-s0.yaml",
+                                                          "stacked-s1.yaml"]
+    assert "cross: stacked" in (out / "configs" / "tiny" / "stacked-s1.yaml").read_text()
+    for png in ("tiny_recall_at_k.png", "tiny_ablations.png"):
+        for folder in (out / "plots", doc.parent / "results" / "plots"):
+            assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = doc.read_text()
+    assert "Our reading." in text and "old tail" not in text  # hand-written discussion kept
+    assert "| two-tower: ref (reference) |" in text and "| baseline: implicit ALS on engagement |" in text
+    assert "| parallel beats stacked | ref vs stacked, conv R@100 |" in text
+    assert "![tiny_ablations.png](results/plots/tiny_ablations.png)" in text
+
+    # a second invocation reuses all four runs
+    capsys.readouterr()
+    main([f"grids={grid}", "seeds=2", f"out={out}"])
+    assert capsys.readouterr().out.count("done earlier, reusing") == 4
+
+
+def test_report_arguments_are_checked():
+    from raycg.report.__main__ import main
+
+    with pytest.raises(SystemExit, match="no .*nope.yaml"):
+        main(["grids=nope"])
+    with pytest.raises(SystemExit, match="positive number of seeds"):
+        main(["seeds=0"])
+    with pytest.raises(SystemExit, match="expected key=value"):
+        main(["stacked"])
