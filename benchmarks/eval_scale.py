@@ -39,8 +39,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", type=int, default=1_000_000)
     p.add_argument("--users", type=int, default=100_000)
-    p.add_argument("--baselines", default="popularity,popularity_surface,als_engagement,als_conversion",
-                   help="comma list of eval.baselines ('' = model only)")
+    p.add_argument("--baselines", default="popularity,popularity_surface",
+                   help="comma list of eval.baselines; the ALS ones add one more exact search over the "
+                        "corpus per query each")
     p.add_argument("--ks", default="100,1000")
     args = p.parse_args()
     cfg = compose_run([
