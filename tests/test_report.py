@@ -110,3 +110,24 @@ def test_report_arguments_are_checked():
         main(["seeds=0"])
     with pytest.raises(SystemExit, match="expected key=value"):
         main(["stacked"])
+
+
+def test_shipped_grids_compose():
+    """Every variant of every grid in conf/report/ is a valid `python -m raycg.train` config."""
+    from raycg.report.grid import CONF_DIR, Grid, compose_run, run_overrides
+
+    names = sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, "report")) if f.endswith(".yaml"))
+    assert {"sim", "tmall"} <= set(names)
+    for name in names:
+        grid = Grid.load(name)
+        assert len(grid.variants) >= 2 and grid.title
+        for variant in grid.variants:
+            cfg = compose_run(run_overrides(grid, variant, 1, "/tmp/runs", ["data.dir=/tmp/d"]))
+            assert cfg.seed == 1 and cfg.run_name == f"{variant}-s1"
+    sim = Grid.load("sim")
+    cfgs = {v: compose_run(run_overrides(sim, v, 0, "/tmp/runs", [])) for v in sim.variants}
+    assert {c.model.cross for c in cfgs.values()} == {"parallel", "stacked", "cross_only", "mlp_only"}
+    assert cfgs["multi_head"].model.heads == "multi_head" and cfgs["multi_head"].loss.advertiser_weight == 0
+    assert cfgs["parallel_unified_adv"].loss.advertiser_weight > 0
+    assert cfgs["conversion_only"].loss.engagement_weight == 0 and cfgs["engagement_only"].loss.conversion_weight == 0
+    assert not cfgs["no_logq"].loss.log_q_correction and not cfgs["no_duration_weighting"].loss.duration_weighting

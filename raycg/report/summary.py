@@ -63,7 +63,7 @@ def rows_for(records: list[dict], variants: list[str], reference: str) -> list[t
 def _fmt(mean: float, lo: float, hi: float) -> str:
     if not np.isfinite(mean):
         return "n/a"
-    return f"{mean:.4f} [{lo:.4f}, {hi:.4f}]" if hi > lo else f"{mean:.4f}"
+    return f"{mean:.4f} [{lo:.4f}, {hi:.4f}]" if hi - lo > 5e-5 else f"{mean:.4f}"
 
 
 def recall_table(records, variants, reference, columns: list[tuple[str, int]]) -> str:
@@ -86,7 +86,7 @@ def paired_delta(records, a: str, b: str, task: str, k: int, method: str = "mode
         if pair.get(a) is not None and pair.get(b):
             rel.append(pair[a] / pair[b] - 1.0)
             absd.append(pair[a] - pair[b])
-    mean, lo, hi = seed_interval(rel)
+    mean, lo, hi = seed_interval(rel, bounds=(-1.0, float("inf")))  # a ratio cannot fall below -100%
     return {"a": a, "b": b, "task": task, "k": k, "n_seeds": len(rel), "rel_mean": mean, "rel_lo": lo,
             "rel_hi": hi, "abs_mean": seed_interval(absd)[0], "per_seed": rel}
 
