@@ -109,7 +109,12 @@ def _worker(rank, port, out_dir):
         est.update_global(local + step, step)
     result["freq"] = {k: v.clone() for k, v in est.state_dict().items()}
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
     dist.destroy_process_group()
+    # torch 2.13 + gloo: when rank 0 (the TCPStore host) exits first, rank 1 sometimes aborts in
+    # a C++ destructor at interpreter teardown ("terminate called without an active exception"),
+    # after its result is saved. Skip the teardown; everything above has finished.
+    os._exit(0)
 
 
 def free_port() -> int:
