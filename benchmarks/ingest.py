@@ -1,6 +1,6 @@
 """Ingest benchmark: how fast does Ray Data feed the real two-tower training step?
 
-Measures rows/s of the *same* training step (raycg.train.loop.train_step: forward, loss,
+Measures rows/s of the *same* training step (raycg.train.step.train_step: forward, loss,
 backward, Adam) fed four ways, side by side in one run:
 
     in_memory            packed tensors already in memory (the ceiling)
@@ -36,7 +36,7 @@ from raycg.data.features import FeatureSpec  # noqa: E402
 from raycg.data.pipeline import auto_buckets, build_feature_store, packed_training_dataset, read_events  # noqa: E402
 from raycg.data.simulate import SimConfig, write_dataset  # noqa: E402
 from raycg.model.two_tower import TwoTowerModel  # noqa: E402
-from raycg.train.loop import StepContext, train_step  # noqa: E402
+from raycg.train.step import StepContext, train_step  # noqa: E402
 
 
 def load_cfg():

@@ -108,6 +108,11 @@ def _worker(rank, port, out_dir):
         local = bt["ids"][sl] if rank == 0 else bt["ids"][sl][: step % 3 + 1]
         est.update_global(local + step, step)
     result["freq"] = {k: v.clone() for k, v in est.state_dict().items()}
+    # the training loop's path: equal sizes on every rank, one gather, no size exchange
+    est = StreamingFrequencyEstimator(16, alpha=0.5)
+    for step in (1, 2, 4):
+        est.update_global(bt["ids"][sl] * step, step, same_size=True)
+    result["freq_same_size"] = {k: v.clone() for k, v in est.state_dict().items()}
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -176,6 +181,11 @@ def test_update_global_keeps_estimators_identical(ranks):
         ref.update(ids + step, step)
     for res in ranks:
         assert torch.equal(res["freq"]["A"], ref.A) and torch.equal(res["freq"]["B"], ref.B)
+    ref = StreamingFrequencyEstimator(16, alpha=0.5)
+    for step in (1, 2, 4):
+        ref.update(bt["ids"] * step, step)
+    for res in ranks:
+        assert torch.equal(res["freq_same_size"]["A"], ref.A) and torch.equal(res["freq_same_size"]["B"], ref.B)
 
 
 def test_no_op_without_process_group():

@@ -40,7 +40,7 @@ def test_multi_head_sums_one_softmax_per_task():
     conv = in_batch_softmax_loss(uc, vc, ids, torch.tensor([2.0, 0, 0, 0]), 0.5)
     eng = in_batch_softmax_loss(ue, ve, ids, torch.tensor([0, 0.5, 0.5, 0.5 * math.log(4) / math.log(11)]), 0.5)
     assert loss.item() == pytest.approx((conv + eng).item(), rel=1e-6)
-    assert parts["loss_conversion"] == pytest.approx(conv.item()) and parts["loss_engagement"] == pytest.approx(eng.item())
+    assert parts["loss_conversion"].item() == pytest.approx(conv.item()) and parts["loss_engagement"].item() == pytest.approx(eng.item())
 
 
 def test_advertiser_term_is_added_with_its_coefficient():
@@ -50,7 +50,7 @@ def test_advertiser_term_is_added_with_its_coefficient():
     with_adv, parts = training_loss({"unified": u}, {"unified": v}, batch, dict(CFG, advertiser_weight=0.3), 0.5)
     adv = advertiser_softmax_loss(u, v, batch["item_cat"][:, 1], torch.tensor([2.0, 0, 0, 0]), 0.5)
     assert with_adv.item() == pytest.approx(base.item() + 0.3 * adv.item(), rel=1e-6)
-    assert parts["loss_advertiser"] == pytest.approx(0.3 * adv.item(), rel=1e-6)
+    assert parts["loss_advertiser"].item() == pytest.approx(0.3 * adv.item(), rel=1e-6)
 
 
 def test_log_q_and_mixed_candidates_are_wired_through():

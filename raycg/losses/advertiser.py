@@ -20,6 +20,12 @@ the item softmax, the loss is an unbiased per-example average whose scale does n
 number of conversions in a batch (a batch with a single conversion would otherwise give that one
 noisy label the weight of a whole batch).
 
+Fixed shapes. The K unique advertisers are not extracted (`torch.unique` has a data-dependent
+output shape and reads the batch back to the host). Instead, with S[i, j] = (a_i == a_j) [B, B],
+row j carries its advertiser's summed embedding (S @ v)_j, and only the FIRST row of each
+advertiser stays a column (the others are masked to -inf): the same K logits per row, the same
+loss, no host synchronisation.
+
 Example (T=1): u = [[1,0]], v = [[1,0]], a = [7], w = [1] -> one advertiser, loss = 0.
 """
 from __future__ import annotations
@@ -36,11 +42,11 @@ def advertiser_softmax_loss(
     temperature: torch.Tensor | float,
 ) -> torch.Tensor:
     """user_emb, item_emb [B, d]; advertiser_ids, weights [B] -> scalar (module docstring)."""
-    B, d = item_emb.shape
-    uniq, inv = torch.unique(advertiser_ids, return_inverse=True)
-    K = uniq.numel()
-    sums = torch.zeros(K, d, dtype=item_emb.dtype, device=item_emb.device).index_add(0, inv, item_emb)
-    adv_emb = F.normalize(sums, dim=1)   # normalising the sum == normalising the mean
-    logits = user_emb @ adv_emb.T / temperature                                    # [B, K]
-    ce = F.cross_entropy(logits, inv, reduction="none")
+    B = item_emb.shape[0]
+    same = advertiser_ids[:, None] == advertiser_ids[None, :]                      # S [B, B]
+    adv_emb = F.normalize(same.to(item_emb.dtype) @ item_emb, dim=1)  # normalising the sum == the mean
+    first = ~torch.tril(same, diagonal=-1).any(dim=1)            # row j is its advertiser's first row
+    logits = (user_emb @ adv_emb.T / temperature).masked_fill(~first[None, :], float("-inf"))  # [B, B]
+    target = (same & first[None, :]).to(torch.int8).argmax(dim=1)  # exactly one such column per row
+    ce = F.cross_entropy(logits, target, reduction="none")
     return (weights * ce).sum() / B

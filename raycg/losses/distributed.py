@@ -77,10 +77,11 @@ def gather_cross_worker_candidates(
     if world == 1:
         return None, None, None
     b = item_emb.shape[0]
-    keep = torch.ones(world * b, dtype=torch.bool, device=item_emb.device)
-    keep[rank * b:(rank + 1) * b] = False
 
-    def others(t):
-        return None if t is None else gather_with_grad(t)[keep.to(t.device)]
+    def others(t):  # static slices, not a boolean mask: no data-dependent shape
+        if t is None:
+            return None
+        g = gather_with_grad(t)
+        return torch.cat([g[: rank * b], g[(rank + 1) * b:]])
 
     return others(item_emb), others(item_ids), others(item_log_q)

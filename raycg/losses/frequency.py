@@ -62,8 +62,13 @@ class StreamingFrequencyEstimator(nn.Module):
 
     @torch.no_grad()
     def update(self, ids: torch.Tensor, step: int) -> None:
-        """Record that `ids` (any shape; duplicates count once) were in the batch of `step`."""
-        h = torch.unique(self.bucket(ids.reshape(-1)))
+        """Record that `ids` (any shape; duplicates count once) were in the batch of `step`.
+
+        Duplicates need no `torch.unique` (whose output shape depends on the data and would
+        synchronise with the host): every copy of a bucket reads the same old A[h], B[h] and
+        so writes the same new value.
+        """
+        h = self.bucket(ids.reshape(-1))
         if h.numel() == 0:
             return
         last = self.A[h]
@@ -75,24 +80,31 @@ class StreamingFrequencyEstimator(nn.Module):
         self.A[h] = step
 
     @torch.no_grad()
-    def update_global(self, ids: torch.Tensor, step: int) -> None:
+    def update_global(self, ids: torch.Tensor, step: int, same_size: bool = False) -> None:
         """`update` with the ids of ALL ranks (all-gathered) when torch.distributed is initialised.
 
-        Every rank must call it at the same steps (it is a collective). Ranks may hold different
-        numbers of ids: they are padded to the longest and trimmed after the gather.
+        Every rank must call it at the same steps (it is a collective). With `same_size=True`
+        (every rank passes the same number of ids, as training with drop_last does) the ids are
+        gathered in one collective with no host synchronisation; otherwise ranks may hold
+        different numbers of ids: sizes are exchanged first, then ids padded and trimmed.
         """
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            ids = ids.reshape(-1).to(torch.int64)
+            ids = ids.reshape(-1).to(torch.int64).contiguous()
             world = dist.get_world_size()
-            n = torch.tensor([ids.numel()], dtype=torch.int64, device=ids.device)
-            sizes = [torch.empty_like(n) for _ in range(world)]
-            dist.all_gather(sizes, n)
-            sizes = [int(s) for s in sizes]
-            padded = torch.zeros(max(sizes), dtype=torch.int64, device=ids.device)
-            padded[: ids.numel()] = ids
-            parts = [torch.empty_like(padded) for _ in range(world)]
-            dist.all_gather(parts, padded)
-            ids = torch.cat([p[:s] for p, s in zip(parts, sizes)])
+            if same_size:
+                parts = [torch.empty_like(ids) for _ in range(world)]
+                dist.all_gather(parts, ids)
+                ids = torch.cat(parts)
+            else:
+                n = torch.tensor([ids.numel()], dtype=torch.int64, device=ids.device)
+                sizes = [torch.empty_like(n) for _ in range(world)]
+                dist.all_gather(sizes, n)
+                sizes = [int(s) for s in sizes]
+                padded = torch.zeros(max(sizes), dtype=torch.int64, device=ids.device)
+                padded[: ids.numel()] = ids
+                parts = [torch.empty_like(padded) for _ in range(world)]
+                dist.all_gather(parts, padded)
+                ids = torch.cat([p[:s] for p, s in zip(parts, sizes)])
         self.update(ids, step)
 
     @torch.no_grad()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -44,12 +45,30 @@ class Candidates:
     mixed_log_q: float | None = None
 
 
+@dataclass(frozen=True)
+class LossKernels:
+    """The loss arithmetic, swappable for compiled versions (`trainer.compile`). Collectives
+    (cross-worker gathers) stay outside these functions, so they compile without graph breaks."""
+
+    softmax: Callable = sampled_softmax_loss
+    advertiser: Callable = advertiser_softmax_loss
+
+    @classmethod
+    def compiled(cls) -> "LossKernels":
+        return cls(softmax=torch.compile(sampled_softmax_loss, dynamic=False),
+                   advertiser=torch.compile(advertiser_softmax_loss, dynamic=False))
+
+
+EAGER = LossKernels()
+
+
 def training_loss(
     user_out: dict, item_out: dict, batch: dict, cfg: dict, temperature,
     extra: Candidates | None = None, freq: StreamingFrequencyEstimator | None = None,
-    serve_head: str | None = None,
+    serve_head: str | None = None, kernels: LossKernels = EAGER,
 ) -> tuple[torch.Tensor, dict]:
-    """Total loss and its named parts (floats, for logging)."""
+    """Total loss and its named parts (detached 0-d tensors on the loss's device: reading them
+    is a host synchronisation, so the caller decides when)."""
     extra = extra or Candidates()
     weights = task_weights(batch["signals"], cfg)
     pos_ids = batch["item_cat"][:, 0]
@@ -64,14 +83,14 @@ def training_loss(
             m_emb, m_ids = extra.mixed[head], extra.mixed_ids
             m_log_q = None
             if pos_log_q is not None:
-                m_log_q = torch.full((len(m_ids),), extra.mixed_log_q, dtype=pos_log_q.dtype)
+                m_log_q = torch.full((len(m_ids),), extra.mixed_log_q, dtype=pos_log_q.dtype, device=pos_log_q.device)
             if cand_emb is None:
                 cand_emb, cand_ids, cand_log_q = m_emb, m_ids, m_log_q
             else:
                 cand_emb = torch.cat([cand_emb, m_emb])
                 cand_ids = torch.cat([cand_ids, m_ids])
                 cand_log_q = torch.cat([cand_log_q, m_log_q]) if m_log_q is not None else None
-        parts[head] = sampled_softmax_loss(
+        parts[head] = kernels.softmax(
             user_out[head], item_out[head], pos_ids, w, temperature,
             cand_emb=cand_emb, cand_ids=cand_ids, cand_log_q=cand_log_q,
             hard_emb=extra.hard[head] if extra.hard is not None else None, hard_ids=extra.hard_ids,
@@ -79,10 +98,10 @@ def training_loss(
         )
     if cfg.get("advertiser_weight", 0.0) > 0:
         head = serve_head if serve_head in user_out else next(iter(user_out))
-        parts["advertiser"] = cfg["advertiser_weight"] * advertiser_softmax_loss(
+        parts["advertiser"] = cfg["advertiser_weight"] * kernels.advertiser(
             user_out[head], item_out[head], batch["item_cat"][:, 1], weights["conversion"], temperature)
     total = sum(parts.values())
-    return total, {f"loss_{k}": float(v.detach()) for k, v in parts.items()}
+    return total, {f"loss_{k}": v.detach() for k, v in parts.items()}
 
 
 def mixed_log_q(num_samples: int, corpus_size: int) -> float:

@@ -33,11 +33,13 @@ import torch.nn.functional as F
 
 
 def duration_weight(t: torch.Tensor, t_max: float) -> torch.Tensor:
-    """w(t) = log(1 + min(t, t_max)) / log(1 + t_max); 0 at t=0, 1 at t >= t_max."""
+    """w(t) = log(1 + min(t, t_max)) / log(1 + t_max); 0 at t=0, 1 at t >= t_max.
+
+    Durations are checked (>= 0, finite) by data validation (raycg.data.schema), not here:
+    a check on the values would read them back to the host every step.
+    """
     if t_max <= 0:
         raise ValueError(f"loss.t_max must be > 0, got {t_max}")
-    if torch.isnan(t).any() or (t < 0).any():
-        raise ValueError("click_duration has negative or NaN values; durations are seconds >= 0")
     return torch.log1p(torch.clamp(t, max=t_max)) / math.log1p(t_max)
 
 

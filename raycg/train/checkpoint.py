@@ -1,7 +1,8 @@
 """What a raycg checkpoint holds, and loading a model back from one.
 
     <checkpoint dir>/model.pt     {"model": state_dict, "optimizer": ..., "epoch": int,
-                                   "step": int, "freq": logQ estimator state or None}
+                                   "scheduler": LR schedule state, "step": int,
+                                   "freq": logQ estimator state or None, "gen": generator state}
     <checkpoint dir>/meta.json    {"config": full run config, "feature_spec": FeatureSpec dict}
 """
 from __future__ import annotations
@@ -16,11 +17,13 @@ from raycg.model.two_tower import TwoTowerModel
 
 
 def save(directory: str, model, optimizer, epoch: int, config: dict, spec: dict,
-         step: int = 0, freq: dict | None = None) -> None:
-    """`step` (global optimiser step) and `freq` (logQ estimator state) resume the loss state."""
+         scheduler=None, step_state: dict | None = None) -> None:
+    """`step_state` (raycg.train.step.StepContext.state_dict: global step, logQ estimator,
+    generator) resumes the loss state. Tensors are saved from wherever they live (a GPU
+    checkpoint loads on a CPU-only machine: `load_state` maps everything to the CPU)."""
     torch.save(
         {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-         "step": step, "freq": freq},
+         "scheduler": scheduler.state_dict() if scheduler is not None else None, **(step_state or {})},
         os.path.join(directory, "model.pt"),
     )
     with open(os.path.join(directory, "meta.json"), "w") as f:

@@ -18,7 +18,7 @@ from dataclasses import asdict
 import ray
 from omegaconf import DictConfig, OmegaConf, open_dict
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from raycg.data.features import FeatureSpec, dense_moments
 from raycg.data.pipeline import auto_buckets, feature_store_from_config, packed_training_dataset
@@ -81,6 +81,20 @@ def ensure_data(cfg: DictConfig) -> None:
         f"{meta['n_conversions']:,} conversions) in {time.perf_counter() - t0:.1f}s -> {cfg.data.dir}")
 
 
+def schedule_steps(cfg: DictConfig, stats: dict) -> int | None:
+    """Optimiser steps of the whole run (epochs x steps per rank and epoch), for LR decay.
+    Ray Train splits the training set into equal shards; each rank drops its last partial batch."""
+    t = cfg.trainer
+    if t.lr_schedule.total_steps:
+        return int(t.lr_schedule.total_steps)
+    if "rows_used" not in stats:
+        if t.lr_schedule.decay != "constant":
+            raise ValueError(f"trainer.lr_schedule.decay={t.lr_schedule.decay} needs the run's step count: set "
+                             "trainer.lr_schedule.total_steps, or data.materialize=true so rows are counted")
+        return None
+    return t.epochs * (stats["rows_used"] // t.num_workers // t.batch_size)
+
+
 def build_trainer(cfg: DictConfig, callbacks: list | None = None):
     """Ray Data dataset + TorchTrainer for this config; returns (trainer, run_dir, feature store)."""
     t0 = time.perf_counter()
@@ -114,11 +128,13 @@ def build_trainer(cfg: DictConfig, callbacks: list | None = None):
         json.dump(stats, f)
     print(model_card(TwoTowerModel(OmegaConf.to_container(cfg.model, resolve=True), spec)), flush=True)
     loop_config = OmegaConf.to_container(cfg, resolve=True)
-    loop_config.update(feature_spec=spec.to_dict(), run_dir=run_dir, store_ref=[ray.put(store)], data_stats=stats)
+    loop_config.update(feature_spec=spec.to_dict(), run_dir=run_dir, store_ref=[ray.put(store)], data_stats=stats,
+                       total_steps=schedule_steps(cfg, stats))
     t = cfg.trainer
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=RunConfig(

@@ -1,4 +1,8 @@
-"""The per-worker training loop (runs inside each Ray Train worker). Reads top to bottom."""
+"""The per-worker training loop (runs inside each Ray Train worker). Reads top to bottom.
+
+Device, precision and compilation are set once at the top; the epoch loop reads the loss
+back to the host only every `trainer.log_every_steps` steps and at the end of an epoch.
+"""
 from __future__ import annotations
 
 import json
@@ -12,70 +16,18 @@ import ray.train.torch
 import torch
 
 from raycg.data.features import FeatureSpec
-from raycg.losses.frequency import StreamingFrequencyEstimator
-from raycg.losses.objective import Candidates, mixed_log_q, training_loss
+from raycg.losses.objective import EAGER, LossKernels
 from raycg.model.two_tower import TwoTowerModel
 from raycg.train import checkpoint as ckpt_io
+from raycg.train.feed import device_batches
+from raycg.train.schedule import build_scheduler
+from raycg.train.step import StepContext, train_step
 
 
-class StepContext:
-    """What a step needs beyond the batch: corpus tensors for extra negatives, the logQ
-    frequency estimator and the global step (identical on every rank)."""
-
-    def __init__(self, cfg_loss: dict, items=None, seed: int = 0, freq_buckets: int = 1):
-        self.cfg = cfg_loss
-        self.step = 0
-        self.item_cat = torch.from_numpy(items.cat) if items is not None else None
-        self.item_dense = torch.from_numpy(items.dense) if items is not None else None
-        self.gen = torch.Generator().manual_seed(seed)
-        self.freq = None
-        if cfg_loss.get("log_q_correction", False):
-            self.freq = StreamingFrequencyEstimator(freq_buckets, alpha=cfg_loss.get("freq_alpha", 0.01))
-
-    def extra_items(self, batch: dict) -> tuple[dict, Candidates, int, int]:
-        """Batch with hard/mixed candidate items appended to the item side (one tower call,
-        inside the DDP forward); returns (batch, ids of the extras, H, M)."""
-        H = batch["hard_rows"].shape[1] if "hard_rows" in batch else 0
-        M = int(self.cfg.get("mixed_negatives", 0))
-        if H == 0 and M == 0:
-            return batch, Candidates(), 0, 0
-        rows = [batch["hard_rows"].reshape(-1).clamp(min=0)] if H else []
-        if M:
-            rows.append(torch.randint(0, len(self.item_cat), (M,), generator=self.gen))
-        rows = torch.cat(rows)
-        out = dict(batch)
-        out["item_cat"] = torch.cat([batch["item_cat"], self.item_cat[rows]])
-        out["item_dense"] = torch.cat([batch["item_dense"], self.item_dense[rows]])
-        ids = self.item_cat[rows, 0]
-        extra = Candidates()
-        if H:
-            hard_ids = ids[: len(batch["hard_rows"]) * H].reshape(-1, H)
-            extra.hard_ids = torch.where(batch["hard_rows"] < 0, torch.full_like(hard_ids, -1), hard_ids)
-        if M:
-            extra.mixed_ids = ids[len(ids) - M:]
-            extra.mixed_log_q = mixed_log_q(M, len(self.item_cat))
-        return out, extra, H, M
-
-
-def train_step(model, core: TwoTowerModel, batch: dict, optimizer, ctx: StepContext) -> tuple[torch.Tensor, dict]:
-    """One optimisation step on a packed batch (see raycg.data.batches). Returns (loss, parts)."""
-    B = len(batch["signals"])
-    if ctx.freq is not None:
-        ctx.freq.update_global(batch["item_cat"][:, 0], ctx.step)
-    augmented, extra, H, M = ctx.extra_items(batch)
-    user_out, item_all = model(augmented)
-    item_out = {h: v[:B] for h, v in item_all.items()}
-    if H:
-        extra.hard = {h: v[B:B + B * H].reshape(B, H, -1) for h, v in item_all.items()}
-    if M:
-        extra.mixed = {h: v[len(v) - M:] for h, v in item_all.items()}
-    loss, parts = training_loss(user_out, item_out, batch, ctx.cfg, core.temperature, extra, ctx.freq,
-                                core.serve_head)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    ctx.step += 1
-    return loss.detach(), parts
+def build_optimizer(params, cfg_train: dict, device: torch.device) -> torch.optim.Optimizer:
+    """Adam; the fused CUDA kernel on GPU (one launch for all parameters)."""
+    return torch.optim.Adam(params, lr=cfg_train["lr"], weight_decay=cfg_train["weight_decay"],
+                            fused=device.type == "cuda")
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -84,53 +36,78 @@ def train_loop_per_worker(config: dict) -> None:
     saved_config = {k: v for k, v in config.items() if k != "store_ref"}  # the ref is not JSON
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(config["seed"])
+    B = cfg_train["batch_size"]
 
-    # -- model, optimiser, resume -------------------------------------------------------
-    model = TwoTowerModel(cfg_model, spec)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg_train["lr"], weight_decay=cfg_train["weight_decay"])
-    needs_corpus = cfg_loss.get("mixed_negatives", 0) > 0 or cfg_loss.get("hard_negatives", 0) > 0
-    step_ctx = StepContext(cfg_loss, ray.get(config["store_ref"][0]).items if needs_corpus else None,
-                           seed=config["seed"] + rank, freq_buckets=cfg_model["buckets"]["item"])
-    start_epoch = 0
+    # -- device, precision, compilation: set once ------------------------------------------
+    device = ray.train.torch.get_device()
+    torch.manual_seed(config["seed"])
+    if device.type == "cuda" and cfg_train["tf32"]:
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls outside autocast
+    compile_model = bool(cfg_train["compile"])
+
+    # -- resume state, read on the CPU (a GPU checkpoint resumes anywhere) ----------------
+    state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = ckpt_io.load_state(d)
+
+    # -- model on the device, then the optimiser (its state follows the parameters) -----------
+    model = TwoTowerModel(cfg_model, spec)
+    if state:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step_ctx.step = state.get("step", 0)
-        if step_ctx.freq is not None and state.get("freq") is not None:
-            step_ctx.freq.load_state_dict(state["freq"])
+    model = ray.train.torch.prepare_model(model)  # -> device; DDP when world > 1
+    core = model.module if hasattr(model, "module") else model
+    optimizer = build_optimizer(core.parameters(), cfg_train, device)
+    scheduler = build_scheduler(optimizer, cfg_train["lr_schedule"], config.get("total_steps"))
+    needs_corpus = cfg_loss.get("mixed_negatives", 0) > 0 or cfg_loss.get("hard_negatives", 0) > 0
+    step_ctx = StepContext(
+        cfg_loss, ray.get(config["store_ref"][0]).items if needs_corpus else None, device=device,
+        seed=config["seed"] + rank, freq_buckets=cfg_model["buckets"]["item"], precision=cfg_train["precision"],
+        grad_clip_norm=cfg_train["grad_clip_norm"], kernels=LossKernels.compiled() if compile_model else EAGER)
+    start_epoch = 0
+    if state:
+        optimizer.load_state_dict(state["optimizer"])  # moves the moments to the parameters' device
+        if state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        step_ctx.load_state_dict(state)
         start_epoch = state["epoch"] + 1
         if rank == 0:
             print(f"[raycg] resuming from checkpoint after epoch {state['epoch']}", flush=True)
-    model = ray.train.torch.prepare_model(model)
-    core = model.module if hasattr(model, "module") else model
+    forward = torch.compile(model, dynamic=False) if compile_model else model
     shard = ray.train.get_dataset_shard("train")
+    if rank == 0:
+        print(f"[raycg] worker: {world} x {device.type}, precision {cfg_train['precision']}, "
+              f"compile {compile_model}, batch {B} x {world} ranks, host->device transfers of "
+              f"{B * cfg_train['transfer_batches']:,} rows", flush=True)
 
     for epoch in range(start_epoch, cfg_train["epochs"]):
         model.train()
         t0 = time.perf_counter()
-        steps, rows, loss_sum = 0, 0, 0.0
-        for batch in shard.iter_torch_batches(
-            batch_size=cfg_train["batch_size"], drop_last=True, prefetch_batches=cfg_train["prefetch_batches"]
-        ):
-            loss, _ = train_step(model, core, batch, optimizer, step_ctx)
+        steps = 0
+        loss_sum = torch.zeros((), device=device)
+        parts_sum: dict[str, torch.Tensor] = {}
+        for batch in device_batches(shard, B, device, cfg_train["transfer_batches"], cfg_train["prefetch_batches"]):
+            loss, parts = train_step(forward, core, batch, optimizer, step_ctx, scheduler)
+            loss_sum += loss
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum[k] + v if k in parts_sum else v.clone()
             steps += 1
-            rows += len(batch["signals"])
-            loss_sum += loss.item()
             if rank == 0 and steps % cfg_train["log_every_steps"] == 0:
-                print(f"[raycg] epoch {epoch} step {steps} loss {loss_sum / steps:.4f} "
-                      f"({rows * world / (time.perf_counter() - t0):,.0f} rows/s)", flush=True)
+                mean = loss_sum.item() / steps  # the only host synchronisation inside an epoch
+                print(f"[raycg] epoch {epoch} step {steps} loss {mean:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
+                      f"({steps * B * world / (time.perf_counter() - t0):,.0f} rows/s)", flush=True)
         if steps == 0:
             raise RuntimeError(
-                f"worker {rank} got no full batch of {cfg_train['batch_size']} rows in epoch {epoch}: "
+                f"worker {rank} got no full batch of {B} rows in epoch {epoch}: "
                 f"the training split is too small for batch_size x num_workers")
+        mean_loss = loss_sum.item() / steps  # waits for the last step, so the epoch time is true
         elapsed = time.perf_counter() - t0
+        rows = steps * B * world
         metrics = {
-            "epoch": epoch, "loss": loss_sum / steps, "steps": steps,
-            "rows": rows * world, "rows_per_s": rows * world / elapsed, "epoch_s": elapsed,
+            "epoch": epoch, "loss": mean_loss, "steps": steps,
+            "rows": rows, "rows_per_s": rows / elapsed, "epoch_s": elapsed,
+            "lr": scheduler.get_last_lr()[0], **{k: v.item() / steps for k, v in parts_sum.items()},
         }
         data = config.get("data_stats") or {}
         if "rows_used" in data:
@@ -147,8 +124,8 @@ def train_loop_per_worker(config: dict) -> None:
             with open(os.path.join(config["run_dir"], "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             with tempfile.TemporaryDirectory() as d:
-                ckpt_io.save(d, core, optimizer, epoch, saved_config, config["feature_spec"], step=step_ctx.step,
-                             freq=step_ctx.freq.state_dict() if step_ctx.freq is not None else None)
+                ckpt_io.save(d, core, optimizer, epoch, saved_config, config["feature_spec"], scheduler=scheduler,
+                             step_state=step_ctx.state_dict())
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics, checkpoint=None)
