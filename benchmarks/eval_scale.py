@@ -76,10 +76,10 @@ def main() -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"\n[eval_scale] corpus {results['n_items']:,} items; queries: {nq['engagement']:,} engagement + "
           f"{nq['conversion']:,} conversion; top-{max(results['ks'])} exact search")
-    print(f"[eval_scale] evaluate_checkpoint {wall:.1f}s: faiss {sec['faiss']:.1f}s "
-          f"({100 * sec['faiss'] / sec['total']:.0f}% of the total), baselines + recall scoring "
+    print(f"[eval_scale] evaluate_checkpoint {wall:.1f}s: exact search {sec['search']:.1f}s "
+          f"({100 * sec['search'] / sec['total']:.0f}% of the total), baselines + recall scoring "
           f"{sec['scoring_and_baselines']:.1f}s, the rest (Ray Data embedding, query building, feature "
-          f"store) {sec['total'] - sec['faiss'] - sec['scoring_and_baselines']:.1f}s; "
+          f"store) {sec['total'] - sec['search'] - sec['scoring_and_baselines']:.1f}s; "
           f"driver peak RSS {peak:.1f} GiB")
 
 

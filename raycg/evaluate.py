@@ -9,7 +9,7 @@ import sys
 import ray
 from omegaconf import OmegaConf
 
-from raycg.eval.evaluate import evaluate_checkpoint, format_table, write_results
+from raycg.eval.evaluate import evaluate_checkpoint, format_table, timing_line, write_results
 from raycg.train.checkpoint import load_model
 from raycg.train.runs import latest_checkpoint, parse_overrides
 
@@ -29,9 +29,7 @@ def main(argv: list[str]) -> None:
     results["checkpoint"] = ckpt
     path = write_results(args["run_dir"], results)
     print("\n" + format_table(results))
-    sec = results["seconds"]
-    print(f"[raycg] eval: faiss {sec['faiss']:.1f}s of {sec['total']:.1f}s total "
-          f"(baselines and recall scoring {sec['scoring_and_baselines']:.1f}s); results -> {path}")
+    print(timing_line(results, path))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import pyarrow as pa
 import pytest
 
 from raycg.eval.baselines import popularity_ranking
-from raycg.eval.recall import exact_top_k, recall_at_k
+from raycg.eval.recall import exact_top_k, recall_at_k, torch_top_k
 
 
 def test_recall_golden_values():
@@ -24,6 +24,19 @@ def test_exact_top_k_matches_numpy_brute_force():
     assert secs >= 0.0
     top_all, _ = exact_top_k(items, queries, k=5000)
     assert top_all.shape == (37, 500)  # k is capped at the corpus size
+
+
+@pytest.mark.parametrize("block_elements", [1 << 28, 3 * 700])   # one block; many query x item blocks
+def test_torch_top_k_returns_the_faiss_neighbours(block_elements):
+    # the GPU evaluation path (torch matmul + topk, blockwise merge) run on the CPU against faiss
+    rng = np.random.default_rng(3)
+    items = rng.standard_normal((2_000, 16)).astype(np.float32)
+    queries = rng.standard_normal((301, 16)).astype(np.float32)
+    want, _ = exact_top_k(items, queries, 50, batch_size=64)             # faiss IndexFlatIP
+    got = torch_top_k(items, queries, 50, device="cpu", block_elements=block_elements)
+    np.testing.assert_array_equal(got, want)
+    # k larger than the corpus is clipped, as in faiss
+    assert torch_top_k(items[:7], queries[:3], 50, device="cpu").shape == (3, 7)
 
 
 def test_popularity_ranking_counts_task_events():

@@ -100,8 +100,8 @@ class ALSBaseline:
                    corpus_ids, fallback, int(matrix.nnz))
 
     def top_k(self, query_user_ids: np.ndarray, k: int, batch_size: int = 4096,
-              threads: int | None = None) -> tuple[np.ndarray, float]:
-        """([Q, k] item ids, faiss seconds): exact inner-product search of the user factors."""
+              threads: int | None = None, device: str = "cpu") -> tuple[np.ndarray, float]:
+        """([Q, k] item ids, search seconds): exact inner-product search of the user factors."""
         query_user_ids = np.asarray(query_user_ids)
         k = min(k, len(self.corpus_ids))
         row = np.searchsorted(self.user_ids, query_user_ids).clip(0, max(len(self.user_ids) - 1, 0))
@@ -109,7 +109,8 @@ class ALSBaseline:
         out = np.broadcast_to(self.fallback[:k], (len(query_user_ids), k)).copy()
         secs = 0.0
         if known.any():
-            top_rows, secs = exact_top_k(self.item_factors, self.user_factors[row[known]], k, batch_size, threads)
+            top_rows, secs = exact_top_k(self.item_factors, self.user_factors[row[known]], k, batch_size, threads,
+                                         device)
             out[known] = self.corpus_ids[top_rows]
         return out, secs
 

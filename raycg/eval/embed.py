@@ -2,6 +2,7 @@
 
 Both run as `map_batches` over an actor that loads the checkpoint once; features come from
 the same `FeatureStore` the training rows were packed with (shipped via the object store).
+With `use_gpu` the actor asks Ray for a GPU and runs the tower there.
 """
 from __future__ import annotations
 
@@ -13,35 +14,37 @@ import torch
 from raycg.train.checkpoint import load_model
 
 
-class ItemEmbedder:
-    """map_batches callable: item-table rows -> {item_id, embedding}."""
+class _Embedder:
+    """Loads the checkpoint once per actor, onto the GPU Ray gave it (if any)."""
 
-    def __init__(self, checkpoint_dir: str, store_ref: list):
+    def __init__(self, checkpoint_dir: str, store_ref: list, use_gpu: bool = False):
         torch.set_num_threads(1)
-        self.model, _ = load_model(checkpoint_dir)
-        self.items = ray.get(store_ref[0]).items
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        model, _ = load_model(checkpoint_dir)
+        self.model = model.to(self.device)
+        self.store = ray.get(store_ref[0])
+
+    def embed(self, fn, packed: dict) -> np.ndarray:
+        with torch.no_grad():
+            batch = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in packed.items()}
+            return fn(batch).float().cpu().numpy()
+
+
+class ItemEmbedder(_Embedder):
+    """map_batches callable: item-table rows -> {item_id, embedding}."""
 
     def __call__(self, batch: pa.Table) -> dict:
         ids = batch.column("item_id").to_numpy().astype(np.int64)
-        packed = self.items.pack(self.items.rows(ids, "items"))
-        with torch.no_grad():
-            emb = self.model.embed_items({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in packed.items()})
-        return {"item_id": ids, "embedding": emb.numpy()}
+        items = self.store.items
+        return {"item_id": ids, "embedding": self.embed(self.model.embed_items, items.pack(items.rows(ids, "items")))}
 
 
-class QueryEmbedder:
+class QueryEmbedder(_Embedder):
     """map_batches callable: query rows (user_id, surface, context_item_id, query_id, timestamp) -> embedding."""
 
-    def __init__(self, checkpoint_dir: str, store_ref: list):
-        torch.set_num_threads(1)
-        self.model, _ = load_model(checkpoint_dir)
-        self.store = ray.get(store_ref[0])
-
     def __call__(self, batch: pa.Table) -> dict:
-        packed = self.store.pack_users(batch)
-        with torch.no_grad():
-            emb = self.model.embed_users({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in packed.items()})
-        return {"row": batch.column("row").to_numpy(), "embedding": emb.numpy()}
+        return {"row": batch.column("row").to_numpy(),
+                "embedding": self.embed(self.model.embed_users, self.store.pack_users(batch))}
 
 
 def _collect(ds: ray.data.Dataset, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -52,24 +55,28 @@ def _collect(ds: ray.data.Dataset, key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(keys), np.concatenate(embs).astype(np.float32)
 
 
-def embed_corpus(items_path: str, checkpoint_dir: str, store_ref: list, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _map_kwargs(checkpoint_dir: str, store_ref: list, batch_size: int, use_gpu: bool) -> dict:
+    return dict(fn_constructor_kwargs={"checkpoint_dir": checkpoint_dir, "store_ref": store_ref, "use_gpu": use_gpu},
+                batch_format="pyarrow", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=1),
+                num_gpus=1 if use_gpu else 0)
+
+
+def embed_corpus(items_path: str, checkpoint_dir: str, store_ref: list, batch_size: int,
+                 use_gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(item ids sorted ascending, embeddings [N, d]) for the whole item table."""
     ds = ray.data.read_parquet(items_path, columns=["item_id"]).map_batches(
-        ItemEmbedder, fn_constructor_kwargs={"checkpoint_dir": checkpoint_dir, "store_ref": store_ref},
-        batch_format="pyarrow", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=1),
-    )
+        ItemEmbedder, **_map_kwargs(checkpoint_dir, store_ref, batch_size, use_gpu))
     ids, emb = _collect(ds, "item_id")
     order = np.argsort(ids)
     return ids[order], emb[order]
 
 
-def embed_queries(queries: pa.Table, checkpoint_dir: str, store_ref: list, batch_size: int) -> np.ndarray:
+def embed_queries(queries: pa.Table, checkpoint_dir: str, store_ref: list, batch_size: int,
+                  use_gpu: bool = False) -> np.ndarray:
     """Embeddings [Q, d] in the row order of `queries`."""
     table = queries.append_column("row", pa.array(np.arange(queries.num_rows, dtype=np.int64)))
     ds = ray.data.from_arrow(table).map_batches(
-        QueryEmbedder, fn_constructor_kwargs={"checkpoint_dir": checkpoint_dir, "store_ref": store_ref},
-        batch_format="pyarrow", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=1),
-    )
+        QueryEmbedder, **_map_kwargs(checkpoint_dir, store_ref, batch_size, use_gpu))
     rows, emb = _collect(ds, "row")
     out = np.empty_like(emb)
     out[rows] = emb

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import ray
+import torch
 
 from raycg.data.pipeline import event_files, feature_store_from_config
 
@@ -39,6 +40,21 @@ def _fit_baselines(names: list[str], train_events, corpus_ids: np.ndarray, eval_
     return fitted
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def eval_devices(setting: str) -> tuple[bool, str]:
+    """`eval.device` -> (embed on GPU actors, top-K device). auto: GPU actors when the Ray
+    cluster has GPUs, top-K on the GPU when this (driver) process sees one, else faiss."""
+    if setting not in DEVICES:
+        raise ValueError(f"eval.device={setting!r}: expected one of {list(DEVICES)}")
+    if setting == "cpu":
+        return False, "cpu"
+    if setting == "cuda":
+        return True, "cuda"
+    return ray.cluster_resources().get("GPU", 0) > 0, "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log=print,
                         history_length: int = 0, store=None, seed: int = 0) -> dict:
     """Features come from the training split exactly as for training (`store`, the training
@@ -46,6 +62,7 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
     (lookups only use events strictly before each query). Baselines (`eval.baselines`) are
     fitted on the same training split and scored on the same queries."""
     ks = sorted(int(k) for k in eval_cfg["ks"])
+    embed_gpu, search_device = eval_devices(eval_cfg.get("device", "auto"))
     baselines = list(eval_cfg.get("baselines", ["popularity"]))
     methods = ["model", *baselines]
     t_start = time.perf_counter()
@@ -57,9 +74,10 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
 
         store = dataclasses.replace(store, history=HistoryIndex.build(history_files))
     store_ref = [ray.put(store)]
-    log(f"[raycg] eval: embedding the item corpus {data_cfg['items_path']} (Ray Data)")
+    log(f"[raycg] eval: embedding the item corpus {data_cfg['items_path']} (Ray Data, "
+        f"{'GPU' if embed_gpu else 'CPU'} actors; exact top-K on {search_device})")
     corpus_ids, item_emb = embed_corpus(data_cfg["items_path"], checkpoint_dir, store_ref,
-                                        eval_cfg["inference_batch_size"])
+                                        eval_cfg["inference_batch_size"], use_gpu=embed_gpu)
     eval_events = read_event_columns(
         data_cfg["eval_path"], ["user_id", "item_id", "surface", "event_type", "context_item_id", "query_id",
                                 "timestamp"])
@@ -70,7 +88,7 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
     results: dict = {"ks": ks, "n_items": int(len(corpus_ids)), "methods": methods, "n_queries": {},
                      "detail": {m: {} for m in methods}, "als_coverage": {}, **{m: {} for m in methods}}
     adv_of = store.items.cat[:, 1][np.searchsorted(store.items.item_id, corpus_ids)]  # advertiser per corpus row
-    faiss_s = 0.0
+    search_s = 0.0
     K = max(ks)
     for task in TASKS:
         queries, positives = build_queries(eval_events, task)
@@ -79,9 +97,10 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
             log(f"[raycg] eval: no {task} queries in the eval split")
             continue
         log(f"[raycg] eval: {task}: {len(positives):,} queries, exact search over {len(corpus_ids):,} items")
-        q_emb = embed_queries(queries, checkpoint_dir, store_ref, eval_cfg["query_batch_size"])
-        top_rows, secs = exact_top_k(item_emb, q_emb, K, eval_cfg["query_batch_size"], eval_cfg.get("faiss_threads"))
-        faiss_s += secs
+        q_emb = embed_queries(queries, checkpoint_dir, store_ref, eval_cfg["query_batch_size"], use_gpu=embed_gpu)
+        top_rows, secs = exact_top_k(item_emb, q_emb, K, eval_cfg["query_batch_size"], eval_cfg.get("faiss_threads"),
+                                     search_device)
+        search_s += secs
         surfaces = queries.column("surface").to_numpy(zero_copy_only=False).astype(str)
         users = queries.column("user_id").to_numpy()
         adv_pos = [np.unique(adv_of[np.searchsorted(corpus_ids, p)]) for p in positives]
@@ -97,7 +116,8 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
                 names = sorted(per_surface)
                 top = np.stack([per_surface[n] for n in names])[np.searchsorted(names, surfaces)]
             else:
-                top, _ = fitted[method].top_k(users, K, eval_cfg["query_batch_size"], eval_cfg.get("faiss_threads"))
+                top, _ = fitted[method].top_k(users, K, eval_cfg["query_batch_size"], eval_cfg.get("faiss_threads"),
+                                              search_device)
                 results["als_coverage"].setdefault(method, {})[task] = fitted[method].coverage(users)
             report = recall_report(top, positives, ks, groups=surfaces)
             results[method][task] = {k: v["mean"] for k, v in report.items()}
@@ -111,9 +131,17 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
         if task == "conversion":
             results["n_queries"]["conversion_advertiser"] = len(adv_pos)
         baseline_s += time.perf_counter() - t_base
-    results["seconds"] = {"total": time.perf_counter() - t_start, "faiss": faiss_s,
+    results["seconds"] = {"total": time.perf_counter() - t_start, "search": search_s,
                           "scoring_and_baselines": baseline_s}
+    results["search_backend"] = "faiss" if search_device == "cpu" else f"torch ({search_device})"
     return results
+
+
+def timing_line(results: dict, path: str) -> str:
+    sec = results["seconds"]
+    return (f"[raycg] eval: exact search ({results.get('search_backend', 'faiss')}) {sec['search']:.1f}s of "
+            f"{sec['total']:.1f}s total (baselines and recall scoring {sec['scoring_and_baselines']:.1f}s); "
+            f"results -> {path}")
 
 
 def _get(d: dict, k):

@@ -1,4 +1,4 @@
-"""Exact top-K retrieval with faiss and recall@K.
+"""Exact top-K retrieval (faiss on CPU, torch on GPU) and recall@K.
 
 recall@K for one query with held-out positive items P and retrieved list R_K:
 
@@ -12,25 +12,64 @@ from __future__ import annotations
 
 import time
 
-import faiss
 import numpy as np
+import torch
 
 
 def exact_top_k(item_emb: np.ndarray, query_emb: np.ndarray, k: int, batch_size: int = 4096,
-                threads: int | None = None) -> tuple[np.ndarray, float]:
-    """Row indices [Q, k] of the k highest inner products over the full corpus; faiss seconds."""
+                threads: int | None = None, device: str = "cpu") -> tuple[np.ndarray, float]:
+    """Row indices [Q, k] of the k highest inner products over the full corpus; search seconds.
+
+    device "cpu": faiss `IndexFlatIP`; "cuda": `torch_top_k` on the GPU (same neighbours; faiss
+    is not needed there).
+    """
+    k = min(k, item_emb.shape[0])
+    if torch.device(device).type == "cuda":
+        t0 = time.perf_counter()
+        return torch_top_k(item_emb, query_emb, k, device=device), time.perf_counter() - t0
+    import faiss  # CPU path only: GPU machines may not have faiss
+
     if threads:
         faiss.omp_set_num_threads(int(threads))
     item_emb = np.ascontiguousarray(item_emb, dtype=np.float32)
     index = faiss.IndexFlatIP(item_emb.shape[1])
     t0 = time.perf_counter()
     index.add(item_emb)
-    k = min(k, item_emb.shape[0])
     out = np.empty((len(query_emb), k), dtype=np.int64)
     for s in range(0, len(query_emb), batch_size):
         q = np.ascontiguousarray(query_emb[s:s + batch_size], dtype=np.float32)
         _, out[s:s + batch_size] = index.search(q, k)
     return out, time.perf_counter() - t0
+
+
+def torch_top_k(item_emb: np.ndarray, query_emb: np.ndarray, k: int, device: str = "cuda",
+                block_elements: int = 1 << 28) -> np.ndarray:
+    """Exact top-k by inner product with torch: chunked matrix product + `topk`, row indices [Q, k].
+
+    Scores are fp32 in blocks of at most `block_elements` (queries x items, 1 GiB by default);
+    a query block that needs several item blocks merges their top-k lists (the top-k of the
+    union of per-block top-k lists is the global top-k).
+    """
+    device = torch.device(device)
+    n = item_emb.shape[0]
+    k = min(k, n)
+    items = torch.as_tensor(np.ascontiguousarray(item_emb, dtype=np.float32), device=device)
+    q_block = max(1, min(len(query_emb), block_elements // max(n, 1)))
+    i_block = max(k, min(n, block_elements // q_block))
+    out = np.empty((len(query_emb), k), dtype=np.int64)
+    with torch.no_grad():
+        for s in range(0, len(query_emb), q_block):
+            q = torch.as_tensor(np.ascontiguousarray(query_emb[s:s + q_block], dtype=np.float32), device=device)
+            best_v = best_i = None
+            for j in range(0, n, i_block):
+                v, i = torch.topk(q @ items[j:j + i_block].T, min(k, min(n, j + i_block) - j), dim=1)
+                i += j
+                if best_v is not None:
+                    v, pick = torch.topk(torch.cat([best_v, v], dim=1), k, dim=1)
+                    i = torch.gather(torch.cat([best_i, i], dim=1), 1, pick)
+                best_v, best_i = v, i
+            out[s:s + len(q)] = best_i.cpu().numpy()
+    return out
 
 
 def positive_ranks(top: np.ndarray, positives: list[np.ndarray]) -> list[np.ndarray]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import ray
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -27,7 +27,7 @@ from raycg.model.card import model_card
 from raycg.model.export import export_towers
 from raycg.train.checkpoint import load_model
 from raycg.model.two_tower import TwoTowerModel
-from raycg.eval.evaluate import evaluate_checkpoint, format_table, write_results
+from raycg.eval.evaluate import evaluate_checkpoint, format_table, timing_line, write_results
 from raycg.train.loop import train_loop_per_worker
 
 
@@ -95,8 +95,22 @@ def schedule_steps(cfg: DictConfig, stats: dict) -> int | None:
     return t.epochs * (stats["rows_used"] // t.num_workers // t.batch_size)
 
 
-def build_trainer(cfg: DictConfig, callbacks: list | None = None):
-    """Ray Data dataset + TorchTrainer for this config; returns (trainer, run_dir, feature store)."""
+@dataclass
+class PreparedRun:
+    """What training needs before a trainer exists: the packed dataset, its row accounting,
+    the feature store and spec, and the run directory."""
+
+    run_dir: str
+    dataset: ray.data.Dataset
+    stats: dict
+    store: object  # raycg.data.batches.FeatureStore
+    store_ref: list
+    spec: FeatureSpec
+
+
+def prepare_run(cfg: DictConfig) -> PreparedRun:
+    """Features (Ray Data) -> packed training dataset -> spec; writes config.yaml and
+    data_stats.json and prints the model card."""
     t0 = time.perf_counter()
     store = feature_store_from_config(OmegaConf.to_container(cfg.data, resolve=True), cfg.model.history.length)
     items = store.items
@@ -127,25 +141,36 @@ def build_trainer(cfg: DictConfig, callbacks: list | None = None):
     with open(os.path.join(run_dir, "data_stats.json"), "w") as f:
         json.dump(stats, f)
     print(model_card(TwoTowerModel(OmegaConf.to_container(cfg.model, resolve=True), spec)), flush=True)
+    return PreparedRun(run_dir, train_ds, stats, store, [ray.put(store)], spec)
+
+
+def make_trainer(cfg: DictConfig, prep: PreparedRun, callbacks: list | None = None) -> TorchTrainer:
+    """A TorchTrainer for this config over a prepared dataset (one worker per GPU with
+    trainer.use_gpu, NCCL; gloo on CPU)."""
     loop_config = OmegaConf.to_container(cfg, resolve=True)
-    loop_config.update(feature_spec=spec.to_dict(), run_dir=run_dir, store_ref=[ray.put(store)], data_stats=stats,
-                       total_steps=schedule_steps(cfg, stats))
+    loop_config.update(feature_spec=prep.spec.to_dict(), run_dir=prep.run_dir, store_ref=prep.store_ref,
+                       data_stats=prep.stats, total_steps=schedule_steps(cfg, prep.stats))
     t = cfg.trainer
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=RunConfig(
-            name=cfg.run_name, storage_path=cfg.paths.runs_dir,
+            name=os.path.basename(prep.run_dir), storage_path=os.path.dirname(prep.run_dir),
             checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=t.max_failures),
             callbacks=callbacks,
         ),
-        datasets={"train": train_ds},
+        datasets={"train": prep.dataset},
     )
-    return trainer, run_dir, store
+
+
+def build_trainer(cfg: DictConfig, callbacks: list | None = None):
+    """Ray Data dataset + TorchTrainer for this config; returns (trainer, run_dir, feature store)."""
+    prep = prepare_run(cfg)
+    return make_trainer(cfg, prep, callbacks), prep.run_dir, prep.store
 
 
 def run(cfg: DictConfig, callbacks: list | None = None) -> dict:
@@ -172,7 +197,5 @@ def run(cfg: DictConfig, callbacks: list | None = None) -> dict:
     results["train_metrics"] = result.metrics
     path = write_results(run_dir, results)
     log("\n" + format_table(results))
-    sec = results["seconds"]
-    log(f"[raycg] eval: faiss {sec['faiss']:.1f}s of {sec['total']:.1f}s total "
-        f"(baselines and recall scoring {sec['scoring_and_baselines']:.1f}s); results -> {path}")
+    log(timing_line(results, path))
     return results

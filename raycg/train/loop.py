@@ -84,10 +84,16 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(start_epoch, cfg_train["epochs"]):
         model.train()
         t0 = time.perf_counter()
-        steps = 0
+        steps, data_wait = 0, 0.0
         loss_sum = torch.zeros((), device=device)
         parts_sum: dict[str, torch.Tensor] = {}
-        for batch in device_batches(shard, B, device, cfg_train["transfer_batches"], cfg_train["prefetch_batches"]):
+        batches = device_batches(shard, B, device, cfg_train["transfer_batches"], cfg_train["prefetch_batches"])
+        while True:
+            t_wait = time.perf_counter()
+            batch = next(batches, None)  # host time blocked on the data pipeline
+            data_wait += time.perf_counter() - t_wait
+            if batch is None:
+                break
             loss, parts = train_step(forward, core, batch, optimizer, step_ctx, scheduler)
             loss_sum += loss
             for k, v in parts.items():
@@ -106,7 +112,7 @@ def train_loop_per_worker(config: dict) -> None:
         rows = steps * B * world
         metrics = {
             "epoch": epoch, "loss": mean_loss, "steps": steps,
-            "rows": rows, "rows_per_s": rows / elapsed, "epoch_s": elapsed,
+            "rows": rows, "rows_per_s": rows / elapsed, "epoch_s": elapsed, "data_wait_s": data_wait,
             "lr": scheduler.get_last_lr()[0], **{k: v.item() / steps for k, v in parts_sum.items()},
         }
         data = config.get("data_stats") or {}
@@ -116,7 +122,8 @@ def train_loop_per_worker(config: dict) -> None:
                            rows_not_positive=data["rows_not_positive"], rows_rejected=data["rows_quarantined"])
         if rank == 0:
             print(f"[raycg] epoch {epoch} done: loss {metrics['loss']:.4f}, {metrics['rows']:,} rows, "
-                  f"{metrics['rows_per_s']:,.0f} rows/s, {elapsed:.1f}s", flush=True)
+                  f"{metrics['rows_per_s']:,.0f} rows/s, {elapsed:.1f}s (waiting for data {data_wait:.1f}s)",
+                  flush=True)
             if "rows_read" in metrics:
                 print(f"[raycg] epoch {epoch} rows: read {metrics['rows_read']:,} = trained {metrics['rows']:,} "
                       f"+ batch remainder {metrics['rows_remainder']:,} + not positive "

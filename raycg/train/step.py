@@ -7,7 +7,8 @@
       -> loss in fp32 (raycg.losses.objective; logits at temperature 0.05 need fp32's resolution)
       -> backward, optional gradient clipping, optimizer step, LR schedule step
 
-Nothing here reads a tensor back to the host: the loss and its parts are returned as
+Named ranges (raycg.negatives / towers / loss / backward / optimizer) label the step in a
+`torch.profiler` trace. Nothing here reads a tensor back to the host: the loss and its parts are returned as
 tensors, and the caller reads them every `trainer.log_every_steps`.
 Every tensor the step creates lives on `StepContext.device`.
 """
@@ -15,8 +16,8 @@ from __future__ import annotations
 
 import contextlib
 
-import numpy as np
 import torch
+from torch.profiler import record_function
 
 from raycg.losses.frequency import StreamingFrequencyEstimator
 from raycg.losses.objective import EAGER, Candidates, LossKernels, mixed_log_q, training_loss
@@ -44,8 +45,8 @@ class StepContext:
         self.kernels = kernels
         self.item_cat = self.item_dense = None
         if items is not None:
-            self.item_cat = torch.from_numpy(np.ascontiguousarray(items.cat)).to(self.device)
-            self.item_dense = torch.from_numpy(np.ascontiguousarray(items.dense)).to(self.device)
+            self.item_cat = torch.tensor(items.cat, device=self.device)  # a copy: object-store arrays are read-only
+            self.item_dense = torch.tensor(items.dense, device=self.device)
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
         self.freq = None
         if cfg_loss.get("log_q_correction", False):
@@ -103,26 +104,30 @@ def train_step(model, core: TwoTowerModel, batch: dict, optimizer, ctx: StepCont
     `ctx.device`. `model` is what runs the forward (DDP-wrapped and/or compiled), `core` the
     plain TwoTowerModel. Returns (loss, parts) as detached tensors."""
     B = len(batch["signals"])
-    if ctx.freq is not None:
-        ctx.freq.update_global(batch["item_cat"][:, 0], ctx.step, same_size=True)
-    augmented, extra, H, M = ctx.extra_items(batch)
-    with ctx.autocast():
+    with record_function("raycg.negatives"):
+        if ctx.freq is not None:
+            ctx.freq.update_global(batch["item_cat"][:, 0], ctx.step, same_size=True)
+        augmented, extra, H, M = ctx.extra_items(batch)
+    with record_function("raycg.towers"), ctx.autocast():
         user_out, item_all = model(augmented)
-    user_out = {h: v.float() for h, v in user_out.items()}
-    item_all = {h: v.float() for h, v in item_all.items()}
-    item_out = {h: v[:B] for h, v in item_all.items()}
-    if H:
-        extra.hard = {h: v[B:B + B * H].reshape(B, H, -1) for h, v in item_all.items()}
-    if M:
-        extra.mixed = {h: v[len(v) - M:] for h, v in item_all.items()}
-    loss, parts = training_loss(user_out, item_out, batch, ctx.cfg, core.temperature, extra, ctx.freq,
-                                core.serve_head, kernels=ctx.kernels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if ctx.grad_clip_norm:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), ctx.grad_clip_norm)
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
+    with record_function("raycg.loss"):
+        user_out = {h: v.float() for h, v in user_out.items()}
+        item_all = {h: v.float() for h, v in item_all.items()}
+        item_out = {h: v[:B] for h, v in item_all.items()}
+        if H:
+            extra.hard = {h: v[B:B + B * H].reshape(B, H, -1) for h, v in item_all.items()}
+        if M:
+            extra.mixed = {h: v[len(v) - M:] for h, v in item_all.items()}
+        loss, parts = training_loss(user_out, item_out, batch, ctx.cfg, core.temperature, extra, ctx.freq,
+                                    core.serve_head, kernels=ctx.kernels)
+    with record_function("raycg.backward"):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    with record_function("raycg.optimizer"):
+        if ctx.grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), ctx.grad_clip_norm)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
     ctx.step += 1
     return loss.detach(), parts
