@@ -77,7 +77,7 @@ class StreamingFrequencyEstimator(nn.Module):
         old = self.B[h]
         blended = torch.where(old > 0, (1.0 - self.alpha) * old + self.alpha * gap, gap)
         self.B[h] = torch.where(seen, blended, old)
-        self.A[h] = step
+        self.A.index_fill_(0, h, step)  # a scalar kernel argument: `A[h] = step` would copy it from the host
 
     @torch.no_grad()
     def update_global(self, ids: torch.Tensor, step: int, same_size: bool = False) -> None:

@@ -54,9 +54,9 @@ class LossKernels:
     advertiser: Callable = advertiser_softmax_loss
 
     @classmethod
-    def compiled(cls) -> "LossKernels":
-        return cls(softmax=torch.compile(sampled_softmax_loss, dynamic=False),
-                   advertiser=torch.compile(advertiser_softmax_loss, dynamic=False))
+    def compiled(cls, mode: str | None = None) -> "LossKernels":
+        return cls(softmax=torch.compile(sampled_softmax_loss, dynamic=False, mode=mode),
+                   advertiser=torch.compile(advertiser_softmax_loss, dynamic=False, mode=mode))
 
 
 EAGER = LossKernels()

@@ -29,6 +29,7 @@ from raycg.train.checkpoint import load_model
 from raycg.model.two_tower import TwoTowerModel
 from raycg.eval.evaluate import evaluate_checkpoint, format_table, timing_line, write_results
 from raycg.train.loop import train_loop_per_worker
+from raycg.train.schedule import lr_factor
 
 
 def log(msg: str) -> None:
@@ -147,9 +148,17 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
 def make_trainer(cfg: DictConfig, prep: PreparedRun, callbacks: list | None = None) -> TorchTrainer:
     """A TorchTrainer for this config over a prepared dataset (one worker per GPU with
     trainer.use_gpu, NCCL; gloo on CPU)."""
+    total_steps = schedule_steps(cfg, prep.stats)
+    sched = cfg.trainer.lr_schedule
+    try:  # fail here, before any worker starts
+        lr_factor(sched.decay, sched.warmup_steps, sched.total_steps or total_steps, sched.min_lr_ratio)
+    except ValueError as e:
+        raise ValueError(f"{e}; this run has {total_steps} optimiser steps ({cfg.trainer.epochs} epochs of "
+                         f"{prep.stats.get('rows_used', '?')} rows / {cfg.trainer.num_workers} workers / batch "
+                         f"{cfg.trainer.batch_size}): lower trainer.lr_schedule.warmup_steps or the batch size") from e
     loop_config = OmegaConf.to_container(cfg, resolve=True)
     loop_config.update(feature_spec=prep.spec.to_dict(), run_dir=prep.run_dir, store_ref=prep.store_ref,
-                       data_stats=prep.stats, total_steps=schedule_steps(cfg, prep.stats))
+                       data_stats=prep.stats, total_steps=total_steps)
     t = cfg.trainer
     return TorchTrainer(
         train_loop_per_worker,

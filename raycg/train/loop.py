@@ -44,6 +44,8 @@ def train_loop_per_worker(config: dict) -> None:
     if device.type == "cuda" and cfg_train["tf32"]:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls outside autocast
     compile_model = bool(cfg_train["compile"])
+    compile_mode = cfg_train["compile_mode"] if compile_model else None
+    cudagraphs = compile_mode == "reduce-overhead" and device.type == "cuda"
 
     # -- resume state, read on the CPU (a GPU checkpoint resumes anywhere) ----------------
     state = None
@@ -64,7 +66,8 @@ def train_loop_per_worker(config: dict) -> None:
     step_ctx = StepContext(
         cfg_loss, ray.get(config["store_ref"][0]).items if needs_corpus else None, device=device,
         seed=config["seed"] + rank, freq_buckets=cfg_model["buckets"]["item"], precision=cfg_train["precision"],
-        grad_clip_norm=cfg_train["grad_clip_norm"], kernels=LossKernels.compiled() if compile_model else EAGER)
+        grad_clip_norm=cfg_train["grad_clip_norm"],
+        kernels=LossKernels.compiled(compile_mode) if compile_model else EAGER)
     start_epoch = 0
     if state:
         optimizer.load_state_dict(state["optimizer"])  # moves the moments to the parameters' device
@@ -74,11 +77,11 @@ def train_loop_per_worker(config: dict) -> None:
         start_epoch = state["epoch"] + 1
         if rank == 0:
             print(f"[raycg] resuming from checkpoint after epoch {state['epoch']}", flush=True)
-    forward = torch.compile(model, dynamic=False) if compile_model else model
+    forward = torch.compile(model, dynamic=False, mode=compile_mode) if compile_model else model
     shard = ray.train.get_dataset_shard("train")
     if rank == 0:
         print(f"[raycg] worker: {world} x {device.type}, precision {cfg_train['precision']}, "
-              f"compile {compile_model}, batch {B} x {world} ranks, host->device transfers of "
+              f"compile {compile_mode if compile_model else False}, batch {B} x {world} ranks, host->device transfers of "
               f"{B * cfg_train['transfer_batches']:,} rows", flush=True)
 
     for epoch in range(start_epoch, cfg_train["epochs"]):
@@ -94,6 +97,8 @@ def train_loop_per_worker(config: dict) -> None:
             data_wait += time.perf_counter() - t_wait
             if batch is None:
                 break
+            if cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs may be reused
             loss, parts = train_step(forward, core, batch, optimizer, step_ctx, scheduler)
             loss_sum += loss
             for k, v in parts.items():
