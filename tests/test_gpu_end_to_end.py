@@ -31,8 +31,8 @@ def test_gpu_training_every_loss_option_resume_evaluate_export(ray_gpu, small_da
     gpus = torch.cuda.device_count()
     overrides = [
         "data=sim_small", f"data.dir={small_data_dir}", f"paths.runs_dir={tmp_path}", "run_name=gpu_e2e",
-        "trainer=gpu", f"trainer.num_workers={gpus}", "trainer.cpus_per_worker=2", "trainer.batch_size=1024",
-        "trainer.transfer_batches=4", "trainer.lr_schedule.warmup_steps=5", "trainer.grad_clip_norm=1.0",
+        "trainer=gpu", f"trainer.num_workers={gpus}", "trainer.cpus_per_worker=2", "trainer.batch_size=512",
+        "trainer.transfer_batches=4", "trainer.lr_schedule.warmup_steps=2", "trainer.grad_clip_norm=1.0",
         "loss=full", "model.heads=multi_head", "loss.cross_worker_negatives=true", "loss.log_q_correction=true",
         "model.history.length=5", "eval.baselines=[popularity,popularity_surface]",
     ]

@@ -81,7 +81,7 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     if rank == 0:
         print(f"[raycg] worker: {world} x {device.type}, precision {cfg_train['precision']}, "
-              f"compile {compile_mode if compile_model else False}, batch {B} x {world} ranks, host->device transfers of "
+              f"compile {(compile_mode or 'default') if compile_model else 'off'}, batch {B} x {world} ranks, host->device transfers of "
               f"{B * cfg_train['transfer_batches']:,} rows", flush=True)
 
     for epoch in range(start_epoch, cfg_train["epochs"]):
