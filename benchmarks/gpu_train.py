@@ -123,7 +123,7 @@ def resident_run(cfg, prep, rows: dict, precision: str, compiled: bool, warmup: 
     return n_steps * B / secs
 
 
-def ray_run(cfg, prep, workers: int, cross_worker: bool, name: str, mode: str | None) -> dict:
+def ray_run(cfg, prep, workers: int, cross_worker: bool, name: str, mode: str | None, extra=()) -> dict:
     """`raycg.train trainer=gpu` on `workers` GPUs over the prepared dataset; per-epoch metrics."""
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
@@ -131,6 +131,9 @@ def ray_run(cfg, prep, workers: int, cross_worker: bool, name: str, mode: str | 
         cfg.loss.cross_worker_negatives = cross_worker
         cfg.trainer.compile_mode = mode
         cfg.run_name = name
+        for item in extra:  # e.g. trainer.transfer_batches=64
+            key, value = item.split("=", 1)
+            OmegaConf.update(cfg, key, type(OmegaConf.select(cfg, key))(value))
     run_prep = dataclasses.replace(prep, run_dir=os.path.join(cfg.paths.runs_dir, name))
     os.makedirs(run_prep.run_dir, exist_ok=True)
     t0 = time.perf_counter()
@@ -173,6 +176,8 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=["default"], help="torch.compile modes for the resident step")
     p.add_argument("--ray-modes", nargs="+", default=["default"], help="torch.compile modes for the Ray runs")
     p.add_argument("--resident-only", action="store_true")
+    p.add_argument("--ray-variant", action="append", default=[],
+                   help="extra 1-worker Ray run: NAME:key=value,key=value (e.g. big:trainer.transfer_batches=64)")
     p.add_argument("--out", default="/tmp/raycg-gpu-bench")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="run every code path on the CPU (tiny sizes, no timing value): a check before GPU time")
@@ -227,6 +232,12 @@ def main() -> None:
                         r = attempt(lambda: ray_run(cfg, prep, n, xw, name, m), name)
                         res["ray"].append(r if isinstance(r, dict) else
                                           {"workers": n, "cross_worker": xw, "mode": mode, "error": r})
+            for spec in args.ray_variant:
+                vname, _, items = spec.partition(":")
+                m = None if args.ray_modes[0] == "default" else args.ray_modes[0]
+                r = attempt(lambda: ray_run(cfg, prep, 1, True, f"bench-h{hist}-{vname}", m, items.split(",")), vname)
+                res["ray"].append({**r, "variant": vname} if isinstance(r, dict) else
+                                  {"workers": 1, "cross_worker": True, "mode": vname, "error": r})
         results["variants"][hist] = res
         with open(os.path.join(args.out, "gpu_train.json"), "w") as f:
             json.dump(results, f, indent=2)
@@ -242,7 +253,7 @@ def main() -> None:
             lines.append(f"{hist:<8}{'resident ' + key:<48}{cells}")
         ok = [r for r in res["ray"] if "error" not in r]
         for r in res["ray"]:
-            label = (f"ray x{r['workers']} GPU, compile {r['mode']}"
+            label = (f"ray x{r['workers']} GPU, compile {r['mode']}{', ' + r['variant'] if 'variant' in r else ''}"
                      f"{'' if r['cross_worker'] else ', no cross-worker neg.'}")
             if "error" in r:
                 lines.append(f"{hist:<8}{label:<48}  FAILED: {r['error'][:60]}")
