@@ -38,3 +38,16 @@ def device_batches(shard, batch_size: int, device: torch.device | str, transfer_
         n = len(next(iter(block.values())))
         for start in range(0, n - batch_size + 1, batch_size):
             yield {k: v[start:start + batch_size] for k, v in block.items()}
+
+
+class ThreadFeed:
+    """`device_batches` per epoch (the in-process counterpart of raycg.train.ingest.ProcessFeed)."""
+
+    def __init__(self, shard, batch_size: int, device, transfer_batches: int = 1, prefetch_transfers: int = 2):
+        self.args = (shard, batch_size, device, transfer_batches, prefetch_transfers)
+
+    def epoch(self) -> Iterator[dict[str, torch.Tensor]]:
+        return device_batches(*self.args)
+
+    def close(self) -> None:
+        pass

@@ -6,6 +6,7 @@ back to the host only every `trainer.log_every_steps` steps and at the end of an
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -19,9 +20,29 @@ from raycg.data.features import FeatureSpec
 from raycg.losses.objective import EAGER, LossKernels
 from raycg.model.two_tower import TwoTowerModel
 from raycg.train import checkpoint as ckpt_io
-from raycg.train.feed import device_batches
+from raycg.train.feed import ThreadFeed
+from raycg.train.ingest import ProcessFeed
 from raycg.train.schedule import build_scheduler
 from raycg.train.step import StepContext, train_step
+
+
+def finite(mean_loss: float, epoch: int, steps: int) -> float:
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(
+            f"training loss is {mean_loss} (mean over epoch {epoch}, steps 1-{steps}); try a lower trainer.lr, "
+            "trainer.grad_clip_norm, trainer.precision=fp32 or trainer.compile=false to find the cause")
+    return mean_loss
+
+
+def open_feed(shard, cfg_train: dict, device: torch.device, rank: int):
+    """Where Ray Data runs for this worker: `process` (an IngestActor beside it) or `thread`
+    (Ray Data's own background threads in this process)."""
+    args = (shard, cfg_train["batch_size"], device, cfg_train["transfer_batches"], cfg_train["prefetch_batches"])
+    if cfg_train["ingest"] == "process":
+        return ProcessFeed(*args, rank=rank)
+    if cfg_train["ingest"] == "thread":
+        return ThreadFeed(*args)
+    raise ValueError(f"trainer.ingest={cfg_train['ingest']!r}: expected 'process' or 'thread'")
 
 
 def build_optimizer(params, cfg_train: dict, device: torch.device) -> torch.optim.Optimizer:
@@ -67,7 +88,9 @@ def train_loop_per_worker(config: dict) -> None:
         cfg_loss, ray.get(config["store_ref"][0]).items if needs_corpus else None, device=device,
         seed=config["seed"] + rank, freq_buckets=cfg_model["buckets"]["item"], precision=cfg_train["precision"],
         grad_clip_norm=cfg_train["grad_clip_norm"],
-        kernels=LossKernels.compiled(compile_mode) if compile_model else EAGER)
+        # the loss kernels run twice per step with two heads; they are compiled without CUDA graphs
+        # (trainer=gpu + loss=full + multi_head gave a NaN loss on an H200 with them graphed)
+        kernels=LossKernels.compiled(None if cudagraphs else compile_mode) if compile_model else EAGER)
     start_epoch = 0
     if state:
         optimizer.load_state_dict(state["optimizer"])  # moves the moments to the parameters' device
@@ -78,19 +101,32 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             print(f"[raycg] resuming from checkpoint after epoch {state['epoch']}", flush=True)
     forward = torch.compile(model, dynamic=False, mode=compile_mode) if compile_model else model
-    shard = ray.train.get_dataset_shard("train")
+    feed = open_feed(ray.train.get_dataset_shard("train"), cfg_train, device, rank)
     if rank == 0:
-        print(f"[raycg] worker: {world} x {device.type}, precision {cfg_train['precision']}, "
-              f"compile {(compile_mode or 'default') if compile_model else 'off'}, batch {B} x {world} ranks, host->device transfers of "
-              f"{B * cfg_train['transfer_batches']:,} rows", flush=True)
+        print(f"[raycg] worker: {world} x {device.type}, precision {cfg_train['precision']}, compile "
+              f"{(compile_mode or 'default') if compile_model else 'off'}, batch {B} x {world} ranks, host->device "
+              f"transfers of {B * cfg_train['transfer_batches']:,} rows, ingest {cfg_train['ingest']}", flush=True)
 
+    try:
+        run_epochs(config, start_epoch, feed, forward, core, optimizer, scheduler, step_ctx, cudagraphs, saved_config)
+    finally:
+        feed.close()
+
+
+def run_epochs(config: dict, start_epoch: int, feed, forward, core, optimizer, scheduler, step_ctx: StepContext,
+               cudagraphs: bool, saved_config: dict) -> None:
+    """Epochs of steps; rank 0 logs, writes metrics.jsonl and the checkpoint after each epoch."""
+    cfg_train = config["trainer"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    B, device = cfg_train["batch_size"], step_ctx.device
     for epoch in range(start_epoch, cfg_train["epochs"]):
-        model.train()
+        forward.train()
         t0 = time.perf_counter()
         steps, data_wait = 0, 0.0
         loss_sum = torch.zeros((), device=device)
         parts_sum: dict[str, torch.Tensor] = {}
-        batches = device_batches(shard, B, device, cfg_train["transfer_batches"], cfg_train["prefetch_batches"])
+        batches = iter(feed.epoch())
         while True:
             t_wait = time.perf_counter()
             batch = next(batches, None)  # host time blocked on the data pipeline
@@ -105,14 +141,14 @@ def train_loop_per_worker(config: dict) -> None:
                 parts_sum[k] = parts_sum[k] + v if k in parts_sum else v.clone()
             steps += 1
             if rank == 0 and steps % cfg_train["log_every_steps"] == 0:
-                mean = loss_sum.item() / steps  # the only host synchronisation inside an epoch
+                mean = finite(loss_sum.item() / steps, epoch, steps)  # the only host sync inside an epoch
                 print(f"[raycg] epoch {epoch} step {steps} loss {mean:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
                       f"({steps * B * world / (time.perf_counter() - t0):,.0f} rows/s)", flush=True)
         if steps == 0:
             raise RuntimeError(
                 f"worker {rank} got no full batch of {B} rows in epoch {epoch}: "
                 f"the training split is too small for batch_size x num_workers")
-        mean_loss = loss_sum.item() / steps  # waits for the last step, so the epoch time is true
+        mean_loss = finite(loss_sum.item() / steps, epoch, steps)  # waits for the last step: true epoch time
         elapsed = time.perf_counter() - t0
         rows = steps * B * world
         metrics = {
