@@ -4,28 +4,29 @@ Uses the data paths and eval settings stored with the checkpoint (override any `
 e.g. `eval.ks=[10,100,1000] eval.baselines=[popularity]`); prints the recall table and
 writes <run_dir>/eval.json.
 """
+import os
 import sys
 
-import ray
 from omegaconf import OmegaConf
 
 from raycg.eval.evaluate import evaluate_checkpoint, format_table, timing_line, write_results
-from raycg.train.checkpoint import load_model
-from raycg.train.runs import latest_checkpoint, parse_overrides
+from raycg.train.checkpoint import load_model, newest_intact
+from raycg.train.driver import init_ray
+from raycg.train.runs import parse_overrides
 
 
 def main(argv: list[str]) -> None:
     eval_args = [a for a in argv if a.startswith("eval.")]
     args = parse_overrides([a for a in argv if not a.startswith("eval.")], {"run_dir": None})
-    ckpt = latest_checkpoint(args["run_dir"])
+    ckpt = newest_intact(args["run_dir"])  # skips (and names) damaged newer ones
     _, config = load_model(ckpt)
     eval_cfg = OmegaConf.to_container(OmegaConf.merge(
         {"eval": config["eval"]}, OmegaConf.from_dotlist(eval_args)), resolve=True)["eval"]
-    ray.init(address="local", _node_ip_address="127.0.0.1") if not ray.is_initialized() else None
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    init_ray(OmegaConf.create(config))  # the run's own Ray settings (embedded: loopback only)
     results = evaluate_checkpoint(ckpt, config["data"], eval_cfg,
                                   history_length=config["model"].get("history", {}).get("length", 0),
-                                  seed=config.get("seed", 0))
+                                  seed=config.get("seed", 0),
+                                  quarantine_dir=os.path.join(args["run_dir"], "quarantine", "eval"))
     results["checkpoint"] = ckpt
     path = write_results(args["run_dir"], results)
     print("\n" + format_table(results))

@@ -57,3 +57,20 @@ def test_nan_in_item_embeddings_is_an_error():
             "item_id": pa.array([0], pa.int64()), "advertiser_id": pa.array([0], pa.int64()),
             "category_id": pa.array([0], pa.int64()),
             "content_emb": pa.FixedSizeListArray.from_arrays(pa.array([1.0, float("nan")], pa.float32()), 2)}))
+
+
+def test_users_table_duplicates_fail_or_are_quarantined(tmp_path):
+    import pyarrow.parquet as pq
+
+    users = UserTable(np.array([1]), np.ones((1, 6), np.float32))
+    table = pa.table({"user_id": pa.array([1, 2, 1, 3], pa.int64()), "segment": pa.array([0, 1, 5, -2], pa.int64())})
+    with pytest.raises(EventSchemaError, match="users.parquet: column 'segment' has 1 of 4 rows below 0"):
+        users.with_attributes(table, ["segment"], "users.parquet")
+    dup_only = table.slice(0, 3)
+    with pytest.raises(EventSchemaError, match="users.parquet: column 'user_id' has 1 of 3 rows repeating an "
+                                               "earlier user, e.g. 1"):
+        users.with_attributes(dup_only, ["segment"], "users.parquet")
+    kept = users.with_attributes(table, ["segment"], "users.parquet", quarantine_dir=str(tmp_path))
+    assert kept.rows_quarantined == 2 and kept.lookup_cat(np.array([1, 2, 3])).ravel().tolist() == [0, 1, -1]
+    rejected = pq.read_table(tmp_path / "users.parquet")
+    assert rejected.column("quarantine_reason").to_pylist() == ["user_id:duplicate", "segment:below_min"]

@@ -107,19 +107,53 @@ class UserTable:
     dense: np.ndarray  # float32 [U, 6]
     cat: np.ndarray | None = None  # int64 [U, k], aligned with user_id
     cat_names: tuple = ()
+    rows_quarantined: int = 0  # users-table rows set aside (data.on_bad_rows=quarantine)
 
     def __post_init__(self):
         if self.cat is None:
             self.cat = np.zeros((len(self.user_id), 0), dtype=np.int64)
 
-    def with_attributes(self, table: pa.Table, columns: list[str], source: str) -> "UserTable":
-        """Join integer attribute columns of a users table (user_id + columns) onto the stats."""
-        from raycg.data.schema import Column, check_schema, check_values
+    def with_attributes(self, table: pa.Table, columns: list[str], source: str,
+                        quarantine_dir: str | None = None) -> "UserTable":
+        """Join integer attribute columns of a users table (user_id + columns) onto the stats.
+
+        Rows that break a rule (null, negative) or repeat an earlier row's user_id fail with an
+        error naming the file, or go to `quarantine_dir/users.parquet` (with a `quarantine_reason`,
+        counted in `rows_quarantined`)."""
+        import os
+
+        import pyarrow.parquet as pq
+
+        from raycg.data.schema import Column, EventSchemaError, check_schema, find_problems
 
         cols = (Column("user_id", "integer", pa.int64(), min_value=0),) + tuple(
             Column(c, "integer", pa.int64(), min_value=0) for c in columns)
         check_schema(table.schema, source, cols)
-        check_values(table, source, cols)
+        table = table.select([c.name for c in cols])
+        problems = find_problems(table, cols)
+        user_ids = table.column("user_id").fill_null(-1).to_numpy().astype(np.int64)
+        _, first = np.unique(user_ids, return_index=True)
+        dup = np.ones(len(user_ids), bool)
+        dup[first] = False
+        if dup.any():
+            from raycg.data.schema import Problem
+
+            problems.append(Problem("user_id", "duplicate", dup, (
+                f"column 'user_id' has {int(dup.sum())} of {len(dup)} rows repeating an earlier user, "
+                f"e.g. {int(user_ids[dup][0])}")))
+        n_bad = 0
+        if problems and quarantine_dir is None:
+            raise EventSchemaError(f"{source}: {problems[0].message}")
+        if problems:
+            reason = np.full(table.num_rows, "", dtype=object)
+            for p in problems:
+                reason[(reason == "") & p.mask] = f"{p.column}:{p.reason}"
+            bad = reason != ""
+            n_bad = int(bad.sum())
+            os.makedirs(quarantine_dir, exist_ok=True)
+            pq.write_table(table.filter(pa.array(bad)).append_column(
+                "quarantine_reason", pa.array(reason[bad].tolist())), os.path.join(quarantine_dir, "users.parquet"))
+            table = table.filter(pa.array(~bad))
         ids = table.column("user_id").to_numpy().astype(np.int64)
         attrs = np.stack([table.column(c).to_numpy().astype(np.int64) for c in columns], axis=1)
         all_ids = np.union1d(self.user_id, ids)
@@ -127,7 +161,7 @@ class UserTable:
         dense[np.searchsorted(all_ids, self.user_id)] = self.dense
         cat = np.full((len(all_ids), len(columns)), -1, np.int64)
         cat[np.searchsorted(all_ids, ids)] = attrs
-        return UserTable(all_ids, dense, cat, tuple(columns))
+        return UserTable(all_ids, dense, cat, tuple(columns), rows_quarantined=n_bad)
 
     def _gather(self, values: np.ndarray, user_ids: np.ndarray, missing) -> np.ndarray:
         """Rows of `values` (aligned with user_id) for each id; `missing` where unknown."""

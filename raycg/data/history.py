@@ -87,10 +87,13 @@ class HistoryIndex:
                    actions=actions[order], timestamps=ts[order], ts_min=ts_min, span=span)
 
     @classmethod
-    def build(cls, files: list[str]) -> "HistoryIndex":
-        """Read only the four needed columns of the action rows of `files` (any splits, e.g. train + eval)."""
+    def build(cls, files: list[str], extra: pa.Table | None = None) -> "HistoryIndex":
+        """Read only the four needed columns of the action rows of `files` [+ the events of
+        `extra`, e.g. the checked eval split]."""
         table = pads.dataset(list(files), format="parquet").to_table(
             columns=_COLUMNS, filter=pc.field("event_type").isin(list(ACTION_CODES)))
+        if extra is not None:
+            table = pa.concat_tables([table, extra.select(_COLUMNS).cast(table.schema)])
         return cls.from_events(table)
 
     def __len__(self) -> int:

@@ -11,13 +11,14 @@ import glob
 import os
 import shutil
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from raycg.data.batches import FeatureStore, ItemTable, pack_events
+from raycg.data.batches import FeatureStore, ItemTable, pack_events, quarantine_rows
 from raycg.data.features import UserTable, aggregate_counts, stats_from_counts
-from raycg.data.schema import EVENT_COLUMNS, EventSchemaError, check_parquet_files
+from raycg.data.schema import EVENT_COLUMNS, EventSchemaError, check_values, footer_rows
 
 
 def event_files(path: str) -> list[str]:
@@ -30,19 +31,57 @@ def event_files(path: str) -> list[str]:
     return files
 
 
+def nonempty_event_files(path: str) -> tuple[list[str], int, list[str]]:
+    """(files with rows, their total rows, empty files) of a split; footers checked. Empty
+    shards are skipped and counted, not fatal; a split with no rows at all is an error."""
+    rows = footer_rows(event_files(path))
+    total = sum(rows.values())
+    if total == 0:
+        raise EventSchemaError(f"{path}: no rows (all {len(rows)} Parquet files are empty)")
+    return [f for f, n in rows.items() if n], total, [f for f, n in rows.items() if not n]
+
+
 def read_events(path: str) -> tuple[ray.data.Dataset, int]:
     """Events as a Ray dataset (with a `path` column for error messages) + row count."""
-    files = event_files(path)
-    n_rows = check_parquet_files(files)
+    files, n_rows, _ = nonempty_event_files(path)
     ds = ray.data.read_parquet(
         files, columns=[c.name for c in EVENT_COLUMNS], include_paths=True
     )
     return ds, n_rows
 
 
+def checked_events(path: str, store: FeatureStore, *, quarantine_dir: str | None = None,
+                   check_duplicates: bool = True) -> tuple[pa.Table, dict]:
+    """Every event of a split (e.g. the evaluation split), read file by file and checked with
+    the training split's rules (raycg.data.schema) plus item-table membership.
+
+    Without `quarantine_dir` the first problem raises an `EventSchemaError` naming file, column,
+    count and an example; with it, bad rows go there (`quarantine_rows`) and the rest is kept.
+    Returns (the kept events, {"rows_read", "rows_quarantined", "rows_used", "files_empty"}).
+    """
+    files, rows_read, empty = nonempty_event_files(path)
+    names = [c.name for c in EVENT_COLUMNS]
+    if quarantine_dir is not None and os.path.isdir(quarantine_dir):
+        shutil.rmtree(quarantine_dir)  # recount from scratch (e.g. a resumed run)
+    kept = []
+    for f in files:
+        table = pq.read_table(f, columns=names)
+        if quarantine_dir is not None:
+            table = quarantine_rows(table, store, quarantine_dir, check_duplicates)
+        else:
+            check_values(table, f, EVENT_COLUMNS, check_duplicates)
+            store.items.rows(table.column("item_id").to_numpy().astype(np.int64), f)
+        kept.append(table)
+    table = pa.concat_tables(kept)
+    stats = {"rows_read": rows_read, "rows_quarantined": rows_read - table.num_rows, "rows_used": table.num_rows,
+             "files_empty": len(empty)}
+    return table, stats
+
+
 def build_feature_store(train_path: str, items_path: str, history_length: int = 0,
                         history_paths: list[str] | None = None, item_categorical=(),
-                        users_path: str | None = None, user_categorical=()) -> FeatureStore:
+                        users_path: str | None = None, user_categorical=(),
+                        users_quarantine_dir: str | None = None) -> FeatureStore:
     """Item table + user/item stats from the training split (Ray Data) [+ history index]
     [+ categorical item columns and user attributes from a users table].
 
@@ -66,17 +105,19 @@ def build_feature_store(train_path: str, items_path: str, history_length: int = 
             table = pq.read_table(users_path)
         except Exception as e:
             raise EventSchemaError(f"{users_path}: cannot read users table: {e}") from e
-        users = users.with_attributes(table, list(user_categorical), users_path)
+        users = users.with_attributes(table, list(user_categorical), users_path, users_quarantine_dir)
     return FeatureStore(items=items.with_stats(item_ids, item_counts), users=users,
                         history=history, history_length=history_length)
 
 
 def feature_store_from_config(data_cfg: dict, history_length: int = 0,
-                              history_paths: list[str] | None = None) -> FeatureStore:
+                              history_paths: list[str] | None = None, quarantine_dir: str | None = None) -> FeatureStore:
+    """`quarantine_dir` (with data.on_bad_rows=quarantine): where bad users-table rows go."""
+    quarantine = quarantine_dir if data_cfg.get("on_bad_rows") == "quarantine" else None
     return build_feature_store(
         data_cfg["train_path"], data_cfg["items_path"], history_length, history_paths,
         item_categorical=data_cfg.get("item_categorical") or (), users_path=data_cfg.get("users_path"),
-        user_categorical=data_cfg.get("user_categorical") or ())
+        user_categorical=data_cfg.get("user_categorical") or (), users_quarantine_dir=quarantine)
 
 
 def packed_training_dataset(
@@ -94,10 +135,11 @@ def packed_training_dataset(
         raise ValueError("data.on_bad_rows=quarantine needs data.materialize=true")
     if quarantine_dir is not None and os.path.isdir(quarantine_dir):
         shutil.rmtree(quarantine_dir)  # recount from scratch (e.g. a resumed run)
-    ds, rows_read = read_events(events_path)
+    files, rows_read, empty = nonempty_event_files(events_path)
+    ds = ray.data.read_parquet(files, columns=[c.name for c in EVENT_COLUMNS], include_paths=True)
     items = store.items
     store_ref = ray.put(store)
-    stats = {"rows_read": rows_read}
+    stats = {"rows_read": rows_read, "files_empty": len(empty)}
     imp_ref = None
     if hard_negatives > 0:
         from raycg.data.negatives import ImpressionIndex

@@ -99,14 +99,15 @@ def check_schema(schema: pa.Schema, source: str, columns=EVENT_COLUMNS) -> None:
             )
 
 
-def check_parquet_files(paths: list[str], columns=EVENT_COLUMNS) -> int:
-    """Check every file's footer schema; return the total row count.
+def footer_rows(paths: list[str], columns=EVENT_COLUMNS) -> dict[str, int]:
+    """Check every file's footer schema; return each file's row count (0 for an empty file,
+    which Spark and others write routinely: callers skip and count those).
 
     Reads only metadata, so it is cheap even for many large shards.
     """
     if not paths:
         raise EventSchemaError("no Parquet files given")
-    total = 0
+    rows = {}
     for path in paths:
         try:
             meta = pq.read_metadata(path)
@@ -114,9 +115,16 @@ def check_parquet_files(paths: list[str], columns=EVENT_COLUMNS) -> int:
         except Exception as e:  # corrupt or not Parquet at all
             raise EventSchemaError(f"{path}: cannot read Parquet footer: {e}") from e
         check_schema(schema, path, columns)
-        if meta.num_rows == 0:
-            raise EventSchemaError(f"{path}: file has no rows")
-        total += meta.num_rows
+        rows[path] = meta.num_rows
+    return rows
+
+
+def check_parquet_files(paths: list[str], columns=EVENT_COLUMNS) -> int:
+    """Check every file's footer schema; return the total row count (an error if it is 0)."""
+    total = sum(footer_rows(paths, columns).values())
+    if total == 0:
+        where = paths[0] if len(paths) == 1 else f"{len(paths)} files ({paths[0]}, ...)"
+        raise EventSchemaError(f"{where}: no rows (every file is empty)")
     return total
 
 

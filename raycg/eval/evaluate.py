@@ -13,7 +13,7 @@ import numpy as np
 import ray
 import torch
 
-from raycg.data.pipeline import event_files, feature_store_from_config
+from raycg.data.pipeline import checked_events, event_files, feature_store_from_config
 
 from raycg.eval.baselines import ALSBaseline, popularity_ranking, surface_popularity_rankings
 from raycg.eval.embed import embed_corpus, embed_queries
@@ -56,36 +56,45 @@ def eval_devices(setting: str) -> tuple[bool, str]:
 
 
 def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log=print,
-                        history_length: int = 0, store=None, seed: int = 0) -> dict:
+                        history_length: int = 0, store=None, seed: int = 0, eval_split=None,
+                        quarantine_dir: str | None = None) -> dict:
     """Features come from the training split exactly as for training (`store`, the training
     run's FeatureStore, or rebuilt when None); the history index also sees the eval split
     (lookups only use events strictly before each query). Baselines (`eval.baselines`) are
-    fitted on the same training split and scored on the same queries."""
+    fitted on the same training split and scored on the same queries.
+
+    The eval split is value-checked like the training split (`checked_events`; bad rows fail
+    the run, or go to `quarantine_dir` with `data.on_bad_rows=quarantine`); `eval_split` =
+    (events, row accounting) when the driver has checked it already. The accounting is
+    written to the results as `eval_rows`."""
     ks = sorted(int(k) for k in eval_cfg["ks"])
     embed_gpu, search_device = eval_devices(eval_cfg.get("device", "auto"))
     baselines = list(eval_cfg.get("baselines", ["popularity"]))
     methods = ["model", *baselines]
     t_start = time.perf_counter()
-    history_files = event_files(data_cfg["train_path"]) + event_files(data_cfg["eval_path"])
     if store is None:
-        store = feature_store_from_config(data_cfg, history_length, history_files)
-    elif history_length > 0:
+        store = feature_store_from_config(data_cfg)
+    if eval_split is None:
+        quarantine = quarantine_dir if data_cfg.get("on_bad_rows") == "quarantine" else None
+        eval_split = checked_events(data_cfg["eval_path"], store, quarantine_dir=quarantine,
+                                    check_duplicates=data_cfg.get("check_duplicates", True))
+    eval_events, eval_rows = eval_split
+    if history_length > 0:  # the training split's actions and the checked eval split's
         from raycg.data.history import HistoryIndex
 
-        store = dataclasses.replace(store, history=HistoryIndex.build(history_files))
+        store = dataclasses.replace(store, history_length=history_length, history=HistoryIndex.build(
+            event_files(data_cfg["train_path"]), extra=eval_events))
     store_ref = [ray.put(store)]
     log(f"[raycg] eval: embedding the item corpus {data_cfg['items_path']} (Ray Data, "
         f"{'GPU' if embed_gpu else 'CPU'} actors; exact top-K on {search_device})")
     corpus_ids, item_emb = embed_corpus(data_cfg["items_path"], checkpoint_dir, store_ref,
                                         eval_cfg["inference_batch_size"], use_gpu=embed_gpu)
-    eval_events = read_event_columns(
-        data_cfg["eval_path"], ["user_id", "item_id", "surface", "event_type", "context_item_id", "query_id",
-                                "timestamp"])
     train_events = read_event_columns(data_cfg["train_path"], ["user_id", "item_id", "event_type", "surface"])
     t_base = time.perf_counter()
     fitted = _fit_baselines(baselines, train_events, corpus_ids, eval_cfg, seed, log)
     baseline_s = time.perf_counter() - t_base
     results: dict = {"ks": ks, "n_items": int(len(corpus_ids)), "methods": methods, "n_queries": {},
+                     "eval_rows": eval_rows,
                      "detail": {m: {} for m in methods}, "als_coverage": {}, **{m: {} for m in methods}}
     adv_of = store.items.cat[:, 1][np.searchsorted(store.items.item_id, corpus_ids)]  # advertiser per corpus row
     search_s = 0.0

@@ -4,6 +4,7 @@
     <out>/item_tower.pt   f(item_cat, item_dense) -> [B, E]
     <out>/feature_spec.json   input columns, dense normalisation mean/std, history length,
                               serving head, temperature
+    <out>/checksums.json      SHA-256 of the three files (raycg.checksums.verify_checksums)
 
 The dense normalisation statistics are buffers inside the traced towers (they are applied
 by the exported code) and are also written to feature_spec.json for feature pipelines.
@@ -20,6 +21,7 @@ import warnings
 import torch
 from torch import nn
 
+from raycg.checksums import write_checksums
 from raycg.model.card import example_batch
 from raycg.model.two_tower import TwoTowerModel
 
@@ -69,4 +71,5 @@ def export_towers(model: TwoTowerModel, out_dir: str) -> dict[str, str]:
     paths["feature_spec"] = os.path.join(out_dir, "feature_spec.json")
     with open(paths["feature_spec"], "w") as f:
         json.dump(meta, f, indent=2)
+    write_checksums(out_dir, [os.path.basename(p) for p in paths.values()])
     return paths

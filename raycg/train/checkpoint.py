@@ -1,19 +1,41 @@
-"""What a raycg checkpoint holds, and loading a model back from one.
+"""What a raycg checkpoint holds, how it is verified, and loading a model back from one.
 
-    <checkpoint dir>/model.pt     {"model": state_dict, "optimizer": ..., "epoch": int,
-                                   "scheduler": LR schedule state, "step": int,
-                                   "freq": logQ estimator state or None, "gen": generator state}
-    <checkpoint dir>/meta.json    {"config": full run config, "feature_spec": FeatureSpec dict}
+    <checkpoint dir>/model.pt        {"model": state_dict, "optimizer": ..., "epoch": int,
+                                      "scheduler": LR schedule state, "step": int,
+                                      "freq": logQ estimator state or None, "gen": generator state}
+    <checkpoint dir>/meta.json       {"config": full run config, "feature_spec": FeatureSpec dict}
+    <checkpoint dir>/checksums.json  {"model.pt": sha256, "meta.json": sha256}, written last
+
+Every load verifies the checksums first, so a damaged file (flipped bytes, a truncated
+copy) is an error that names the file instead of a silently different model; a checkpoint
+written before checksums existed loads with a warning. `newest_intact` finds the newest
+checkpoint of a run that verifies: resuming (raycg.train.loop) and evaluating a run dir
+(raycg.evaluate, raycg.export) fall back to it, saying which checkpoint was skipped and why.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 
 import torch
 
+from raycg.checksums import DamagedFileError, verify_checksums, write_checksums
 from raycg.data.features import FeatureSpec
 from raycg.model.two_tower import TwoTowerModel
+
+CHECKPOINT_FILES = ["model.pt", "meta.json"]
+
+
+class CheckpointError(DamagedFileError):
+    """A checkpoint file is missing, damaged or unreadable; names the file."""
+
+
+def verify(directory: str) -> None:
+    try:
+        verify_checksums(directory)
+    except DamagedFileError as e:
+        raise CheckpointError(str(e)) from e
 
 
 def save(directory: str, model, optimizer, epoch: int, config: dict, spec: dict,
@@ -28,17 +50,47 @@ def save(directory: str, model, optimizer, epoch: int, config: dict, spec: dict,
     )
     with open(os.path.join(directory, "meta.json"), "w") as f:
         json.dump({"config": config, "feature_spec": spec, "epoch": epoch}, f)
+    write_checksums(directory, CHECKPOINT_FILES)
 
 
 def load_state(directory: str) -> dict:
-    return torch.load(os.path.join(directory, "model.pt"), map_location="cpu", weights_only=True)
+    verify(directory)
+    path = os.path.join(directory, "model.pt")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated / not a torch file: name it
+        raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {e})") from e
 
 
 def load_model(directory: str) -> tuple[TwoTowerModel, dict]:
     """Model in eval mode + the run config it was trained with."""
+    state = load_state(directory)  # verifies meta.json too
     with open(os.path.join(directory, "meta.json")) as f:
         meta = json.load(f)
     model = TwoTowerModel(meta["config"]["model"], FeatureSpec.from_dict(meta["feature_spec"]))
-    model.load_state_dict(load_state(directory)["model"])
+    model.load_state_dict(state["model"])
     model.eval()
     return model, meta["config"]
+
+
+def run_checkpoints(run_dir: str) -> list[str]:
+    """The `checkpoint_*` directories of a run, newest first (Ray Train names them by time)."""
+    return sorted((d for d in glob.glob(os.path.join(run_dir, "checkpoint_*")) if os.path.isdir(d)), reverse=True)
+
+
+def newest_intact(run_dir: str, log=print) -> str:
+    """The newest checkpoint of `run_dir` that verifies and loads; each newer damaged one is
+    reported through `log`. Raises `CheckpointError` when there is none."""
+    found = run_checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(f"{run_dir}: no checkpoint_* directory (has this run trained an epoch?)")
+    problems = []
+    for d in found:
+        try:
+            load_state(d)
+        except CheckpointError as e:
+            problems.append(str(e))
+            log(f"[raycg] checkpoint {d} is damaged, skipped: {e}")
+            continue
+        return d
+    raise CheckpointError(f"{run_dir}: no intact checkpoint among {len(found)}: " + "; ".join(problems))

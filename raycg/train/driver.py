@@ -21,7 +21,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from raycg.data.features import FeatureSpec, dense_moments
-from raycg.data.pipeline import auto_buckets, feature_store_from_config, packed_training_dataset
+from raycg.data.pipeline import auto_buckets, checked_events, feature_store_from_config, packed_training_dataset
 from raycg.data.simulate import SimConfig, write_dataset
 from raycg.model.card import model_card
 from raycg.model.export import export_towers
@@ -29,6 +29,7 @@ from raycg.train.checkpoint import load_model
 from raycg.model.two_tower import TwoTowerModel
 from raycg.eval.evaluate import evaluate_checkpoint, format_table, timing_line, write_results
 from raycg.train.loop import train_loop_per_worker
+from raycg.train.preflight import PreflightError, check_config, check_data_dir, check_resources
 from raycg.train.schedule import lr_factor
 
 
@@ -46,13 +47,24 @@ def resolve_paths(cfg: DictConfig) -> None:
         cfg.run_name = f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.cross}"
 
 
+def embedded(cfg: DictConfig) -> bool:
+    """No ray.address and no RAY_ADDRESS: this process starts its own Ray."""
+    return cfg.ray.address is None and not os.environ.get("RAY_ADDRESS")
+
+
 def init_ray(cfg: DictConfig) -> None:
     if ray.is_initialized():
         return
     kwargs = {"log_to_driver": True}
-    if cfg.ray.address is None and not os.environ.get("RAY_ADDRESS"):
-        # "local": always an embedded instance on loopback, never a stale `ray start` cluster
-        kwargs.update(address="local", _node_ip_address="127.0.0.1")
+    if embedded(cfg):
+        # Loopback only. Ray 2.60 turns a 127.0.0.1 node address into the machine's address, and
+        # its servers then listen on every interface, unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0:
+        # read at import by this process (patched here) and at start by Ray's own processes (env).
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        import ray._private.ray_constants as ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        kwargs.update(address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1")
         if cfg.ray.num_cpus is not None:
             kwargs["num_cpus"] = cfg.ray.num_cpus
         if cfg.ray.include_dashboard is not None:
@@ -61,6 +73,8 @@ def init_ray(cfg: DictConfig) -> None:
         kwargs["address"] = cfg.ray.address
     ray.init(**kwargs)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    if cfg.trainer.get("deterministic"):
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
 
 
 def ensure_data(cfg: DictConfig) -> None:
@@ -107,25 +121,53 @@ class PreparedRun:
     store: object  # raycg.data.batches.FeatureStore
     store_ref: list
     spec: FeatureSpec
+    eval_split: tuple | None = None  # (checked eval events, their row accounting)
+
+
+def quarantine_dir(cfg: DictConfig, run_dir: str, split: str) -> str | None:
+    """<run>/quarantine/<train|eval|users> with data.on_bad_rows=quarantine, else None."""
+    return os.path.join(run_dir, "quarantine", split) if cfg.data.on_bad_rows == "quarantine" else None
+
+
+def check_quarantine_share(cfg: DictConfig, what: str, quarantined: int, read: int) -> None:
+    """Warn loudly when more than data.max_quarantined_fraction of a split was set aside."""
+    if read and quarantined / read > cfg.data.max_quarantined_fraction:
+        log(f"[raycg] WARNING: {quarantined:,} of {read:,} {what} rows ({100 * quarantined / read:.1f}%) were "
+            f"quarantined, more than data.max_quarantined_fraction={cfg.data.max_quarantined_fraction}: look at "
+            f"the quarantine_reason column of the quarantined files before trusting this run")
 
 
 def prepare_run(cfg: DictConfig) -> PreparedRun:
     """Features (Ray Data) -> packed training dataset -> spec; writes config.yaml and
     data_stats.json and prints the model card."""
     t0 = time.perf_counter()
-    store = feature_store_from_config(OmegaConf.to_container(cfg.data, resolve=True), cfg.model.history.length)
+    run_dir = os.path.join(cfg.paths.runs_dir, cfg.run_name)
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    store = feature_store_from_config(data_cfg, cfg.model.history.length,
+                                      quarantine_dir=quarantine_dir(cfg, run_dir, "users"))
     items = store.items
+    # the evaluation split gets the training split's checks, before any training
+    eval_split = checked_events(cfg.data.eval_path, store, quarantine_dir=quarantine_dir(cfg, run_dir, "eval"),
+                                check_duplicates=cfg.data.check_duplicates)
     with open_dict(cfg.model):  # extra categorical columns add bucket names
         cfg.model.buckets = auto_buckets(
             OmegaConf.to_container(cfg.model.buckets), cfg.model.max_buckets, cfg.data.train_path, items, store.users)
-    run_dir = os.path.join(cfg.paths.runs_dir, cfg.run_name)
-    if cfg.data.on_bad_rows not in ("fail", "quarantine"):
-        raise ValueError(f"data.on_bad_rows={cfg.data.on_bad_rows!r}: expected 'fail' or 'quarantine'")
     train_ds, stats = packed_training_dataset(
         cfg.data.train_path, store, batch_size=cfg.data.pack_batch_size, materialize=cfg.data.materialize,
         hard_negatives=cfg.loss.hard_negatives, seed=cfg.seed,
-        quarantine_dir=os.path.join(run_dir, "quarantine") if cfg.data.on_bad_rows == "quarantine" else None,
-        check_duplicates=cfg.data.check_duplicates)
+        quarantine_dir=quarantine_dir(cfg, run_dir, "train"), check_duplicates=cfg.data.check_duplicates)
+    stats.update(eval=eval_split[1], users_rows_quarantined=store.users.rows_quarantined)
+    if stats.get("files_empty"):
+        log(f"[raycg] data: skipped {stats['files_empty']} empty Parquet file(s) of the training split")
+    if "rows_quarantined" in stats:
+        check_quarantine_share(cfg, "training", stats["rows_quarantined"], stats["rows_read"])
+    check_quarantine_share(cfg, "evaluation", eval_split[1]["rows_quarantined"], eval_split[1]["rows_read"])
+    per_rank = stats.get("rows_used", cfg.trainer.batch_size * cfg.trainer.num_workers) // cfg.trainer.num_workers
+    if per_rank < cfg.trainer.batch_size:
+        raise PreflightError(
+            f"trainer.batch_size={cfg.trainer.batch_size} x trainer.num_workers={cfg.trainer.num_workers}: the "
+            f"training split has {stats['rows_used']:,} positive rows, {per_rank:,} per worker, fewer than one "
+            f"batch; lower trainer.batch_size or trainer.num_workers")
     moments = dense_moments(train_ds, ["user_dense", "item_dense"])
     spec = FeatureSpec(
         user_cat=["user", "surface", "context_item", "query", *store.users.cat_names],
@@ -142,7 +184,7 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
     with open(os.path.join(run_dir, "data_stats.json"), "w") as f:
         json.dump(stats, f)
     print(model_card(TwoTowerModel(OmegaConf.to_container(cfg.model, resolve=True), spec)), flush=True)
-    return PreparedRun(run_dir, train_ds, stats, store, [ray.put(store)], spec)
+    return PreparedRun(run_dir, train_ds, stats, store, [ray.put(store)], spec, eval_split)
 
 
 def make_trainer(cfg: DictConfig, prep: PreparedRun, callbacks: list | None = None) -> TorchTrainer:
@@ -169,7 +211,8 @@ def make_trainer(cfg: DictConfig, prep: PreparedRun, callbacks: list | None = No
         run_config=RunConfig(
             name=os.path.basename(prep.run_dir), storage_path=os.path.dirname(prep.run_dir),
             checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
-            failure_config=FailureConfig(max_failures=t.max_failures),
+            # bounded: an unplaceable worker group otherwise retries forever
+            failure_config=FailureConfig(max_failures=t.max_failures, controller_failure_limit=t.startup_retries),
             callbacks=callbacks,
         ),
         datasets={"train": prep.dataset},
@@ -185,20 +228,32 @@ def build_trainer(cfg: DictConfig, callbacks: list | None = None):
 def run(cfg: DictConfig, callbacks: list | None = None) -> dict:
     """The main job: simulate (if needed) -> train -> evaluate. Returns eval results."""
     resolve_paths(cfg)
+    check_config(cfg)  # seconds: before Ray, data or a run directory exist
+    check_data_dir(cfg)
     init_ray(cfg)
+    check_resources(cfg, ray.cluster_resources, embedded(cfg), cfg.trainer.resources_wait_s, log)
     ensure_data(cfg)
-    trainer, run_dir, store = build_trainer(cfg, callbacks)
+    prep = prepare_run(cfg)
+    trainer = make_trainer(cfg, prep, callbacks)
+    run_dir = prep.run_dir
     log(f"[raycg] train: run {cfg.run_name} ({cfg.trainer.num_workers} workers, model.cross={cfg.model.cross}) "
         f"-> {run_dir}")
     t0 = time.perf_counter()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError:
+        log(f"[raycg] train: run {cfg.run_name} failed (trainer.max_failures={cfg.trainer.max_failures} restarts "
+            f"allowed). Running the same command again (run_name={cfg.run_name}) resumes from its last "
+            "checkpoint; trainer.max_failures=N restarts failed workers automatically.")
+        raise
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint in {run_dir}")
     log(f"[raycg] train: done in {time.perf_counter() - t0:.1f}s; checkpoint {result.checkpoint.path}")
     with result.checkpoint.as_directory() as ckpt_dir:
         results = evaluate_checkpoint(ckpt_dir, OmegaConf.to_container(cfg.data, resolve=True),
                                       OmegaConf.to_container(cfg.eval, resolve=True), log,
-                                      history_length=cfg.model.history.length, store=store, seed=cfg.seed)
+                                      history_length=cfg.model.history.length, store=prep.store, seed=cfg.seed,
+                                      eval_split=prep.eval_split)
     results["checkpoint"] = result.checkpoint.path
     with result.checkpoint.as_directory() as ckpt_dir:
         model, _ = load_model(ckpt_dir)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 
@@ -24,6 +25,43 @@ from raycg.train.feed import ThreadFeed
 from raycg.train.ingest import ProcessFeed
 from raycg.train.schedule import build_scheduler
 from raycg.train.step import StepContext, train_step
+
+
+def say(msg: str) -> None:
+    """A worker's progress line. Ray Train patches `print` in workers to log AND print (every
+    line appeared twice); the process's own stdout reaches the driver once."""
+    print(msg, file=sys.__stdout__, flush=True)
+
+
+def resume_state(checkpoint, run_dir: str, rank: int) -> dict | None:
+    """The state of Ray's latest checkpoint, or, when that one is damaged (raycg.train.checkpoint
+    verifies checksums), of the newest intact checkpoint of the run, saying so."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        try:
+            return ckpt_io.load_state(d)
+        except ckpt_io.CheckpointError as e:
+            damaged = e
+    log = say if rank == 0 else (lambda msg: None)
+    log(f"[raycg] the latest checkpoint is damaged: {damaged}")
+    fallback = ckpt_io.newest_intact(run_dir, log=log)
+    log(f"[raycg] resuming from the newest intact checkpoint instead: {fallback}")
+    return ckpt_io.load_state(fallback)
+
+
+def forget_epochs_from(metrics_path: str, start_epoch: int) -> None:
+    """Drop metrics.jsonl lines of epochs that will be trained again: a run stopped after
+    writing an epoch's line but before Ray committed its checkpoint resumes before that epoch."""
+    if not os.path.exists(metrics_path):
+        return
+    with open(metrics_path) as f:
+        lines = [line for line in f if line.strip()]
+    keep = [line for line in lines if json.loads(line)["epoch"] < start_epoch]
+    if len(keep) != len(lines):
+        with open(metrics_path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(metrics_path + ".tmp", metrics_path)
 
 
 def finite(mean_loss: float, epoch: int, steps: int) -> float:
@@ -62,6 +100,9 @@ def train_loop_per_worker(config: dict) -> None:
     # -- device, precision, compilation: set once ------------------------------------------
     device = ray.train.torch.get_device()
     torch.manual_seed(config["seed"])
+    if cfg_train["deterministic"]:  # same seed, same data order (driver side) -> the same run
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     if device.type == "cuda" and cfg_train["tf32"]:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls outside autocast
     compile_model = bool(cfg_train["compile"])
@@ -69,11 +110,7 @@ def train_loop_per_worker(config: dict) -> None:
     cudagraphs = compile_mode == "reduce-overhead" and device.type == "cuda"
 
     # -- resume state, read on the CPU (a GPU checkpoint resumes anywhere) ----------------
-    state = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = ckpt_io.load_state(d)
+    state = resume_state(ray.train.get_checkpoint(), config["run_dir"], rank)
 
     # -- model on the device, then the optimiser (its state follows the parameters) -----------
     model = TwoTowerModel(cfg_model, spec)
@@ -99,13 +136,14 @@ def train_loop_per_worker(config: dict) -> None:
         step_ctx.load_state_dict(state)
         start_epoch = state["epoch"] + 1
         if rank == 0:
-            print(f"[raycg] resuming from checkpoint after epoch {state['epoch']}", flush=True)
+            say(f"[raycg] resuming from checkpoint after epoch {state['epoch']}")
+            forget_epochs_from(os.path.join(config["run_dir"], "metrics.jsonl"), start_epoch)
     forward = torch.compile(model, dynamic=False, mode=compile_mode) if compile_model else model
     feed = open_feed(ray.train.get_dataset_shard("train"), cfg_train, device, rank)
     if rank == 0:
-        print(f"[raycg] worker: {world} x {device.type}, precision {cfg_train['precision']}, compile "
+        say(f"[raycg] worker: {world} x {device.type}, precision {cfg_train['precision']}, compile "
               f"{(compile_mode or 'default') if compile_model else 'off'}, batch {B} x {world} ranks, host->device "
-              f"transfers of {B * cfg_train['transfer_batches']:,} rows, ingest {cfg_train['ingest']}", flush=True)
+              f"transfers of {B * cfg_train['transfer_batches']:,} rows, ingest {cfg_train['ingest']}")
 
     try:
         run_epochs(config, start_epoch, feed, forward, core, optimizer, scheduler, step_ctx, cudagraphs, saved_config)
@@ -142,8 +180,8 @@ def run_epochs(config: dict, start_epoch: int, feed, forward, core, optimizer, s
             steps += 1
             if rank == 0 and steps % cfg_train["log_every_steps"] == 0:
                 mean = finite(loss_sum.item() / steps, epoch, steps)  # the only host sync inside an epoch
-                print(f"[raycg] epoch {epoch} step {steps} loss {mean:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
-                      f"({steps * B * world / (time.perf_counter() - t0):,.0f} rows/s)", flush=True)
+                say(f"[raycg] epoch {epoch} step {steps} loss {mean:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
+                    f"({steps * B * world / (time.perf_counter() - t0):,.0f} rows/s)")
         if steps == 0:
             raise RuntimeError(
                 f"worker {rank} got no full batch of {B} rows in epoch {epoch}: "
@@ -162,13 +200,12 @@ def run_epochs(config: dict, start_epoch: int, feed, forward, core, optimizer, s
             metrics.update(rows_read=data["rows_read"], rows_remainder=data["rows_used"] - metrics["rows"],
                            rows_not_positive=data["rows_not_positive"], rows_rejected=data["rows_quarantined"])
         if rank == 0:
-            print(f"[raycg] epoch {epoch} done: loss {metrics['loss']:.4f}, {metrics['rows']:,} rows, "
-                  f"{metrics['rows_per_s']:,.0f} rows/s, {elapsed:.1f}s (waiting for data {data_wait:.1f}s)",
-                  flush=True)
+            say(f"[raycg] epoch {epoch} done: loss {metrics['loss']:.4f}, {metrics['rows']:,} rows, "
+                f"{metrics['rows_per_s']:,.0f} rows/s, {elapsed:.1f}s (waiting for data {data_wait:.1f}s)")
             if "rows_read" in metrics:
-                print(f"[raycg] epoch {epoch} rows: read {metrics['rows_read']:,} = trained {metrics['rows']:,} "
-                      f"+ batch remainder {metrics['rows_remainder']:,} + not positive "
-                      f"{metrics['rows_not_positive']:,} + rejected {metrics['rows_rejected']:,}", flush=True)
+                say(f"[raycg] epoch {epoch} rows: read {metrics['rows_read']:,} = trained {metrics['rows']:,} "
+                    f"+ batch remainder {metrics['rows_remainder']:,} + not positive "
+                    f"{metrics['rows_not_positive']:,} + rejected {metrics['rows_rejected']:,}")
             with open(os.path.join(config["run_dir"], "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             with tempfile.TemporaryDirectory() as d:

@@ -1,16 +1,5 @@
-"""Finding things in a run directory."""
+"""`key=value` arguments of the small run-directory tools (raycg.evaluate, raycg.export)."""
 from __future__ import annotations
-
-import glob
-import os
-
-
-def latest_checkpoint(run_dir: str) -> str:
-    """The newest `checkpoint_*` directory of a run (Ray Train names them by time)."""
-    found = sorted(d for d in glob.glob(os.path.join(run_dir, "checkpoint_*")) if os.path.isdir(d))
-    if not found:
-        raise FileNotFoundError(f"{run_dir}: no checkpoint_* directory (has this run trained an epoch?)")
-    return found[-1]
 
 
 def parse_overrides(argv: list[str], allowed: dict[str, str | None]) -> dict[str, str]:

@@ -1,0 +1,112 @@
+"""Checks that run before anything expensive: the composed config and the data directory
+(before Ray starts), then the cluster's resources (before any worker is asked for).
+
+Each failure is a `PreflightError` that names the setting, the value and what to change, so
+that a typo or a missing directory costs seconds, not a data pipeline and five tracebacks.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from omegaconf import DictConfig
+
+
+class PreflightError(ValueError):
+    """A setting or an input that would make the run fail later; says what to change."""
+
+
+def _choice(cfg: DictConfig, key: str, allowed) -> None:
+    from omegaconf import OmegaConf
+
+    value = OmegaConf.select(cfg, key)
+    if value not in allowed:
+        raise PreflightError(f"{key}={value!r}: expected one of {list(allowed)}")
+
+
+def _at_least(cfg: DictConfig, key: str, low, allow_none: bool = False) -> None:
+    from omegaconf import OmegaConf
+
+    value = OmegaConf.select(cfg, key)
+    if value is None and allow_none:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
+        raise PreflightError(f"{key}={value!r}: must be a number >= {low}")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Enumerations and ranges of the settings the run reads (no I/O)."""
+    from raycg.eval.evaluate import DEVICES
+    from raycg.model.towers import HEAD_SETS, STRUCTURES
+    from raycg.train.schedule import DECAYS
+    from raycg.train.step import PRECISIONS
+
+    _choice(cfg, "model.cross", STRUCTURES)
+    _choice(cfg, "model.heads", tuple(HEAD_SETS))
+    _choice(cfg, "trainer.precision", tuple(PRECISIONS))
+    _choice(cfg, "trainer.ingest", ("thread", "process"))
+    _choice(cfg, "trainer.lr_schedule.decay", DECAYS)
+    _choice(cfg, "trainer.compile_mode", (None, "default", "reduce-overhead", "max-autotune",
+                                          "max-autotune-no-cudagraphs"))
+    _choice(cfg, "data.on_bad_rows", ("fail", "quarantine"))
+    _choice(cfg, "eval.device", DEVICES)
+    for key, low in (("trainer.epochs", 1), ("trainer.batch_size", 1), ("trainer.num_workers", 1),
+                     ("trainer.transfer_batches", 1), ("trainer.prefetch_batches", 1),
+                     ("trainer.log_every_steps", 1), ("trainer.lr", 0), ("trainer.cpus_per_worker", 0),
+                     ("model.cross_layers", 0), ("model.embedding_dim", 1), ("model.temperature", 1e-6),
+                     ("loss.t_max", 1e-9), ("loss.mixed_negatives", 0), ("loss.hard_negatives", 0),
+                     ("model.history.length", 0), ("data.max_quarantined_fraction", 0)):
+        _at_least(cfg, key, low)
+    _at_least(cfg, "trainer.grad_clip_norm", 1e-12, allow_none=True)
+    if not cfg.eval.ks or any(int(k) < 1 for k in cfg.eval.ks):
+        raise PreflightError(f"eval.ks={list(cfg.eval.ks)}: give one or more K >= 1")
+    if cfg.data.on_bad_rows == "quarantine" and not cfg.data.materialize:
+        raise PreflightError("data.on_bad_rows=quarantine needs data.materialize=true "
+                             "(the quarantine is written once, by the materialising pass)")
+
+
+def check_data_dir(cfg: DictConfig) -> None:
+    """The inputs of a `data=files` run exist (the simulator writes its own)."""
+    if cfg.data.source == "simulator":
+        return
+    if cfg.data.get("dir") and not os.path.isdir(cfg.data.dir):
+        raise PreflightError(f"data.dir={cfg.data.dir}: no such directory (expected items.parquet and "
+                             "events/train/, events/eval/ inside; see the README's event schema)")
+    for key, kind in (("items_path", "file"), ("train_path", "split"), ("eval_path", "split"), ("users_path", "file")):
+        path = cfg.data.get(key)
+        if not path:
+            continue
+        if not os.path.exists(path):
+            raise PreflightError(f"data.{key}={path}: no such {'file' if kind == 'file' else 'file or directory'}")
+
+
+def required_resources(cfg: DictConfig) -> dict[str, float]:
+    t = cfg.trainer
+    need = {"CPU": t.num_workers * t.cpus_per_worker}
+    if t.use_gpu:
+        need["GPU"] = float(t.num_workers)
+    return need
+
+
+def check_resources(cfg: DictConfig, cluster_resources, embedded: bool, wait_s: float, log=print) -> None:
+    """The trainer's workers fit the cluster: at once for an embedded Ray (its size is fixed),
+    within `wait_s` seconds for a cluster (an autoscaler may be adding nodes)."""
+    need = required_resources(cfg)
+    deadline = time.monotonic() + (0 if embedded else wait_s)
+    announced = False
+    while True:
+        have = cluster_resources()
+        short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if have.get(k, 0.0) + 1e-9 < v}
+        if not short:
+            return
+        if time.monotonic() >= deadline:
+            what = ", ".join(f"{k}: {v:g} asked, {h:g} in the cluster" for k, (v, h) in short.items())
+            raise PreflightError(
+                f"trainer.num_workers={cfg.trainer.num_workers} x trainer.cpus_per_worker="
+                f"{cfg.trainer.cpus_per_worker}{' (+1 GPU each)' if cfg.trainer.use_gpu else ''} does not fit "
+                f"the {'embedded Ray' if embedded else 'cluster'} ({what}): lower trainer.num_workers or "
+                f"trainer.cpus_per_worker{'' if embedded else ', or add nodes'}")
+        if not announced:
+            log(f"[raycg] waiting up to {wait_s:.0f}s for the cluster to offer {need} (trainer.resources_wait_s)")
+            announced = True
+        time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
