@@ -81,3 +81,13 @@ def test_sweep_two_trials(ray_session, small_data_dir, tmp_path):
     assert summary["best"]["params"]["loss.conversion_weight"] == best.config["loss"]["conversion_weight"]
     with open(os.path.join(str(tmp_path), "test-sweep", "sweep.json")) as f:
         assert json.load(f)["best"]["trial"] == best.metrics["trial_id"]
+
+    # the same command again (as after a killed sweep): Tune restores the experiment, both
+    # finished trials are reused and none trains again
+    evals = {r.metrics["run_dir"]: os.path.getmtime(os.path.join(r.metrics["run_dir"], "eval.json")) for r in grid}
+    grid2, summary2 = sweep.run_sweep(cfg)
+    assert sorted(summary2["reused"]) == sorted(r.metrics["trial_id"] for r in grid)
+    assert len(grid2) == 2 and grid2.num_errors == 0
+    assert summary2["best"]["value"] == summary["best"]["value"]
+    for run_dir, mtime in evals.items():
+        assert os.path.getmtime(os.path.join(run_dir, "eval.json")) == mtime  # not evaluated again

@@ -162,7 +162,30 @@ def run_sweep(cfg: DictConfig) -> tuple[tune.ResultGrid, dict]:
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, base_cfg=base_cfg, runs_dir=os.path.join(sweep_dir, "runs")),
         OmegaConf.to_container(ts.trial_resources))
-    tuner = tune.Tuner(
+    reused = []
+    if tune.Tuner.can_restore(sweep_dir):
+        # the same tune.name again (e.g. after the sweep was killed): finished trials are kept,
+        # unfinished and errored ones run again
+        tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        reused = [r.metrics.get("trial_id") for r in tuner.get_results()
+                  if r.error is None and r.metrics and "run_dir" in r.metrics]
+        log(f"[raycg] tune: resuming sweep {name} from {sweep_dir}: {len(reused)} finished trial(s) reused "
+            f"({', '.join(map(str, reused)) or 'none'}); the others run (again)")
+    else:
+        tuner = new_tuner(trainable, space, ts, name, cfg.paths.runs_dir)
+    log(f"[raycg] tune: sweep {name}: {keys} -> {ts.metric} ({ts.mode}); dir {sweep_dir}")
+    t0 = time.perf_counter()
+    grid = tuner.fit()
+    summary = summarize(grid, keys, ts.metric, ts.mode)
+    summary.update(name=name, dir=sweep_dir, seconds=time.perf_counter() - t0, reused=reused)
+    with open(os.path.join(sweep_dir, "sweep.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    log("\n" + format_summary(summary))
+    return grid, summary
+
+
+def new_tuner(trainable, space: dict, ts: DictConfig, name: str, runs_dir: str) -> tune.Tuner:
+    return tune.Tuner(
         trainable,
         param_space=build_param_space(space),
         tune_config=tune.TuneConfig(
@@ -173,18 +196,9 @@ def run_sweep(cfg: DictConfig) -> tuple[tune.ResultGrid, dict]:
             scheduler=FIFOScheduler(),
         ),
         run_config=tune.RunConfig(
-            name=name, storage_path=cfg.paths.runs_dir,
+            name=name, storage_path=runs_dir,
             failure_config=tune.FailureConfig(max_failures=ts.max_failures), verbose=1),
     )
-    log(f"[raycg] tune: sweep {name}: {keys} -> {ts.metric} ({ts.mode}); dir {sweep_dir}")
-    t0 = time.perf_counter()
-    grid = tuner.fit()
-    summary = summarize(grid, keys, ts.metric, ts.mode)
-    summary.update(name=name, dir=sweep_dir, seconds=time.perf_counter() - t0)
-    with open(os.path.join(sweep_dir, "sweep.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=str)
-    log("\n" + format_summary(summary))
-    return grid, summary
 
 
 def summarize(grid: tune.ResultGrid, keys: list[str], metric: str, mode: str) -> dict:

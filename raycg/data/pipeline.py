@@ -18,7 +18,7 @@ import ray
 
 from raycg.data.batches import FeatureStore, ItemTable, pack_events, quarantine_rows
 from raycg.data.features import UserTable, aggregate_counts, stats_from_counts
-from raycg.data.schema import EVENT_COLUMNS, EventSchemaError, check_values, footer_rows
+from raycg.data.schema import EVENT_COLUMNS, EventSchemaError, check_values, conform, footer_rows
 
 
 def event_files(path: str) -> list[str]:
@@ -71,7 +71,7 @@ def checked_events(path: str, store: FeatureStore, *, quarantine_dir: str | None
         else:
             check_values(table, f, EVENT_COLUMNS, check_duplicates)
             store.items.rows(table.column("item_id").to_numpy().astype(np.int64), f)
-        kept.append(table)
+        kept.append(conform(table))  # one schema for every file (types, nullability)
     table = pa.concat_tables(kept)
     stats = {"rows_read": rows_read, "rows_quarantined": rows_read - table.num_rows, "rows_used": table.num_rows,
              "files_empty": len(empty)}
@@ -123,6 +123,7 @@ def feature_store_from_config(data_cfg: dict, history_length: int = 0,
 def packed_training_dataset(
     events_path: str, store: FeatureStore, *, batch_size: int = 8192, materialize: bool = True,
     hard_negatives: int = 0, seed: int = 0, quarantine_dir: str | None = None, check_duplicates: bool = True,
+    preserve_order: bool = False,
 ) -> tuple[ray.data.Dataset, dict]:
     """Packed positives (+ impression hard negatives) for training, and the row accounting:
 
@@ -154,6 +155,8 @@ def packed_training_dataset(
                            check_duplicates=check_duplicates)
 
     ds = ds.map_batches(pack, batch_format="pyarrow", batch_size=batch_size)
+    if preserve_order:  # blocks in file order, whatever order the tasks finish in (deterministic runs)
+        ds.context.execution_options.preserve_order = True
     if materialize:
         ds = ds.materialize()
         stats["rows_used"] = ds.count()
@@ -170,6 +173,8 @@ def max_id_from_footers(files: list[str], column: str) -> int:
     best = -1
     for path in files:
         meta = pq.read_metadata(path)
+        if meta.num_rows == 0:  # an empty shard has nothing to say
+            continue
         idx = meta.schema.to_arrow_schema().get_field_index(column)
         for rg in range(meta.num_row_groups):
             stats = meta.row_group(rg).column(idx).statistics

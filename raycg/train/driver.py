@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import ray
 from omegaconf import DictConfig, OmegaConf, open_dict
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from raycg.data.features import FeatureSpec, dense_moments
@@ -73,8 +73,6 @@ def init_ray(cfg: DictConfig) -> None:
         kwargs["address"] = cfg.ray.address
     ray.init(**kwargs)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    if cfg.trainer.get("deterministic"):
-        ray.data.DataContext.get_current().execution_options.preserve_order = True
 
 
 def ensure_data(cfg: DictConfig) -> None:
@@ -155,7 +153,8 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
     train_ds, stats = packed_training_dataset(
         cfg.data.train_path, store, batch_size=cfg.data.pack_batch_size, materialize=cfg.data.materialize,
         hard_negatives=cfg.loss.hard_negatives, seed=cfg.seed,
-        quarantine_dir=quarantine_dir(cfg, run_dir, "train"), check_duplicates=cfg.data.check_duplicates)
+        quarantine_dir=quarantine_dir(cfg, run_dir, "train"), check_duplicates=cfg.data.check_duplicates,
+        preserve_order=cfg.trainer.deterministic)
     stats.update(eval=eval_split[1], users_rows_quarantined=store.users.rows_quarantined)
     if stats.get("files_empty"):
         log(f"[raycg] data: skipped {stats['files_empty']} empty Parquet file(s) of the training split")
@@ -216,7 +215,17 @@ def make_trainer(cfg: DictConfig, prep: PreparedRun, callbacks: list | None = No
             callbacks=callbacks,
         ),
         datasets={"train": prep.dataset},
+        dataset_config=dataset_config(cfg),
     )
+
+
+def dataset_config(cfg: DictConfig) -> DataConfig:
+    """Ray Train's ingest options; trainer.deterministic delivers rows in the same order every run."""
+    if not cfg.trainer.deterministic:
+        return DataConfig()
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(execution_options=options)
 
 
 def build_trainer(cfg: DictConfig, callbacks: list | None = None):
@@ -241,7 +250,7 @@ def run(cfg: DictConfig, callbacks: list | None = None) -> dict:
     t0 = time.perf_counter()
     try:
         result = trainer.fit()
-    except ray.train.TrainingFailedError:
+    except Exception:  # Ray Train raises a worker's own error when a single worker failed
         log(f"[raycg] train: run {cfg.run_name} failed (trainer.max_failures={cfg.trainer.max_failures} restarts "
             f"allowed). Running the same command again (run_name={cfg.run_name}) resumes from its last "
             "checkpoint; trainer.max_failures=N restarts failed workers automatically.")

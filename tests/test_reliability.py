@@ -1,0 +1,219 @@
+"""Reliability end to end (docs/reliability.md): bad evaluation data, empty shards, damaged
+checkpoints, loopback-only Ray, failing fast before Ray starts, determinism."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import ROOT, compose
+from raycg.data.schema import EventSchemaError
+from raycg.train.driver import run
+from raycg.train.preflight import PreflightError
+
+
+def files_dir(small_data_dir: str, out: str, eval_edit=None, users_edit=None, empty_train_shard=False) -> str:
+    """A `data=files` directory linking the sim_small data, with an edited copy of the first eval
+    file (`eval_edit(table) -> table`) and/or users table, and optionally an empty train shard."""
+    os.makedirs(os.path.join(out, "events"), exist_ok=True)
+    os.symlink(os.path.join(small_data_dir, "items.parquet"), os.path.join(out, "items.parquet"))
+    src_train = os.path.join(small_data_dir, "events", "train")
+    if empty_train_shard:
+        shutil.copytree(src_train, os.path.join(out, "events", "train"))
+        first = sorted(os.listdir(src_train))[0]
+        table = pq.read_table(os.path.join(src_train, first))
+        pq.write_table(table.slice(0, 0), os.path.join(out, "events", "train", "part-empty.parquet"))
+    else:
+        os.symlink(src_train, os.path.join(out, "events", "train"))
+    shutil.copytree(os.path.join(small_data_dir, "events", "eval"), os.path.join(out, "events", "eval"))
+    if eval_edit is not None:
+        first = os.path.join(out, "events", "eval", sorted(os.listdir(os.path.join(out, "events", "eval")))[0])
+        pq.write_table(eval_edit(pq.read_table(first)), first)
+    users = pq.read_table(os.path.join(small_data_dir, "users.parquet"))
+    pq.write_table(users_edit(users) if users_edit else users, os.path.join(out, "users.parquet"))
+    return out
+
+
+def overrides(data_dir: str, runs: str, name: str, *extra: str) -> list[str]:
+    return ["data=files", f"data.dir={data_dir}", "data.users_path=${data.dir}/users.parquet",
+            "data.item_categorical=[tier]", "data.user_categorical=[segment]", f"paths.runs_dir={runs}",
+            f"run_name={name}", "trainer.num_workers=1", "trainer.batch_size=512", "trainer.epochs=1",
+            "eval.baselines=[popularity]", *extra]
+
+
+def set_item(table: pa.Table, rows: int, value: int) -> pa.Table:
+    """Conversion rows are what evaluation queries on: give the first `rows` of them `value`."""
+    conv = np.flatnonzero(np.isin(table.column("event_type").to_numpy(zero_copy_only=False),
+                                  ["add_to_cart", "checkout"]))[:rows]
+    items = table.column("item_id").to_numpy().copy()
+    items[conv] = value
+    return table.set_column(table.schema.get_field_index("item_id"), "item_id", pa.array(items, pa.int64()))
+
+
+@pytest.mark.parametrize("value,message", [
+    (-5, r"eval/part-\d+\.parquet: column 'item_id' has 20 of \d+ rows below 0, e\.g\. -5"),
+    (10**9, r"eval/part-\d+\.parquet: column 'item_id' has 20 of \d+ rows not in the item table"),
+])
+def test_bad_eval_rows_stop_the_run_before_training(ray_session, small_data_dir, tmp_path, value, message):
+    data = files_dir(small_data_dir, str(tmp_path / "data"), eval_edit=lambda t: set_item(t, 20, value))
+    with pytest.raises(EventSchemaError, match=message):
+        run(compose(overrides(data, str(tmp_path / "runs"), "bad_eval")))
+    assert not os.path.exists(tmp_path / "runs" / "bad_eval" / "metrics.jsonl")  # nothing was trained
+
+
+def test_quarantine_accounts_for_every_split(ray_session, small_data_dir, tmp_path, capsys):
+    def dup_user(users):
+        return pa.concat_tables([users, users.slice(0, 1)])
+
+    data = files_dir(small_data_dir, str(tmp_path / "data"), eval_edit=lambda t: set_item(t, 20, -5),
+                     users_edit=dup_user, empty_train_shard=True)
+    run_dir = tmp_path / "runs" / "q"
+    results = run(compose(overrides(data, str(tmp_path / "runs"), "q", "data.on_bad_rows=quarantine",
+                                    "data.max_quarantined_fraction=0.0001")))
+    saved = json.loads((run_dir / "eval.json").read_text())
+    rows = saved["eval_rows"]
+    assert rows["rows_quarantined"] == 20 and rows["rows_used"] == rows["rows_read"] - 20
+    quarantined = pq.read_table(run_dir / "quarantine" / "eval")
+    assert quarantined.num_rows == 20 and set(quarantined.column("quarantine_reason").to_pylist()) == {
+        "item_id:below_min"}
+    stats = json.loads((run_dir / "data_stats.json").read_text())
+    assert stats["files_empty"] == 1 and stats["users_rows_quarantined"] == 1
+    assert stats["eval"] == rows
+    assert pq.read_table(run_dir / "quarantine" / "users" / "users.parquet").column(
+        "quarantine_reason").to_pylist() == ["user_id:duplicate"]
+    out = capsys.readouterr().out
+    assert "skipped 1 empty Parquet file" in out
+    assert "WARNING: 20 of" in out and "evaluation rows" in out and "max_quarantined_fraction" in out
+    assert results["model"]["conversion"][100] > 0
+
+
+def damage(path, nbytes=512):
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2:len(data) // 2 + nbytes] = np.random.default_rng(0).integers(0, 256, nbytes, np.uint8).tobytes()
+    open(path, "wb").write(bytes(data))
+
+
+def test_damaged_newest_checkpoint_resumes_from_an_intact_one(ray_session, small_data_dir, tmp_path):
+    args = ["data=sim_small", f"data.dir={small_data_dir}", f"paths.runs_dir={tmp_path}", "run_name=r",
+            "trainer.num_workers=1", "trainer.batch_size=512", "trainer.checkpoints_to_keep=3",
+            "eval.baselines=[popularity]"]
+    run(compose(args + ["trainer.epochs=2"]))
+    run_dir = tmp_path / "r"
+    newest = sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint_2"))[-1]  # checkpoint_<time>
+    damage(run_dir / newest / "model.pt")
+    # and a line written for an epoch whose checkpoint Ray never committed (worker killed)
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 2, "loss": 0.0}) + "\n")
+    run(compose(args + ["trainer.epochs=3"]))  # the same command again: resumes after epoch 0
+    epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2]
+    from raycg.evaluate import main as evaluate_main
+
+    evaluate_main([f"run_dir={run_dir}", "eval.baselines=[popularity]"])  # the new, intact checkpoint
+    assert json.loads((run_dir / "eval.json").read_text())["checkpoint"] != str(run_dir / newest)
+
+
+def test_deterministic_runs_are_bit_identical(ray_session, small_data_dir, tmp_path):
+    losses = []
+    for name in ("a", "b"):
+        run(compose(["data=sim_small", f"data.dir={small_data_dir}", f"paths.runs_dir={tmp_path}",
+                     f"run_name={name}", "trainer.epochs=1", "trainer.batch_size=512", "trainer.deterministic=true",
+                     "eval.baselines=[popularity]"]))
+        losses.append(json.loads((tmp_path / name / "metrics.jsonl").read_text())["loss"])
+    assert losses[0] == losses[1]
+
+
+def test_batch_larger_than_the_split_is_one_clear_error(ray_session, small_data_dir, tmp_path):
+    with pytest.raises(PreflightError, match=r"trainer.batch_size=20000 x trainer.num_workers=2: the training "
+                                             r"split has [\d,]+ positive rows, [\d,]+ per worker"):
+        run(compose(["data=sim_small", f"data.dir={small_data_dir}", f"paths.runs_dir={tmp_path}",
+                     "trainer.batch_size=20000"]))
+
+
+def raycg_train(tmp_path, *args, env=None, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "raycg.train", f"paths.runs_dir={tmp_path}/runs", "run_name=x",
+                           "ray.num_cpus=2", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["model.cross=stakced"], "model.cross='stakced': expected one of"),
+    (["trainer.epochs=0"], "trainer.epochs=0: must be a number >= 1"),
+    (["data=files", "data.dir=/nonexistent/logs"], "data.dir=/nonexistent/logs: no such directory"),
+])
+def test_bad_settings_fail_before_ray_starts(tmp_path, args, message):
+    proc = raycg_train(tmp_path, *args)
+    assert proc.returncode != 0 and message in proc.stderr + proc.stdout
+    assert "[raycg] data:" not in proc.stdout and "Started a local Ray instance" not in proc.stderr
+    assert not os.path.exists(tmp_path / "runs")  # no half-made run directory
+
+
+def test_infeasible_workers_fail_at_once(tmp_path):
+    proc = raycg_train(tmp_path, "trainer.num_workers=5", "experiment=smoke")
+    assert proc.returncode != 0
+    assert "trainer.num_workers=5 x trainer.cpus_per_worker=0.45 does not fit the embedded Ray (CPU: 2.25 asked, " \
+           "2 in the cluster)" in proc.stderr + proc.stdout
+    assert "[raycg] data:" not in proc.stdout
+
+
+LISTEN = """
+import json, psutil
+from omegaconf import OmegaConf
+from raycg.train.driver import init_ray
+init_ray(OmegaConf.create({"ray": {"address": None, "num_cpus": 1, "include_dashboard": True},
+                           "trainer": {"deterministic": False}}))
+import time; time.sleep(2)
+me = psutil.Process()
+pids = {p.pid for p in [me] + me.children(recursive=True)}
+print(json.dumps(sorted({(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("inet")
+                         if c.status == psutil.CONN_LISTEN and c.pid in pids})))
+"""
+
+
+def test_embedded_ray_listens_on_loopback_only(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
+    proc = subprocess.run([sys.executable, "-c", LISTEN], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    listening = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(listening) >= 5  # GCS, raylet, dashboard, agents, workers
+    exposed = [(ip, port) for ip, port in listening if ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
+    assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+def test_worker_progress_line_is_printed_once(capfd):
+    # Ray Train replaces `print` in workers with one that prints AND logs (each line twice)
+    import builtins
+    import logging
+
+    from ray.train.v2._internal.logging.patch_print import redirected_print
+
+    from raycg.train.loop import say
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger().addHandler(handler)
+    original = builtins.print
+    builtins.print = redirected_print
+    try:
+        say("[raycg] epoch 0 done")
+    finally:
+        builtins.print = original
+        logging.getLogger().removeHandler(handler)
+    assert capfd.readouterr().out.count("[raycg] epoch 0 done") == 1 and records == []
+
+
+def test_failed_run_says_how_to_resume(ray_session, small_data_dir, tmp_path, capsys):
+    with pytest.raises(Exception, match="training loss is nan"):  # lr 1e30: the loss explodes
+        run(compose(["data=sim_small", f"data.dir={small_data_dir}", f"paths.runs_dir={tmp_path}",
+                     "run_name=boom", "trainer.num_workers=1", "trainer.epochs=1", "trainer.batch_size=512",
+                     "trainer.lr=1e30", "eval.baselines=[popularity]"]))
+    out = capsys.readouterr().out
+    assert "Running the same command again (run_name=boom) resumes" in out and "trainer.max_failures" in out
