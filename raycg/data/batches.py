@@ -30,13 +30,13 @@ import pyarrow.parquet as pq
 
 from raycg.data.schema import (
     CONVERSION_EVENTS,
-    EVENT_COLUMNS,
     ITEM_COLUMNS,
     SURFACES,
     Column,
     EventSchemaError,
     check_schema,
     check_values,
+    event_columns,
     find_problems,
 )
 
@@ -148,6 +148,17 @@ class ItemTable:
         return {"item_cat": self.cat[rows], "item_dense": self.dense[rows]}
 
 
+def query_time(table: pa.Table) -> np.ndarray:
+    """When each row's request happened: `request_ts` where the row is attributed to an earlier
+    request (a conversion to its click), else its own `timestamp`. Time-dependent features
+    (the action history) only see events strictly before it."""
+    ts = table.column("timestamp").to_numpy().astype(np.int64)
+    if "request_ts" not in table.column_names:
+        return ts
+    req = table.column("request_ts").fill_null(-1).to_numpy().astype(np.int64)
+    return np.where(req >= 0, req, ts)
+
+
 def pack_user_cat(table: pa.Table) -> np.ndarray:
     """Categorical user/query-tower inputs: int64 [B, 4]."""
     return np.stack(
@@ -179,8 +190,7 @@ class FeatureStore:
             [self.users.lookup(user_cat[:, 0]), self.items.content_of(user_cat[:, 2])], axis=1)
         out = {"user_cat": user_cat, "user_dense": user_dense}
         if self.history is not None and self.history_length > 0:
-            items, actions = self.history.lookup(
-                user_cat[:, 0], table.column("timestamp").to_numpy().astype(np.int64), self.history_length)
+            items, actions = self.history.lookup(user_cat[:, 0], query_time(table), self.history_length)
             out["hist_items"], out["hist_actions"] = items, actions
         return out
 
@@ -192,7 +202,7 @@ def quarantine_rows(table: pa.Table, store: FeatureStore, quarantine_dir: str,
 
     File names are a hash of the quarantined rows, so re-executing a batch rewrites the same file.
     """
-    problems = find_problems(table, EVENT_COLUMNS, check_duplicates)
+    problems = find_problems(table, event_columns(table.column_names), check_duplicates)
     reason = np.full(table.num_rows, "", dtype=object)
     for p in problems:
         reason[(reason == "") & p.mask] = f"{p.column}:{p.reason}"
@@ -229,7 +239,7 @@ def pack_events(table: pa.Table, store: FeatureStore, validate: bool = True, imp
         table = quarantine_rows(table, store, quarantine_dir, check_duplicates)
         source = table.column("path").to_numpy(zero_copy_only=False) if "path" in table.column_names else "events"
     elif validate:
-        check_values(table, source, EVENT_COLUMNS, check_duplicates)
+        check_values(table, source, event_columns(table.column_names), check_duplicates)
     etype = table.column("event_type").combine_chunks()
     if pa.types.is_dictionary(etype.type):
         etype = etype.cast(pa.string())

@@ -18,7 +18,7 @@ import ray
 
 from raycg.data.batches import FeatureStore, ItemTable, pack_events, quarantine_rows
 from raycg.data.features import UserTable, aggregate_counts, stats_from_counts
-from raycg.data.schema import EVENT_COLUMNS, EventSchemaError, check_values, conform, footer_rows
+from raycg.data.schema import EventSchemaError, check_values, conform, event_columns, footer_rows
 
 
 def event_files(path: str) -> list[str]:
@@ -41,12 +41,16 @@ def nonempty_event_files(path: str) -> tuple[list[str], int, list[str]]:
     return [f for f, n in rows.items() if n], total, [f for f, n in rows.items() if not n]
 
 
+def split_columns(files: list[str]) -> list[str]:
+    """Event columns to read from a split: the required ones + the optional ones its files have
+    (footer_rows has checked that every file agrees)."""
+    return [c.name for c in event_columns(pq.read_schema(files[0]).names)]
+
+
 def read_events(path: str) -> tuple[ray.data.Dataset, int]:
     """Events as a Ray dataset (with a `path` column for error messages) + row count."""
     files, n_rows, _ = nonempty_event_files(path)
-    ds = ray.data.read_parquet(
-        files, columns=[c.name for c in EVENT_COLUMNS], include_paths=True
-    )
+    ds = ray.data.read_parquet(files, columns=split_columns(files), include_paths=True)
     return ds, n_rows
 
 
@@ -60,7 +64,7 @@ def checked_events(path: str, store: FeatureStore, *, quarantine_dir: str | None
     Returns (the kept events, {"rows_read", "rows_quarantined", "rows_used", "files_empty"}).
     """
     files, rows_read, empty = nonempty_event_files(path)
-    names = [c.name for c in EVENT_COLUMNS]
+    names = split_columns(files)
     if quarantine_dir is not None and os.path.isdir(quarantine_dir):
         shutil.rmtree(quarantine_dir)  # recount from scratch (e.g. a resumed run)
     kept = []
@@ -69,7 +73,7 @@ def checked_events(path: str, store: FeatureStore, *, quarantine_dir: str | None
         if quarantine_dir is not None:
             table = quarantine_rows(table, store, quarantine_dir, check_duplicates)
         else:
-            check_values(table, f, EVENT_COLUMNS, check_duplicates)
+            check_values(table, f, event_columns(table.column_names), check_duplicates)
             store.items.rows(table.column("item_id").to_numpy().astype(np.int64), f)
         kept.append(conform(table))  # one schema for every file (types, nullability)
     table = pa.concat_tables(kept)
@@ -137,7 +141,7 @@ def packed_training_dataset(
     if quarantine_dir is not None and os.path.isdir(quarantine_dir):
         shutil.rmtree(quarantine_dir)  # recount from scratch (e.g. a resumed run)
     files, rows_read, empty = nonempty_event_files(events_path)
-    ds = ray.data.read_parquet(files, columns=[c.name for c in EVENT_COLUMNS], include_paths=True)
+    ds = ray.data.read_parquet(files, columns=split_columns(files), include_paths=True)
     items = store.items
     store_ref = ray.put(store)
     stats = {"rows_read": rows_read, "files_empty": len(empty)}

@@ -13,6 +13,16 @@ One row per event. Required columns (documented in README "Event schema"):
     context_item_id   int64     subject item on the related surface, -1 otherwise
     query_id          int64     query (id or hashed text) on search, -1 otherwise
 
+Optional column (all files of a split have it, or none):
+
+    request_ts        int64     attribution: unix seconds of the request (the click) the event
+                                is attributed to; -1 = the event is its own request. Offsite
+                                conversions are reported later and belong to the request that
+                                led to them: their features (history, ...) and evaluation
+                                queries use this time and the row's surface/context, so that a
+                                conversion never sees its own click. Must not be after
+                                `timestamp`.
+
 Schema problems are caught per file from the Parquet footer (cheap, on the driver);
 value problems are caught per batch inside the pipeline. Both raise `EventSchemaError`
 naming the file, the column, how many rows are bad and an example value.
@@ -59,6 +69,14 @@ EVENT_COLUMNS: tuple[Column, ...] = (
     Column("query_id", _INT, pa.int64(), min_value=-1),
 )
 EVENT_SCHEMA = pa.schema([pa.field(c.name, c.arrow_type, nullable=False) for c in EVENT_COLUMNS])
+REQUEST_TS = Column("request_ts", _INT, pa.int64(), min_value=-1, max_value=TIMESTAMP_MAX)
+OPTIONAL_EVENT_COLUMNS: tuple[Column, ...] = (REQUEST_TS,)
+
+
+def event_columns(names) -> tuple[Column, ...]:
+    """The required event columns plus the optional ones present in `names` (column names)."""
+    names = set(names)
+    return EVENT_COLUMNS + tuple(c for c in OPTIONAL_EVENT_COLUMNS if c.name in names)
 
 # The item table: the retrieval corpus. content_emb is a fixed-size vector per item.
 ITEM_COLUMNS: tuple[Column, ...] = (
@@ -115,6 +133,16 @@ def footer_rows(paths: list[str], columns=EVENT_COLUMNS) -> dict[str, int]:
         except Exception as e:  # corrupt or not Parquet at all
             raise EventSchemaError(f"{path}: cannot read Parquet footer: {e}") from e
         check_schema(schema, path, columns)
+        optional = [c for c in OPTIONAL_EVENT_COLUMNS if c.name in schema.names] if columns is EVENT_COLUMNS else []
+        check_schema(schema, path, optional)
+        if columns is EVENT_COLUMNS:
+            present = tuple(c.name for c in optional)
+            if rows and present != first_present:
+                raise EventSchemaError(
+                    f"{path}: optional columns {list(present) or 'none'} differ from {first_path}'s "
+                    f"{list(first_present) or 'none'}; every file of a split must have the same columns")
+            if not rows:
+                first_path, first_present = path, present
         rows[path] = meta.num_rows
     return rows
 
@@ -190,6 +218,15 @@ def find_problems(table: pa.Table, columns=EVENT_COLUMNS, check_duplicates: bool
                 problems.append(Problem(col.name, "bad_float", bad, (
                     f"column '{col.name}' has {int(bad.sum())} of {n} rows that are negative, NaN or "
                     f"infinite, e.g. {ex}")))
+    if "request_ts" in table.column_names and "timestamp" in table.column_names:
+        req = table.column("request_ts").fill_null(-1).to_numpy().astype(np.int64)
+        ts = table.column("timestamp").fill_null(0).to_numpy().astype(np.int64)
+        for bad, reason, what in (((req >= 0) & (req < TIMESTAMP_MIN), "below_min", "before 2000-01-01"),
+                                  ((req >= 0) & (req > ts), "after_event", "after the event's own timestamp")):
+            if bad.any():
+                problems.append(Problem("request_ts", reason, bad, (
+                    f"column 'request_ts' has {int(bad.sum())} of {n} rows {what} (attribution goes to an "
+                    f"earlier request; -1 = none), e.g. {_example(table.column('request_ts'), bad)}")))
     if check_duplicates and n > 1:
         dup = table.select([c.name for c in columns]).to_pandas().duplicated(keep="first").to_numpy()
         if dup.any():
@@ -209,10 +246,10 @@ def check_values(table: pa.Table, source, columns=EVENT_COLUMNS, check_duplicate
         raise EventSchemaError(f"{_where(source, problem.mask)}: {problem.message}")
 
 
-def conform(table: pa.Table, columns=EVENT_COLUMNS) -> pa.Table:
-    """Cast the required columns to their canonical types (after checks)."""
+def conform(table: pa.Table, columns=None) -> pa.Table:
+    """Cast the event columns (required + optional present) to their canonical types (after checks)."""
     out = {}
-    for col in columns:
+    for col in columns or event_columns(table.column_names):
         arr = table.column(col.name)
         if pa.types.is_dictionary(arr.type):
             arr = arr.cast(pa.string())

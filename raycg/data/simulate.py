@@ -4,7 +4,7 @@ Everything is vectorised numpy and deterministic by `seed`. Writes:
 
     <out_dir>/items.parquet            item_id, advertiser_id, category_id, tier, content_emb
     <out_dir>/users.parquet            user_id, segment
-    <out_dir>/events/train/part-*.parquet   events before the cutoff (EVENT_SCHEMA)
+    <out_dir>/events/train/part-*.parquet   events before the cutoff (EVENT_SCHEMA + request_ts)
     <out_dir>/events/eval/part-*.parquet    events at/after the cutoff
     <out_dir>/meta.json                sizes, cutoff, marginal statistics
 
@@ -44,7 +44,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raycg.data.schema import EVENT_SCHEMA, EVENT_TYPES, SURFACES
+from raycg.data.schema import EVENT_SCHEMA, EVENT_TYPES, REQUEST_TS, SURFACES
+
+# The simulator writes the attribution column: conversions carry their click's time.
+SIM_EVENT_SCHEMA = EVENT_SCHEMA.append(pa.field(REQUEST_TS.name, REQUEST_TS.arrow_type, nullable=False))
+# Bumped when the simulator's output changes for the same SimConfig (cached data is re-simulated).
+DATA_FORMAT = 2  # 2: request_ts attribution column
 
 START_TS = 1_767_225_600  # 2026-01-01T00:00:00Z
 DAY = 86_400
@@ -240,7 +245,7 @@ def _simulate_events(cfg: SimConfig, w: dict, rng: np.random.Generator, req_user
 
     imp_ts = req_ts[imp_req] + np.tile(np.arange(m) * 5, R)
 
-    def rows(mask, etype, ts, dur):
+    def rows(mask, etype, ts, dur, request_ts=None):
         idx = np.flatnonzero(mask)
         r = imp_req[idx]
         et = etype[idx] if isinstance(etype, np.ndarray) else np.full(len(idx), EVENT_TYPES.index(etype), np.int8)
@@ -249,25 +254,27 @@ def _simulate_events(cfg: SimConfig, w: dict, rng: np.random.Generator, req_user
             surface=req_surface[r].astype(np.int8), event_type=et,
             click_duration=dur[idx] if dur is not None else np.zeros(len(idx), np.float32),
             timestamp=ts[idx], context_item_id=req_context[r], query_id=req_query[r],
+            request_ts=request_ts[idx] if request_ts is not None else np.full(len(idx), -1, np.int64),
         )
 
     parts = [
         rows(~clicked, "impression", imp_ts, None),
         rows(clicked, "click", imp_ts + 1, duration),
         rows(saved, "save", imp_ts + 1 + duration.astype(np.int64), None),
-        rows(converted, conv_type, imp_ts + 1 + delay, None),
+        # a conversion is reported later and belongs to the request (the click) that led to it
+        rows(converted, conv_type, imp_ts + 1 + delay, None, request_ts=imp_ts + 1),
     ]
     events = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     del parts
     cols = {}
-    for f in EVENT_SCHEMA:
+    for f in SIM_EVENT_SCHEMA:
         if f.name == "surface":
             cols[f.name] = _string_column(SURFACES, events[f.name])
         elif f.name == "event_type":
             cols[f.name] = _string_column(EVENT_TYPES, events[f.name])
         else:
             cols[f.name] = pa.array(events[f.name], type=f.type)
-    events_tbl = pa.table(cols, schema=EVENT_SCHEMA)
+    events_tbl = pa.table(cols, schema=SIM_EVENT_SCHEMA)
     counts = {"n_events": events_tbl.num_rows, "n_impressions_shown": int(N),
               "n_clicks": int(clicked.sum()), "n_conversions": int(converted.sum())}
     return events_tbl, counts
@@ -291,7 +298,7 @@ def _item_user_tables(cfg: SimConfig, w: dict) -> tuple[pa.Table, pa.Table]:
 
 def _base_meta(cfg: SimConfig, w: dict, counts: dict) -> dict:
     return {
-        "source": "simulator", "config": asdict(cfg), "cutoff_ts": int(cfg.cutoff_ts),
+        "source": "simulator", "format": DATA_FORMAT, "config": asdict(cfg), "cutoff_ts": int(cfg.cutoff_ts),
         "n_events": int(counts["n_events"]), "n_impressions_shown": int(counts["n_impressions_shown"]),
         "n_clicks": int(counts["n_clicks"]), "n_conversions": int(counts["n_conversions"]),
         "conversion_per_click": float(counts["n_conversions"] / max(counts["n_clicks"], 1)),

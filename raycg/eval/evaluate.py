@@ -13,15 +13,18 @@ import numpy as np
 import ray
 import torch
 
+from raycg.data.history import HistoryIndex
 from raycg.data.pipeline import checked_events, event_files, feature_store_from_config
 
 from raycg.eval.baselines import ALSBaseline, popularity_ranking, surface_popularity_rankings
 from raycg.eval.embed import embed_corpus, embed_queries
 from raycg.eval.queries import TASKS, build_queries, read_event_columns
 from raycg.eval.recall import exact_top_k, recall_report
+from raycg.eval.reengagement import EngagementTimeline
 
 
-BASELINES = ("popularity", "popularity_surface", "als_engagement", "als_conversion")
+BASELINES = ("popularity", "popularity_surface", "recent_engaged", "als_engagement", "als_conversion")
+PARTS = ("repeat", "novel")  # positives the user acted on before the query time, and the others
 
 
 def _fit_baselines(names: list[str], train_events, corpus_ids: np.ndarray, eval_cfg: dict, seed: int, log) -> dict:
@@ -79,11 +82,12 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
         eval_split = checked_events(data_cfg["eval_path"], store, quarantine_dir=quarantine,
                                     check_duplicates=data_cfg.get("check_duplicates", True))
     eval_events, eval_rows = eval_split
-    if history_length > 0:  # the training split's actions and the checked eval split's
-        from raycg.data.history import HistoryIndex
-
-        store = dataclasses.replace(store, history_length=history_length, history=HistoryIndex.build(
-            event_files(data_cfg["train_path"]), extra=eval_events))
+    # every action of the training split and the checked eval split: the history feature,
+    # repeat/novel positives and the recent_engaged baseline (lookups only see the past)
+    actions = HistoryIndex.build(event_files(data_cfg["train_path"]), extra=eval_events)
+    timeline = EngagementTimeline(actions)
+    if history_length > 0:
+        store = dataclasses.replace(store, history_length=history_length, history=actions)
     store_ref = [ray.put(store)]
     log(f"[raycg] eval: embedding the item corpus {data_cfg['items_path']} (Ray Data, "
         f"{'GPU' if embed_gpu else 'CPU'} actors; exact top-K on {search_device})")
@@ -94,7 +98,7 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
     fitted = _fit_baselines(baselines, train_events, corpus_ids, eval_cfg, seed, log)
     baseline_s = time.perf_counter() - t_base
     results: dict = {"ks": ks, "n_items": int(len(corpus_ids)), "methods": methods, "n_queries": {},
-                     "eval_rows": eval_rows,
+                     "eval_rows": eval_rows, "repeat_share": {},
                      "detail": {m: {} for m in methods}, "als_coverage": {}, **{m: {} for m in methods}}
     adv_of = store.items.cat[:, 1][np.searchsorted(store.items.item_id, corpus_ids)]  # advertiser per corpus row
     search_s = 0.0
@@ -112,7 +116,19 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
         search_s += secs
         surfaces = queries.column("surface").to_numpy(zero_copy_only=False).astype(str)
         users = queries.column("user_id").to_numpy()
+        times = queries.column("timestamp").to_numpy()
         adv_pos = [np.unique(adv_of[np.searchsorted(corpus_ids, p)]) for p in positives]
+        repeat = timeline.repeat_masks(users, times, positives)
+        n_pos = sum(len(p) for p in positives)
+        results["repeat_share"][task] = float(sum(int(r.sum()) for r in repeat) / n_pos)
+        parts = {}
+        for part in PARTS:
+            keep = [r if part == "repeat" else ~r for r in repeat]
+            idx = np.array([q for q, k in enumerate(keep) if k.any()], dtype=np.int64)
+            parts[part] = (idx, [positives[q][keep[q]] for q in idx])
+            results["n_queries"][f"{task}_{part}"] = len(idx)
+        log(f"[raycg] eval: {task}: {100 * results['repeat_share'][task]:.1f}% of positives are repeat (the user "
+            f"acted on the item before the query time)")
         t_base = time.perf_counter()
         for method in methods:
             if method == "model":
@@ -120,6 +136,8 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
             elif method == "popularity":
                 pop = popularity_ranking(train_events, task, corpus_ids, K)
                 top = np.broadcast_to(pop, (len(positives), len(pop)))
+            elif method == "recent_engaged":
+                top = timeline.recent_engaged(users, times, K, popularity_ranking(train_events, task, corpus_ids, K))
             elif method == "popularity_surface":
                 per_surface = surface_popularity_rankings(train_events, task, corpus_ids, K, surfaces)
                 names = sorted(per_surface)
@@ -131,6 +149,11 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
             report = recall_report(top, positives, ks, groups=surfaces)
             results[method][task] = {k: v["mean"] for k, v in report.items()}
             results["detail"][method][task] = report
+            for part, (idx, pos) in parts.items():
+                if len(idx):
+                    report = recall_report(np.asarray(top)[idx], pos, ks, groups=surfaces[idx])
+                    results[method][f"{task}_{part}"] = {k: v["mean"] for k, v in report.items()}
+                    results["detail"][method][f"{task}_{part}"] = report
             if task == "conversion":
                 # advertiser level: the held-out conversion's advertiser among the top-K items' advertisers
                 report = recall_report(adv_of[np.searchsorted(corpus_ids, top)], adv_pos, ks, groups=surfaces)
@@ -157,19 +180,34 @@ def _get(d: dict, k):
     return d.get(k, d.get(str(k)))
 
 
-def format_table(results: dict) -> str:
-    """Main table (recall@K per task, advertiser level) + per-surface recall and 95% intervals."""
+def _recall_rows(results: dict, tasks: list[str], short: dict, width: int = 12) -> list[str]:
     ks = results["ks"]
-    tasks = [t for t in ("conversion", "engagement", "conversion_advertiser") if t in results["model"]]
-    short = {"conversion": "conv", "engagement": "enga", "conversion_advertiser": "adv"}
     cols = [(task, k) for task in tasks for k in ks]
-    head = f"{'method':<20}" + "".join(f"{short[t] + ' R@' + str(k):>12}" for t, k in cols)
+    head = f"{'method':<20}" + "".join(f"{short[t] + ' R@' + str(k):>{width}}" for t, k in cols)
     lines = [head, "-" * len(head)]
     for method in results.get("methods", ["model", "popularity"]):
         cells = [_get(results[method].get(task, {}), k) for task, k in cols]
-        lines.append(f"{method:<20}" + "".join(f"{v:>12.4f}" if v is not None else f"{'n/a':>12}" for v in cells))
+        lines.append(f"{method:<20}" + "".join(f"{v:>{width}.4f}" if v is not None else f"{'n/a':>{width}}"
+                                               for v in cells))
+    return lines
+
+
+def format_table(results: dict) -> str:
+    """Main table (recall@K per task, advertiser level), repeat vs novel positives, and the
+    model's per-surface recall with 95% intervals."""
+    ks = results["ks"]
+    tasks = [t for t in ("conversion", "engagement", "conversion_advertiser") if t in results["model"]]
+    short = {"conversion": "conv", "engagement": "enga", "conversion_advertiser": "adv"}
+    lines = _recall_rows(results, tasks, short)
     nq = results["n_queries"]
     lines.append("queries: " + ", ".join(f"{t} {nq.get(t, 0):,}" for t in TASKS) + f"; corpus {results['n_items']:,} items")
+    split = [f"{t}_{p}" for t in TASKS for p in PARTS if f"{t}_{p}" in results["model"]]
+    if split:
+        share = results.get("repeat_share", {})
+        lines += ["", "repeat positives (the user acted on the item before the query time) vs novel ones: "
+                  + ", ".join(f"{t} {100 * share[t]:.0f}% repeat" for t in TASKS if t in share)]
+        lines += _recall_rows(results, split, {f"{t}_{p}": f"{short[t]}-{p[:3]}" for t in TASKS for p in PARTS}, 13)
+        lines.append("queries: " + ", ".join(f"{t} {nq.get(t, 0):,}" for t in split))
     detail = results.get("detail", {}).get("model", {})
     if detail:
         k = ks[0]

@@ -1,9 +1,16 @@
 """Evaluation queries from the held-out split.
 
-A query is a request context (user_id, surface, context_item_id, query_id); its positives
-are the distinct items of that task it had in the eval window:
-conversion = add_to_cart/checkout, engagement = click/save. The query's `timestamp` is its
-first positive event's: time-dependent features (history) only see events before it.
+A query is a request context (user_id, surface, context_item_id, query_id) at a time; its
+positives are the distinct items of that task:
+
+- conversion (add_to_cart/checkout): one query per attributed request, i.e. per
+  (context, `query_time`) where query_time is the conversion's `request_ts` (its click) when
+  the data carries attribution, else its own timestamp. Retrieval happens at the request,
+  before the click that led to the conversion, so the query never sees that click.
+- engagement (click/save): one query per context, at its first positive's time.
+
+The query's `timestamp` is that time: time-dependent features (history) only see events
+strictly before it.
 """
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from raycg.data.batches import query_time
 from raycg.data.pipeline import event_files
 from raycg.data.schema import CONVERSION_EVENTS, ENGAGEMENT_EVENTS, check_parquet_files
 
@@ -26,12 +34,14 @@ def read_event_columns(path: str, columns: list[str]) -> pa.Table:
 
 
 def build_queries(events: pa.Table, task: str) -> tuple[pa.Table, list[np.ndarray]]:
-    """(query feature table with QUERY_KEYS columns, positives per query)."""
+    """(query feature table: QUERY_KEYS + timestamp, positives per query); module docstring."""
     etype = events.column("event_type")
     pos = events.filter(pc.is_in(etype, value_set=pa.array(TASKS[task])))
     if pos.num_rows == 0:
         return pa.table({k: pa.array([], type=events.schema.field(k).type) for k in QUERY_KEYS + ["timestamp"]}), []
-    grouped = pos.group_by(QUERY_KEYS).aggregate([("item_id", "distinct"), ("timestamp", "min")])
-    keys = grouped.select(QUERY_KEYS + ["timestamp_min"]).rename_columns(QUERY_KEYS + ["timestamp"])
+    pos = pos.append_column("query_ts", pa.array(query_time(pos), pa.int64()))
+    by = QUERY_KEYS + (["query_ts"] if task == "conversion" else [])
+    grouped = pos.group_by(by).aggregate([("item_id", "distinct"), ("query_ts", "min")])
+    keys = grouped.select(QUERY_KEYS + ["query_ts_min"]).rename_columns(QUERY_KEYS + ["timestamp"])
     positives = [np.asarray(v, dtype=np.int64) for v in grouped.column("item_id_distinct").to_pylist()]
     return keys, positives

@@ -8,7 +8,10 @@ Input: the output of `raycg.data.history.HistoryIndex.lookup`, left-padded, most
 Per position j (recency r = L - 1 - j, so the most recent action always has position 0
 whatever L is):
 
-    h_j = HashedEmbedding(item_j) + ActionEmb(action_j) + PosEmb(r)          [B, L, dim]
+    h_j = ItemEmb(item_j) + ActionEmb(action_j) + PosEmb(r)                   [B, L, dim]
+
+ItemEmb is the item tower's own item-id embedding when `item_embedding` is given (shared
+parameters), else a HashedEmbedding of the encoder's own.
     H   = TransformerEncoder(h, src_key_padding_mask = (action == 0))        [B, L, dim]
     out = sum_j H_j * m_j / sum_j m_j,   m_j = (action_j != 0)               [B, dim]
 
@@ -36,14 +39,16 @@ NUM_ACTION_CODES = 5  # 0 = padding, then click, save, add_to_cart, checkout (ra
 
 class HistoryEncoder(nn.Module):
     def __init__(self, num_item_buckets: int, dim: int, num_layers: int = 1, num_heads: int = 2,
-                 max_len: int = 50):
+                 max_len: int = 50, item_embedding: nn.Module | None = None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"HistoryEncoder: dim={dim} must be divisible by num_heads={num_heads}")
         self.dim = dim
         self.out_dim = dim
         self.max_len = max_len
-        self.items = HashedEmbedding(num_item_buckets, dim)
+        # shared with the item tower's item-id embedding (model.history.share_item_embedding):
+        # "this candidate is one of my recent items" is then a dot product the towers can learn
+        self.items = item_embedding if item_embedding is not None else HashedEmbedding(num_item_buckets, dim)
         self.action = nn.Embedding(NUM_ACTION_CODES, dim, padding_idx=0)
         self.position = nn.Embedding(max_len, dim)
         nn.init.normal_(self.action.weight, std=0.05)

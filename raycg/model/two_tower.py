@@ -34,17 +34,19 @@ class TwoTowerModel(nn.Module):
             spec = FeatureSpec(item_dense=spec)
         self.spec = spec
         b = cfg["buckets"]
+        self.item_tower = Tower([b[n] for n in spec.item_cat], cfg["id_dim"], spec.item_dense, cfg,
+                                spec.item_dense_mean, spec.item_dense_std)
         history = None
         if spec.history_length > 0:
             from raycg.model.history import HistoryEncoder
 
             h = cfg.get("history") or {}
+            share = h.get("share_item_embedding", False) and spec.item_cat and spec.item_cat[0] == "item"
             history = HistoryEncoder(b["item"], cfg["id_dim"], num_layers=h.get("layers", 1),
-                                     num_heads=h.get("heads", 2), max_len=spec.history_length)
+                                     num_heads=h.get("heads", 2), max_len=spec.history_length,
+                                     item_embedding=self.item_tower.embeddings[0] if share else None)
         self.user_tower = Tower([b[n] for n in spec.user_cat], cfg["id_dim"], spec.user_dense, cfg,
                                 spec.user_dense_mean, spec.user_dense_std, history)
-        self.item_tower = Tower([b[n] for n in spec.item_cat], cfg["id_dim"], spec.item_dense, cfg,
-                                spec.item_dense_mean, spec.item_dense_std)
         heads = tuple(self.user_tower.heads)
         self.serve_head = cfg.get("serve_head") or ("conversion" if "conversion" in heads else heads[0])
         if self.serve_head not in heads:

@@ -22,7 +22,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from raycg.data.features import FeatureSpec, dense_moments
 from raycg.data.pipeline import auto_buckets, checked_events, feature_store_from_config, packed_training_dataset
-from raycg.data.simulate import SimConfig, write_dataset
+from raycg.data.simulate import DATA_FORMAT, SimConfig, write_dataset
 from raycg.model.card import model_card
 from raycg.model.export import export_towers
 from raycg.train.checkpoint import load_model
@@ -84,10 +84,12 @@ def ensure_data(cfg: DictConfig) -> None:
     meta_path = os.path.join(cfg.data.dir, "meta.json")
     if os.path.exists(meta_path):
         with open(meta_path) as f:
-            if json.load(f).get("config") == json.loads(json.dumps(asdict(sim))):
-                log(f"[raycg] data: reusing simulated dataset {cfg.data.dir}")
-                return
-        log(f"[raycg] data: {cfg.data.dir} was simulated with other data.sim settings; simulating again")
+            meta = json.load(f)
+        if meta.get("config") == json.loads(json.dumps(asdict(sim))) and meta.get("format") == DATA_FORMAT:
+            log(f"[raycg] data: reusing simulated dataset {cfg.data.dir}")
+            return
+        log(f"[raycg] data: {cfg.data.dir} was simulated with other data.sim settings or by an older "
+            "simulator; simulating again")
     t0 = time.perf_counter()
     meta = write_dataset(sim, cfg.data.dir)
     log(f"[raycg] data: simulated {meta['n_events']:,} events ({meta['n_clicks']:,} clicks, "
