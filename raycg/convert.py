@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"length of the proxy content embedding (default {CONTENT_DIM})")
     ap.add_argument("--seed", type=int, default=0, help="shard shuffle seed (default 0)")
     ap.add_argument("--overwrite", action="store_true", help="replace existing shards in OUT_DIR")
+    ap.add_argument("--attribution-window-days", type=float, default=7.0,
+                    help="last-click attribution of conversions to the same user's click of the item at most "
+                         "this many days earlier (request_ts); 0 = off (default 7)")
     args = ap.parse_args(argv)
     try:
         if args.format == "tmall":
@@ -96,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                                       content_dim=args.content_dim)
         meta = write_data_dir(result, args.out_dir, cutoff_ts=args.cutoff_ts,
                               eval_fraction=args.eval_fraction, num_shards=args.shards,
-                              seed=args.seed, overwrite=args.overwrite)
+                              seed=args.seed, overwrite=args.overwrite,
+                              attribution_window_s=args.attribution_window_days * 86_400 or None)
     except (ConversionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -327,3 +327,26 @@ def test_quantile_cutoff_and_bad_cutoff(tmp_path):
     path = _write(tmp_path, "log.csv", TMALL_HEADER + "\n".join(_tmall_rows()) + "\n")
     with pytest.raises(ConversionError, match="leaves no eval events"):
         write_data_dir(tmall_to_events(path), str(tmp_path / "out"), cutoff_ts=2_000_000_000)
+
+
+def test_last_click_attribution_golden():
+    from raycg.data.adapters import attribute_last_click
+
+    t0 = 1_433_116_800
+    rows = [  # user, item, type, t, surface, context
+        (1, 7, "click", 100, "related", 55), (1, 7, "click", 300, "search", -1), (1, 7, "checkout", 400, "home", -1),
+        (1, 8, "checkout", 400, "home", -1),                        # no click of item 8: its own request
+        (2, 7, "click", 0, "related", 3), (2, 7, "add_to_cart", 10_000, "home", -1),  # outside the window
+        (1, 7, "add_to_cart", 300, "home", -1),                     # same second as a click: attributed
+    ]
+    u, i, e, t, s, c = zip(*rows)
+    events = pa.table({"user_id": pa.array(u, pa.int64()), "item_id": pa.array(i, pa.int64()),
+                       "advertiser_id": pa.array([0] * len(u), pa.int64()), "surface": list(s), "event_type": list(e),
+                       "click_duration": pa.array([1.0] * len(u), pa.float32()),
+                       "timestamp": pa.array([t0 + x for x in t], pa.int64()),
+                       "context_item_id": pa.array(c, pa.int64()), "query_id": pa.array([-1] * len(u), pa.int64())})
+    out, counts = attribute_last_click(events, window_s=3600)
+    req = [x - t0 if x >= 0 else -1 for x in out.column("request_ts").to_pylist()]
+    assert req == [-1, -1, 300, -1, -1, -1, 300]
+    assert out.column("surface").to_pylist() == ["related", "search", "search", "home", "related", "home", "search"]
+    assert counts == {"conversions": 4, "attributed": 2, "window_s": 3600}

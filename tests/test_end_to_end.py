@@ -56,7 +56,16 @@ def test_two_workers_beat_popularity_and_resume(ray_session, small_data_dir, tmp
     assert results["model"]["engagement"][100] > results["popularity"]["engagement"][100]
     assert first["model"]["conversion"][1000] <= 1.0
     # the baselines are scored on the same queries; ALS learns user taste that popularity lacks
-    assert saved["methods"] == ["model", "popularity", "popularity_surface", "als_engagement", "als_conversion"]
+    assert saved["methods"] == ["model", "popularity", "popularity_surface", "recent_engaged", "als_engagement",
+                                "als_conversion"]
+    # repeat vs novel positives, for every method: re-engagement owns the repeat part by
+    # construction; the model must beat popularity where the user had not engaged before
+    for method in saved["methods"]:
+        assert {"conversion_repeat", "conversion_novel", "engagement_repeat", "engagement_novel"} <= set(
+            saved[method])
+    assert saved["recent_engaged"]["engagement_repeat"]["1000"] > 0.99
+    assert saved["model"]["conversion_novel"]["100"] > saved["popularity"]["conversion_novel"]["100"] + 0.1
+    assert 0 < saved["repeat_share"]["conversion"] < 0.5  # attributed to the click: mostly novel
     assert results["als_engagement"]["engagement"][100] > results["popularity"]["engagement"][100] + 0.05
     assert 0.9 < saved["als_coverage"]["als_engagement"]["engagement"] <= 1.0
     assert saved["als_coverage"]["als_conversion"]["engagement"] < saved["als_coverage"]["als_engagement"]["engagement"]

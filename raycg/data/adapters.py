@@ -55,6 +55,7 @@ from raycg.data.schema import (
     EventSchemaError,
     check_parquet_files,
     check_values,
+    event_columns,
 )
 from raycg.data.simulate import time_split, write_shards
 
@@ -634,10 +635,58 @@ def _iso(ts: int) -> str:
     return _dt.datetime.fromtimestamp(int(ts), tz=_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def attribute_last_click(events: pa.Table, window_s: float) -> tuple[pa.Table, dict]:
+    """Last-click attribution for logs without request ids: each conversion (add_to_cart,
+    checkout) is attributed to the same user's latest click or save of the same item at or
+    before it, at most `window_s` seconds earlier. Adds `request_ts` (that click's timestamp;
+    -1 where none qualifies or for other events) and gives attributed conversions the click's
+    surface and context. Returns (events, counts).
+
+    Example: clicks of (u1, i7) at t=100 and t=300, a checkout at t=400 -> request_ts 300; a
+    checkout of (u1, i8) with no click -> -1 (its own request).
+    """
+    etype = np.asarray(events.column("event_type").to_pylist(), dtype=object)
+    user = events.column("user_id").to_numpy().astype(np.int64)
+    item = events.column("item_id").to_numpy().astype(np.int64)
+    ts = events.column("timestamp").to_numpy().astype(np.int64)
+    is_conv = np.isin(etype, list(CONVERSION_EVENTS))
+    is_click = np.isin(etype, ["click", "save"])
+    request_ts = np.full(len(ts), -1, dtype=np.int64)
+    source = np.full(len(ts), -1, dtype=np.int64)  # row of the attributed click
+    if is_conv.any() and is_click.any():
+        pairs = np.stack([user, item], axis=1)
+        _, pair = np.unique(pairs, axis=0, return_inverse=True)
+        pair = pair.reshape(-1).astype(np.int64)
+        span = int(ts.max() - ts.min()) + 1
+        key = pair * span + (ts - ts.min())  # (pair, time) in one sortable number
+        clicks = np.flatnonzero(is_click)
+        clicks = clicks[np.argsort(key[clicks], kind="stable")]
+        conv = np.flatnonzero(is_conv)
+        at = np.searchsorted(key[clicks], key[conv], side="right") - 1  # latest click at or before
+        ok = at >= 0
+        hit = clicks[np.where(ok, at, 0)]
+        ok &= (pair[hit] == pair[conv]) & (ts[conv] - ts[hit] <= window_s)
+        request_ts[conv[ok]] = ts[hit[ok]]
+        source[conv[ok]] = hit[ok]
+    out = events.append_column("request_ts", pa.array(request_ts, pa.int64()))
+    attributed = source >= 0
+    if attributed.any():  # the conversion takes its request's context
+        for name in ("surface", "context_item_id", "query_id"):
+            col = out.column(name).to_numpy(zero_copy_only=False).copy()
+            col[attributed] = col[source[attributed]]
+            out = out.set_column(out.schema.get_field_index(name), name,
+                                 pa.array(col, out.schema.field(name).type))
+    counts = {"conversions": int(is_conv.sum()), "attributed": int(attributed.sum()), "window_s": window_s}
+    return out, counts
+
+
 def write_data_dir(result: dict, out_dir: str, cutoff_ts: int | None = None,
                    eval_fraction: float = 0.2, num_shards: int = 2, seed: int = 0,
-                   overwrite: bool = False) -> dict:
+                   overwrite: bool = False, attribution_window_s: float | None = 7 * 86_400) -> dict:
     """Validate, split by time and write the data-dir layout; returns meta (also meta.json).
+
+    attribution_window_s (None: off): last-click attribution of conversions
+    (`attribute_last_click`) before the split; the counts go to meta["attribution"].
 
     cutoff_ts None: `quantile_cutoff(timestamps, eval_fraction)`. Train = events before the
     cutoff, eval = at/after it. Refuses to write over existing shards unless `overwrite`
@@ -647,7 +696,10 @@ def write_data_dir(result: dict, out_dir: str, cutoff_ts: int | None = None,
 
     events, items, users = result["events"], result["items"], result.get("users")
     source = result["meta"].get("source", "converted")
-    check_values(events, f"{source} events (before writing)")
+    attribution = None
+    if attribution_window_s is not None and "request_ts" not in events.column_names:
+        events, attribution = attribute_last_click(events, attribution_window_s)
+    check_values(events, f"{source} events (before writing)", event_columns(events.column_names))
     table = ItemTable.from_arrow(items, source=f"{source} items (before writing)")
     table.rows(events.column("item_id").to_numpy(), f"{source} events (before writing)")
     if num_shards < 1:
@@ -699,6 +751,7 @@ def write_data_dir(result: dict, out_dir: str, cutoff_ts: int | None = None,
         "eval_event_types": _type_counts(np.asarray(evaluation.column("event_type").to_pylist(), dtype=object)),
         "time_span_utc": [_iso(ts.min()), _iso(ts.max())],
         "marginals": marginals(events, has_dur),
+        "attribution": attribution,
         "paths": paths,
     })
     with open(os.path.join(out_dir, "meta.json"), "w") as f:

@@ -206,7 +206,7 @@ def format_table(results: dict) -> str:
         share = results.get("repeat_share", {})
         lines += ["", "repeat positives (the user acted on the item before the query time) vs novel ones: "
                   + ", ".join(f"{t} {100 * share[t]:.0f}% repeat" for t in TASKS if t in share)]
-        lines += _recall_rows(results, split, {f"{t}_{p}": f"{short[t]}-{p[:3]}" for t in TASKS for p in PARTS}, 13)
+        lines += _recall_rows(results, split, {f"{t}_{p}": f"{short[t]}-{p[:3]}" for t in TASKS for p in PARTS}, 16)
         lines.append("queries: " + ", ".join(f"{t} {nq.get(t, 0):,}" for t in split))
     detail = results.get("detail", {}).get("model", {})
     if detail:

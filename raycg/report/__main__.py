@@ -127,6 +127,17 @@ def grid_section(grid: Grid, records: list[dict], plots: list[str], link_dir: st
         "",
         recall_table(records, variants, grid.reference, columns),
         "",
+        f"### Novel vs repeat positives (recall@{k_small})",
+        "",
+        "A positive is *repeat* when the user acted on the item before the query time "
+        f"({100 * ev.get('repeat_share', {}).get('conversion', float('nan')):.0f}% of conversion and "
+        f"{100 * ev.get('repeat_share', {}).get('engagement', float('nan')):.0f}% of engagement positives "
+        "here); the re-engagement baseline owns those by construction. The model's job is the novel ones.",
+        "",
+        recall_table(records, variants, grid.reference,
+                     [(t, k_small) for t in ("conversion_novel", "conversion_repeat", "engagement_novel",
+                                            "engagement_repeat")]),
+        "",
         f"### Ablations against the reference ({grid.reference}), paired by seed",
         "",
         "Relative change of the variant over the reference, mean [95% interval] of the per-seed ratios.",

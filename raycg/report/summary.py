@@ -10,10 +10,13 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
-TASK_SHORT = {"conversion": "conv", "engagement": "eng", "conversion_advertiser": "adv"}
+TASK_SHORT = {"conversion": "conv", "engagement": "eng", "conversion_advertiser": "adv",
+              "conversion_novel": "conv novel", "conversion_repeat": "conv repeat",
+              "engagement_novel": "eng novel", "engagement_repeat": "eng repeat"}
 BASELINE_LABEL = {
     "popularity": "popularity (global)",
     "popularity_surface": "popularity (per surface)",
+    "recent_engaged": "re-engagement (the user's recent items, then popularity)",
     "als_engagement": "implicit ALS on engagement",
     "als_conversion": "implicit ALS on conversions",
 }
