@@ -10,7 +10,7 @@ import sys
 from omegaconf import OmegaConf
 
 from raycg.eval.evaluate import evaluate_checkpoint, format_table, timing_line, write_results
-from raycg.train.checkpoint import load_model, newest_intact
+from raycg.train.checkpoint import load_model, evaluation_checkpoint
 from raycg.train.driver import init_ray
 from raycg.train.runs import parse_overrides
 
@@ -18,7 +18,7 @@ from raycg.train.runs import parse_overrides
 def main(argv: list[str]) -> None:
     eval_args = [a for a in argv if a.startswith("eval.")]
     args = parse_overrides([a for a in argv if not a.startswith("eval.")], {"run_dir": None})
-    ckpt = newest_intact(args["run_dir"])  # skips (and names) damaged newer ones
+    ckpt = evaluation_checkpoint(args["run_dir"])  # <run>/best, else the newest intact one
     _, config = load_model(ckpt)
     eval_cfg = OmegaConf.to_container(OmegaConf.merge(
         {"eval": config["eval"]}, OmegaConf.from_dotlist(eval_args)), resolve=True)["eval"]

@@ -3,13 +3,13 @@ import sys
 
 from raycg.model.export import export_towers
 from raycg.train.checkpoint import load_model
-from raycg.train.checkpoint import newest_intact
+from raycg.train.checkpoint import evaluation_checkpoint
 from raycg.train.runs import parse_overrides
 
 
 def main(argv: list[str]) -> None:
     args = parse_overrides(argv, {"run_dir": None, "out": ""})
-    ckpt = newest_intact(args["run_dir"])  # skips (and names) damaged newer ones
+    ckpt = evaluation_checkpoint(args["run_dir"])  # <run>/best, else the newest intact one
     model, _ = load_model(ckpt)
     paths = export_towers(model, args["out"] or f"{args['run_dir'].rstrip('/')}/export")
     print(f"[raycg] exported {ckpt}:")

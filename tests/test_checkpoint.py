@@ -101,3 +101,15 @@ def test_metrics_of_epochs_trained_again_are_forgotten(tmp_path):
     forget_epochs_from(str(path), 2)
     assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [0, 1]
     forget_epochs_from(str(tmp_path / "absent.jsonl"), 0)  # nothing to do
+
+
+def test_evaluation_uses_the_best_checkpoint_when_there_is_one(tmp_path):
+    run = tmp_path / "run"
+    saved(str(run / "checkpoint_2026-01-01_00-00-02"), epoch=3)
+    assert ckpt_io.evaluation_checkpoint(str(run)).endswith("checkpoint_2026-01-01_00-00-02")
+    saved(str(run / "best"), epoch=1)
+    assert ckpt_io.evaluation_checkpoint(str(run)) == str(run / "best")
+    damage(str(run / "best" / "model.pt"))
+    said = []
+    assert ckpt_io.evaluation_checkpoint(str(run), log=said.append).endswith("00-00-02")
+    assert "best checkpoint is damaged" in said[0]

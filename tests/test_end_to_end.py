@@ -44,10 +44,15 @@ def test_two_workers_beat_popularity_and_resume(ray_session, small_data_dir, tmp
     results = run(compose(overrides + ["trainer.epochs=4"]))
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 1, 2, 3]
-    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in lines]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    # validation-driven: recall on the validation window every epoch; the best epoch is evaluated
+    val = [m["val_conversion_recall@100"] for m in lines]
+    assert all(0 < v <= 1 for v in val) and lines[-1]["best_epoch"] == int(np.argmax(val))
 
     saved = json.loads((run_dir / "eval.json").read_text())
+    assert saved["checkpoint"] == str(run_dir / "best")
     assert saved["n_queries"]["conversion"] > 50
     model_r, pop_r = results["model"]["conversion"][100], results["popularity"]["conversion"][100]
     assert saved["model"]["conversion"]["100"] == model_r

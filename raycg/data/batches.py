@@ -224,7 +224,7 @@ def quarantine_rows(table: pa.Table, store: FeatureStore, quarantine_dir: str,
 
 def pack_events(table: pa.Table, store: FeatureStore, validate: bool = True, impressions=None,
                 num_hard: int = 0, seed: int = 0, quarantine_dir: str | None = None,
-                check_duplicates: bool = True) -> dict[str, np.ndarray]:
+                check_duplicates: bool = True, before_ts: int | None = None) -> dict[str, np.ndarray]:
     """Event rows -> packed training batch. Keeps positives (conversion, click, save).
 
     With an `ImpressionIndex` and num_hard > 0, also draws `hard_rows` per positive.
@@ -247,6 +247,8 @@ def pack_events(table: pa.Table, store: FeatureStore, validate: bool = True, imp
     is_click = np.asarray(pc.equal(etype, "click"))
     is_save = np.asarray(pc.equal(etype, "save"))
     keep = is_conv | is_click | is_save
+    if before_ts is not None:  # the validation window (checked above) is not trained on
+        keep &= table.column("timestamp").to_numpy() < before_ts
     table = table.filter(pa.array(keep))
     where = source if isinstance(source, str) else (str(source[0]) if len(source) else "events")
     rows = store.items.rows(table.column("item_id").to_numpy().astype(np.int64), where)

@@ -91,9 +91,15 @@ def combine_counts(parts: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     return uniq, out
 
 
-def aggregate_counts(ds, key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Counts per `key` over a Ray dataset of events (map in Ray Data, combine on the driver)."""
-    mapped = ds.map_batches(lambda t: partial_counts(t, key), batch_format="pyarrow", batch_size=65536)
+def aggregate_counts(ds, key: str, before_ts: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Counts per `key` over a Ray dataset of events (map in Ray Data, combine on the driver);
+    with `before_ts`, only events strictly before it (the training part of a split)."""
+    def counts(t):
+        if before_ts is not None:
+            t = t.filter(pc.less(t.column("timestamp"), before_ts))
+        return partial_counts(t, key)
+
+    mapped = ds.map_batches(counts, batch_format="pyarrow", batch_size=65536)
     parts = [{"id": b["id"], "counts": b["counts"]} for b in mapped.iter_batches(batch_size=None, batch_format="numpy")]
     return combine_counts(parts)
 

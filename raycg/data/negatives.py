@@ -38,9 +38,13 @@ class ImpressionIndex:
         return cls(users=uniq, offsets=offsets, item_rows=rows)
 
     @classmethod
-    def build(cls, files: list[str], items: ItemTable) -> "ImpressionIndex":
-        table = pads.dataset(files, format="parquet").to_table(
-            columns=["user_id", "item_id", "event_type"], filter=pc.field("event_type") == "impression")
+    def build(cls, files: list[str], items: ItemTable, before_ts: int | None = None) -> "ImpressionIndex":
+        """Impressions of `files` [strictly before `before_ts`: the training part of a split]."""
+        keep = pc.field("event_type") == "impression"
+        if before_ts is not None:
+            keep = keep & (pc.field("timestamp") < before_ts)
+        table = pads.dataset(files, format="parquet").to_table(columns=["user_id", "item_id", "event_type"],
+                                                               filter=keep)
         return cls.from_events(table, items)
 
     def __len__(self) -> int:

@@ -13,6 +13,7 @@ import shutil
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
@@ -85,7 +86,7 @@ def checked_events(path: str, store: FeatureStore, *, quarantine_dir: str | None
 def build_feature_store(train_path: str, items_path: str, history_length: int = 0,
                         history_paths: list[str] | None = None, item_categorical=(),
                         users_path: str | None = None, user_categorical=(),
-                        users_quarantine_dir: str | None = None) -> FeatureStore:
+                        users_quarantine_dir: str | None = None, before_ts: int | None = None) -> FeatureStore:
     """Item table + user/item stats from the training split (Ray Data) [+ history index]
     [+ categorical item columns and user attributes from a users table].
 
@@ -94,8 +95,8 @@ def build_feature_store(train_path: str, items_path: str, history_length: int = 
     """
     items = ItemTable.read(items_path, extra_cat=tuple(item_categorical))
     ds, _ = read_events(train_path)
-    item_ids, item_counts = aggregate_counts(ds, "item_id")
-    user_ids, user_counts = aggregate_counts(ds, "user_id")
+    item_ids, item_counts = aggregate_counts(ds, "item_id", before_ts)  # stats: the training part only
+    user_ids, user_counts = aggregate_counts(ds, "user_id", before_ts)
     history = None
     if history_length > 0:
         from raycg.data.history import HistoryIndex
@@ -115,23 +116,42 @@ def build_feature_store(train_path: str, items_path: str, history_length: int = 
 
 
 def feature_store_from_config(data_cfg: dict, history_length: int = 0,
-                              history_paths: list[str] | None = None, quarantine_dir: str | None = None) -> FeatureStore:
-    """`quarantine_dir` (with data.on_bad_rows=quarantine): where bad users-table rows go."""
+                              history_paths: list[str] | None = None, quarantine_dir: str | None = None,
+                              before_ts: int | None = None) -> FeatureStore:
+    """`quarantine_dir` (with data.on_bad_rows=quarantine): where bad users-table rows go;
+    `before_ts`: stats from the training split's events before it (validation_cutoff)."""
     quarantine = quarantine_dir if data_cfg.get("on_bad_rows") == "quarantine" else None
     return build_feature_store(
         data_cfg["train_path"], data_cfg["items_path"], history_length, history_paths,
         item_categorical=data_cfg.get("item_categorical") or (), users_path=data_cfg.get("users_path"),
-        user_categorical=data_cfg.get("user_categorical") or (), users_quarantine_dir=quarantine)
+        user_categorical=data_cfg.get("user_categorical") or (), users_quarantine_dir=quarantine,
+        before_ts=before_ts)
+
+
+def validation_cutoff(train_path: str, fraction: float) -> int | None:
+    """The start of the validation window: the last `fraction` of the training split's time
+    span (from Parquet footer statistics), or None for fraction 0. Training uses the events
+    before it; validation queries come from the events at or after it, never from the
+    evaluation split."""
+    if not fraction:
+        return None
+    if not 0 < fraction < 1:
+        raise ValueError(f"data.validation_fraction={fraction}: expected 0 (off) or a number in (0, 1)")
+    files = nonempty_event_files(train_path)[0]
+    lo = min_id_from_footers(files, "timestamp")
+    hi = max_id_from_footers(files, "timestamp")
+    return int(hi - fraction * (hi - lo)) + 1
 
 
 def packed_training_dataset(
     events_path: str, store: FeatureStore, *, batch_size: int = 8192, materialize: bool = True,
     hard_negatives: int = 0, seed: int = 0, quarantine_dir: str | None = None, check_duplicates: bool = True,
-    preserve_order: bool = False,
+    preserve_order: bool = False, before_ts: int | None = None,
 ) -> tuple[ray.data.Dataset, dict]:
     """Packed positives (+ impression hard negatives) for training, and the row accounting:
 
-        rows_read = rows_used (positives) + rows_not_positive (impressions) + rows_quarantined
+        rows_read = rows_used (positives) + rows_not_positive (impressions)
+                    + rows_quarantined + rows_validation (at/after `before_ts`, checked)
 
     With `quarantine_dir` bad rows go there instead of failing the run; that needs
     `materialize` (the quarantine is written once, by the materialising pass).
@@ -149,14 +169,14 @@ def packed_training_dataset(
     if hard_negatives > 0:
         from raycg.data.negatives import ImpressionIndex
 
-        index = ImpressionIndex.build(event_files(events_path), items)
+        index = ImpressionIndex.build(event_files(events_path), items, before_ts)
         stats["impressions_indexed"] = len(index)
         imp_ref = ray.put(index)
 
     def pack(batch: pa.Table) -> dict:
         return pack_events(batch, ray.get(store_ref), impressions=ray.get(imp_ref) if imp_ref else None,
                            num_hard=hard_negatives, seed=seed, quarantine_dir=quarantine_dir,
-                           check_duplicates=check_duplicates)
+                           check_duplicates=check_duplicates, before_ts=before_ts)
 
     ds = ds.map_batches(pack, batch_format="pyarrow", batch_size=batch_size)
     if preserve_order:  # blocks in file order, whatever order the tasks finish in (deterministic runs)
@@ -168,8 +188,41 @@ def packed_training_dataset(
         if quarantine_dir is not None and os.path.isdir(quarantine_dir):
             stats["rows_quarantined"] = sum(pq.read_metadata(f).num_rows for f in event_files(quarantine_dir))
             stats["quarantine_dir"] = quarantine_dir
-        stats["rows_not_positive"] = rows_read - stats["rows_used"] - stats["rows_quarantined"]
+        stats["rows_validation"] = 0
+        if before_ts is not None:  # checked rows at/after the cutoff (a footer-statistics-free count)
+            stats["rows_validation"] = int(ds_validation_rows(files, before_ts, quarantine_dir))
+        stats["rows_not_positive"] = (rows_read - stats["rows_used"] - stats["rows_quarantined"]
+                                      - stats["rows_validation"])
     return ds, stats
+
+
+def ds_validation_rows(files: list[str], before_ts: int, quarantine_dir: str | None) -> int:
+    """Rows at/after `before_ts` that were not quarantined (those are counted as quarantined)."""
+    import pyarrow.dataset as pads
+
+    n = pads.dataset(files, format="parquet").count_rows(filter=pc.field("timestamp") >= before_ts)
+    if quarantine_dir is not None and os.path.isdir(quarantine_dir):
+        q = pads.dataset(event_files(quarantine_dir), format="parquet")
+        n -= q.count_rows(filter=pc.field("timestamp") >= before_ts)
+    return n
+
+
+def min_id_from_footers(files: list[str], column: str) -> int:
+    """Smallest value of an integer column from Parquet row-group statistics (no data read)."""
+    best = None
+    for path in files:
+        meta = pq.read_metadata(path)
+        if meta.num_rows == 0:
+            continue
+        idx = meta.schema.to_arrow_schema().get_field_index(column)
+        for rg in range(meta.num_row_groups):
+            stats = meta.row_group(rg).column(idx).statistics
+            if stats is None or not stats.has_min_max:
+                low = int(pq.read_table(path, columns=[column]).column(column).to_numpy().min())
+            else:
+                low = int(stats.min)
+            best = low if best is None else min(best, low)
+    return -1 if best is None else best
 
 
 def max_id_from_footers(files: list[str], column: str) -> int:

@@ -42,7 +42,13 @@ def exact_top_k(item_emb: np.ndarray, query_emb: np.ndarray, k: int, batch_size:
     return out, time.perf_counter() - t0
 
 
-def torch_top_k(item_emb: np.ndarray, query_emb: np.ndarray, k: int, device: str = "cuda",
+def _as_device_tensor(x, device) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=torch.float32)
+    return torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=device)
+
+
+def torch_top_k(item_emb, query_emb, k: int, device: str = "cuda",
                 block_elements: int = 1 << 28) -> np.ndarray:
     """Exact top-k by inner product with torch: chunked matrix product + `topk`, row indices [Q, k].
 
@@ -53,13 +59,13 @@ def torch_top_k(item_emb: np.ndarray, query_emb: np.ndarray, k: int, device: str
     device = torch.device(device)
     n = item_emb.shape[0]
     k = min(k, n)
-    items = torch.as_tensor(np.ascontiguousarray(item_emb, dtype=np.float32), device=device)
+    items = _as_device_tensor(item_emb, device)  # numpy arrays or tensors (e.g. already on the GPU)
     q_block = max(1, min(len(query_emb), block_elements // max(n, 1)))
     i_block = max(k, min(n, block_elements // q_block))
     out = np.empty((len(query_emb), k), dtype=np.int64)
     with torch.no_grad():
         for s in range(0, len(query_emb), q_block):
-            q = torch.as_tensor(np.ascontiguousarray(query_emb[s:s + q_block], dtype=np.float32), device=device)
+            q = _as_device_tensor(query_emb[s:s + q_block], device)
             best_v = best_i = None
             for j in range(0, n, i_block):
                 v, i = torch.topk(q @ items[j:j + i_block].T, min(k, min(n, j + i_block) - j), dim=1)

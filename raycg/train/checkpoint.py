@@ -94,3 +94,16 @@ def newest_intact(run_dir: str, log=print) -> str:
             continue
         return d
     raise CheckpointError(f"{run_dir}: no intact checkpoint among {len(found)}: " + "; ".join(problems))
+
+
+def evaluation_checkpoint(run_dir: str, log=print) -> str:
+    """The checkpoint a run is evaluated and exported from: <run>/best (the best validation
+    epoch, when the run validated) if it verifies, else the newest intact checkpoint."""
+    best = os.path.join(run_dir, "best")
+    if os.path.isdir(best):
+        try:
+            load_state(best)
+            return best
+        except CheckpointError as e:
+            log(f"[raycg] the best checkpoint is damaged, using the newest intact one instead: {e}")
+    return newest_intact(run_dir, log=log)

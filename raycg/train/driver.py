@@ -21,7 +21,14 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from raycg.data.features import FeatureSpec, dense_moments
-from raycg.data.pipeline import auto_buckets, checked_events, feature_store_from_config, packed_training_dataset
+from raycg.data.pipeline import (
+    auto_buckets,
+    checked_events,
+    feature_store_from_config,
+    nonempty_event_files,
+    packed_training_dataset,
+    validation_cutoff,
+)
 from raycg.data.simulate import DATA_FORMAT, SimConfig, write_dataset
 from raycg.model.card import model_card
 from raycg.model.export import export_towers
@@ -31,6 +38,7 @@ from raycg.eval.evaluate import evaluate_checkpoint, format_table, timing_line, 
 from raycg.train.loop import train_loop_per_worker
 from raycg.train.preflight import PreflightError, check_config, check_data_dir, check_resources
 from raycg.train.schedule import lr_factor
+from raycg.train.validation import ValidationSet
 
 
 def log(msg: str) -> None:
@@ -122,6 +130,7 @@ class PreparedRun:
     store_ref: list
     spec: FeatureSpec
     eval_split: tuple | None = None  # (checked eval events, their row accounting)
+    validation_ref: list | None = None  # [ObjectRef of a ValidationSet] when data.validation_fraction > 0
 
 
 def quarantine_dir(cfg: DictConfig, run_dir: str, split: str) -> str | None:
@@ -143,8 +152,9 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
     t0 = time.perf_counter()
     run_dir = os.path.join(cfg.paths.runs_dir, cfg.run_name)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    before_ts = validation_cutoff(cfg.data.train_path, cfg.data.validation_fraction)
     store = feature_store_from_config(data_cfg, cfg.model.history.length,
-                                      quarantine_dir=quarantine_dir(cfg, run_dir, "users"))
+                                      quarantine_dir=quarantine_dir(cfg, run_dir, "users"), before_ts=before_ts)
     items = store.items
     # the evaluation split gets the training split's checks, before any training
     eval_split = checked_events(cfg.data.eval_path, store, quarantine_dir=quarantine_dir(cfg, run_dir, "eval"),
@@ -156,7 +166,17 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
         cfg.data.train_path, store, batch_size=cfg.data.pack_batch_size, materialize=cfg.data.materialize,
         hard_negatives=cfg.loss.hard_negatives, seed=cfg.seed,
         quarantine_dir=quarantine_dir(cfg, run_dir, "train"), check_duplicates=cfg.data.check_duplicates,
-        preserve_order=cfg.trainer.deterministic)
+        preserve_order=cfg.trainer.deterministic, before_ts=before_ts)
+    validation_ref = None
+    if before_ts is not None:
+        vset = ValidationSet.build(nonempty_event_files(cfg.data.train_path)[0], store, before_ts)
+        stats["validation"] = {"cutoff_ts": before_ts, "rows": vset.rows,
+                               **{f"{t}_queries": len(p) for t, (_, p) in vset.queries.items()}}
+        check_validation_metric(cfg, vset)
+        log(f"[raycg] data: validation window from {time.strftime('%Y-%m-%d %H:%M', time.gmtime(before_ts))} UTC "
+            f"(the last {cfg.data.validation_fraction:.0%} of the training split, not trained on): {vset.rows:,} "
+            f"events, {vset.describe()}")
+        validation_ref = [ray.put(vset)]
     stats.update(eval=eval_split[1], users_rows_quarantined=store.users.rows_quarantined)
     if stats.get("files_empty"):
         log(f"[raycg] data: skipped {stats['files_empty']} empty Parquet file(s) of the training split")
@@ -185,7 +205,20 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
     with open(os.path.join(run_dir, "data_stats.json"), "w") as f:
         json.dump(stats, f)
     print(model_card(TwoTowerModel(OmegaConf.to_container(cfg.model, resolve=True), spec)), flush=True)
-    return PreparedRun(run_dir, train_ds, stats, store, [ray.put(store)], spec, eval_split)
+    return PreparedRun(run_dir, train_ds, stats, store, [ray.put(store)], spec, eval_split, validation_ref)
+
+
+def check_validation_metric(cfg: DictConfig, vset: ValidationSet) -> None:
+    """trainer.early_stopping.metric must be one the validation window can measure."""
+    metric = cfg.trainer.early_stopping.metric
+    task, _, k = metric.removeprefix("val_").partition("_recall@")
+    if not k.isdigit() or int(k) not in [int(x) for x in cfg.eval.ks] or task not in ("conversion", "engagement"):
+        raise PreflightError(f"trainer.early_stopping.metric={metric!r}: expected val_<conversion|engagement>"
+                             f"_recall@<K> with K in eval.ks={list(cfg.eval.ks)}")
+    if task not in vset.queries:
+        raise PreflightError(f"trainer.early_stopping.metric={metric!r}: the validation window (the last "
+                             f"{cfg.data.validation_fraction:.0%} of the training split) has no {task} queries; "
+                             "raise data.validation_fraction or pick another metric")
 
 
 def make_trainer(cfg: DictConfig, prep: PreparedRun, callbacks: list | None = None) -> TorchTrainer:
@@ -201,7 +234,7 @@ def make_trainer(cfg: DictConfig, prep: PreparedRun, callbacks: list | None = No
                          f"{cfg.trainer.batch_size}): lower trainer.lr_schedule.warmup_steps or the batch size") from e
     loop_config = OmegaConf.to_container(cfg, resolve=True)
     loop_config.update(feature_spec=prep.spec.to_dict(), run_dir=prep.run_dir, store_ref=prep.store_ref,
-                       data_stats=prep.stats, total_steps=total_steps)
+                       data_stats=prep.stats, total_steps=total_steps, validation_ref=prep.validation_ref)
     t = cfg.trainer
     return TorchTrainer(
         train_loop_per_worker,
@@ -260,15 +293,21 @@ def run(cfg: DictConfig, callbacks: list | None = None) -> dict:
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint in {run_dir}")
     log(f"[raycg] train: done in {time.perf_counter() - t0:.1f}s; checkpoint {result.checkpoint.path}")
-    with result.checkpoint.as_directory() as ckpt_dir:
-        results = evaluate_checkpoint(ckpt_dir, OmegaConf.to_container(cfg.data, resolve=True),
-                                      OmegaConf.to_container(cfg.eval, resolve=True), log,
-                                      history_length=cfg.model.history.length, store=prep.store, seed=cfg.seed,
-                                      eval_split=prep.eval_split)
-    results["checkpoint"] = result.checkpoint.path
-    with result.checkpoint.as_directory() as ckpt_dir:
-        model, _ = load_model(ckpt_dir)
-        export_towers(model, os.path.join(run_dir, "export"))
+    ckpt_dir = result.checkpoint.path
+    best_dir = os.path.join(run_dir, "best")
+    if prep.validation_ref is not None and os.path.isdir(best_dir):
+        ckpt_dir = best_dir  # the epoch with the best validation recall, not the last one
+        with open(os.path.join(best_dir, "meta.json")) as f:
+            best_epoch = json.load(f)["epoch"]
+        log(f"[raycg] eval: the best checkpoint by {cfg.trainer.early_stopping.metric} is epoch {best_epoch} "
+            f"({best_dir})")
+    results = evaluate_checkpoint(ckpt_dir, OmegaConf.to_container(cfg.data, resolve=True),
+                                  OmegaConf.to_container(cfg.eval, resolve=True), log,
+                                  history_length=cfg.model.history.length, store=prep.store, seed=cfg.seed,
+                                  eval_split=prep.eval_split)
+    results["checkpoint"] = ckpt_dir
+    model, _ = load_model(ckpt_dir)
+    export_towers(model, os.path.join(run_dir, "export"))
     results["train_metrics"] = result.metrics
     path = write_results(run_dir, results)
     log("\n" + format_table(results))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -16,6 +17,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+import torch.distributed as dist
 
 from raycg.data.features import FeatureSpec
 from raycg.losses.objective import EAGER, LossKernels
@@ -25,6 +27,7 @@ from raycg.train.feed import ThreadFeed
 from raycg.train.ingest import ProcessFeed
 from raycg.train.schedule import build_scheduler
 from raycg.train.step import StepContext, train_step
+from raycg.train.validation import EarlyStopping, validation_recall
 
 
 def say(msg: str) -> None:
@@ -64,6 +67,15 @@ def forget_epochs_from(metrics_path: str, start_epoch: int) -> None:
         os.replace(metrics_path + ".tmp", metrics_path)
 
 
+def keep_best(checkpoint_dir: str, best_dir: str) -> None:
+    """Copy a checkpoint to <run>/best (replacing the previous best as a whole)."""
+    tmp = best_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(checkpoint_dir, tmp)
+    shutil.rmtree(best_dir, ignore_errors=True)
+    os.replace(tmp, best_dir)
+
+
 def finite(mean_loss: float, epoch: int, steps: int) -> float:
     if not math.isfinite(mean_loss):
         raise FloatingPointError(
@@ -92,7 +104,7 @@ def build_optimizer(params, cfg_train: dict, device: torch.device) -> torch.opti
 def train_loop_per_worker(config: dict) -> None:
     cfg_model, cfg_loss, cfg_train = config["model"], config["loss"], config["trainer"]
     spec = FeatureSpec.from_dict(config["feature_spec"])
-    saved_config = {k: v for k, v in config.items() if k != "store_ref"}  # the ref is not JSON
+    saved_config = {k: v for k, v in config.items() if not k.endswith("_ref")}  # object refs are not JSON
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     B = cfg_train["batch_size"]
@@ -145,19 +157,28 @@ def train_loop_per_worker(config: dict) -> None:
               f"{(compile_mode or 'default') if compile_model else 'off'}, batch {B} x {world} ranks, host->device "
               f"transfers of {B * cfg_train['transfer_batches']:,} rows, ingest {cfg_train['ingest']}")
 
+    stopper = None  # validation-driven training: the best epoch, early stopping
+    if config.get("validation_ref"):
+        es = cfg_train["early_stopping"]
+        stopper = EarlyStopping(es["metric"], es["patience"], es["min_delta"])
+        stopper.load_state_dict((state or {}).get("early_stopping"))
     try:
-        run_epochs(config, start_epoch, feed, forward, core, optimizer, scheduler, step_ctx, cudagraphs, saved_config)
+        run_epochs(config, start_epoch, feed, forward, core, optimizer, scheduler, step_ctx, cudagraphs, saved_config,
+                   stopper)
     finally:
         feed.close()
 
 
 def run_epochs(config: dict, start_epoch: int, feed, forward, core, optimizer, scheduler, step_ctx: StepContext,
-               cudagraphs: bool, saved_config: dict) -> None:
-    """Epochs of steps; rank 0 logs, writes metrics.jsonl and the checkpoint after each epoch."""
+               cudagraphs: bool, saved_config: dict, stopper: EarlyStopping | None) -> None:
+    """Epochs of steps; rank 0 logs, validates, writes metrics.jsonl and the checkpoint (and
+    <run>/best/ when the validation metric improved) after each epoch."""
     cfg_train = config["trainer"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     B, device = cfg_train["batch_size"], step_ctx.device
+    vset = ray.get(config["validation_ref"][0]) if stopper is not None and rank == 0 else None
+    ks = [int(k) for k in config["eval"]["ks"]]
     for epoch in range(start_epoch, cfg_train["epochs"]):
         forward.train()
         t0 = time.perf_counter()
@@ -198,19 +219,46 @@ def run_epochs(config: dict, start_epoch: int, feed, forward, core, optimizer, s
         if "rows_used" in data:
             # rows read = trained + remainder (drop_last, equal shards) + impressions + quarantined
             metrics.update(rows_read=data["rows_read"], rows_remainder=data["rows_used"] - metrics["rows"],
-                           rows_not_positive=data["rows_not_positive"], rows_rejected=data["rows_quarantined"])
+                           rows_not_positive=data["rows_not_positive"], rows_rejected=data["rows_quarantined"],
+                           rows_validation=data.get("rows_validation", 0))
+        improved = stop = False
+        if vset is not None:  # rank 0: recall on the validation window with this epoch's model
+            t_val = time.perf_counter()
+            metrics.update(validation_recall(core, vset, device, ks, step_ctx.autocast()))
+            improved = stopper.update(epoch, metrics)
+            stop = stopper.stop
+            metrics.update(best_epoch=stopper.best_epoch, validation_s=time.perf_counter() - t_val)
+        if stopper is not None and world > 1:  # every rank stops after the same epoch
+            flag = torch.tensor([int(stop)], device=device)
+            dist.broadcast(flag, src=0)
+            stop = bool(flag.item())
         if rank == 0:
             say(f"[raycg] epoch {epoch} done: loss {metrics['loss']:.4f}, {metrics['rows']:,} rows, "
                 f"{metrics['rows_per_s']:,.0f} rows/s, {elapsed:.1f}s (waiting for data {data_wait:.1f}s)")
+            if vset is not None:
+                val = ", ".join(f"{k[4:]} {v:.4f}" for k, v in metrics.items() if k.startswith("val_"))
+                say(f"[raycg] epoch {epoch} validation: {val}"
+                    + (" (best so far)" if improved else f" (best: epoch {stopper.best_epoch}, "
+                                                          f"{stopper.metric} {stopper.best:.4f})"))
             if "rows_read" in metrics:
                 say(f"[raycg] epoch {epoch} rows: read {metrics['rows_read']:,} = trained {metrics['rows']:,} "
                     f"+ batch remainder {metrics['rows_remainder']:,} + not positive "
-                    f"{metrics['rows_not_positive']:,} + rejected {metrics['rows_rejected']:,}")
+                    f"{metrics['rows_not_positive']:,} + rejected {metrics['rows_rejected']:,} + validation window "
+                    f"{metrics['rows_validation']:,}")
             with open(os.path.join(config["run_dir"], "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             with tempfile.TemporaryDirectory() as d:
+                step_state = dict(step_ctx.state_dict(),
+                                  early_stopping=stopper.state_dict() if stopper is not None else None)
                 ckpt_io.save(d, core, optimizer, epoch, saved_config, config["feature_spec"], scheduler=scheduler,
-                             step_state=step_ctx.state_dict())
+                             step_state=step_state)
+                if improved:
+                    keep_best(d, os.path.join(config["run_dir"], "best"))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics, checkpoint=None)
+        if stop:
+            if rank == 0:
+                say(f"[raycg] early stopping after epoch {epoch}: {stopper.metric} has not improved for "
+                    f"{stopper.patience} epochs; the best epoch is {stopper.best_epoch} ({stopper.best:.4f})")
+            break

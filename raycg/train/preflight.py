@@ -58,6 +58,10 @@ def check_config(cfg: DictConfig) -> None:
                      ("model.history.length", 0), ("data.max_quarantined_fraction", 0)):
         _at_least(cfg, key, low)
     _at_least(cfg, "trainer.grad_clip_norm", 1e-12, allow_none=True)
+    _at_least(cfg, "trainer.early_stopping.patience", 0)
+    if not 0 <= cfg.data.validation_fraction < 1:
+        raise PreflightError(f"data.validation_fraction={cfg.data.validation_fraction}: expected 0 (off) or a "
+                             "share of the training split's time span in (0, 1)")
     if not cfg.eval.ks or any(int(k) < 1 for k in cfg.eval.ks):
         raise PreflightError(f"eval.ks={list(cfg.eval.ks)}: give one or more K >= 1")
     if cfg.data.on_bad_rows == "quarantine" and not cfg.data.materialize:

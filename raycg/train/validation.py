@@ -1,0 +1,127 @@
+"""Validation-driven training: recall@K on a validation window after every epoch, the best
+checkpoint kept, early stopping.
+
+    training split:  [ ........ training part ........ | validation window )   evaluation split
+                                                validation_cutoff             (never used here)
+
+`data.validation_fraction` of the training split's time span, at its end, is the validation
+window (raycg.data.pipeline.validation_cutoff): its events are not trained on, and its
+conversions and engagements become queries exactly like the evaluation split's
+(raycg.eval.queries: attributed requests, history strictly before the query time). Features
+(user and item stats, impressions for hard negatives) come from the training part only.
+
+After each epoch rank 0 embeds the item corpus and the validation queries with the current
+model and computes recall@K by exact search on its device; `EarlyStopping` keeps the best
+epoch, and training stops after `patience` epochs without improving by `min_delta`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import torch
+
+from raycg.data.schema import find_problems, event_columns
+from raycg.eval.queries import TASKS, build_queries
+from raycg.eval.recall import recall_at_k, torch_top_k
+
+
+@dataclass
+class ValidationSet:
+    """What rank 0 needs to score the validation window: the packed item corpus, and per
+    task the packed query features and each query's positive item ids."""
+
+    item_ids: np.ndarray
+    items: dict  # item_cat, item_dense
+    queries: dict = field(default_factory=dict)  # task -> (packed user inputs, positives)
+    rows: int = 0  # checked events of the validation window
+
+    @classmethod
+    def build(cls, train_files: list[str], store, before_ts: int) -> "ValidationSet":
+        """Events of the training split at/after `before_ts` -> queries. Rows that break a rule are
+        left out here: the training pass saw every row and failed on them or quarantined them."""
+        names = [c.name for c in event_columns(pads.dataset(train_files[0], format="parquet").schema.names)]
+        table = pads.dataset(train_files, format="parquet").to_table(
+            columns=names, filter=pc.field("timestamp") >= before_ts)
+        bad = np.zeros(table.num_rows, bool)
+        for p in find_problems(table, event_columns(table.column_names)):
+            bad |= p.mask
+        ids = table.column("item_id").fill_null(-1).to_numpy().astype(np.int64)
+        pos = np.searchsorted(store.items.item_id, ids).clip(0, len(store.items.item_id) - 1)
+        bad |= store.items.item_id[pos] != ids
+        table = table.filter(pa.array(~bad))
+        out = cls(item_ids=store.items.item_id, items=store.items.pack(), rows=table.num_rows)
+        for task in TASKS:
+            queries, positives = build_queries(table, task)
+            if positives:
+                out.queries[task] = (store.pack_users(queries), positives)
+        return out
+
+    def describe(self) -> str:
+        return ", ".join(f"{task} {len(p):,} queries" for task, (_, p) in self.queries.items())
+
+
+def _embed(fn, arrays: dict, device: torch.device, chunk: int = 65536) -> torch.Tensor:
+    n = len(next(iter(arrays.values())))
+    parts = []
+    for s in range(0, n, chunk):
+        batch = {k: torch.from_numpy(np.ascontiguousarray(v[s:s + chunk])).to(device) for k, v in arrays.items()}
+        parts.append(fn(batch).float())
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def validation_recall(core, vset: ValidationSet, device: torch.device, ks: list[int], autocast) -> dict:
+    """{"val_<task>_recall@<k>": recall} of the current model on the validation window."""
+    was_training = core.training
+    core.eval()
+    try:
+        with autocast:
+            items = _embed(core.embed_items, vset.items, device)
+            out = {}
+            for task, (packed, positives) in vset.queries.items():
+                queries = _embed(core.embed_users, packed, device)
+                top = vset.item_ids[torch_top_k(items, queries, max(ks), device=device)]
+                for k, value in recall_at_k(top, positives, ks).items():
+                    out[f"val_{task}_recall@{k}"] = value
+    finally:
+        core.train(was_training)
+    return out
+
+
+@dataclass
+class EarlyStopping:
+    """Best value of `metric` (higher is better) so far, its epoch, and epochs since it improved."""
+
+    metric: str
+    patience: int
+    min_delta: float = 0.0
+    best: float = float("-inf")
+    best_epoch: int = -1
+    bad_epochs: int = 0
+
+    def update(self, epoch: int, metrics: dict) -> bool:
+        """Record an epoch; True if it is the new best."""
+        if self.metric not in metrics:
+            raise KeyError(f"trainer.early_stopping.metric={self.metric!r} is not measured; "
+                           f"validation reports {sorted(k for k in metrics if k.startswith('val_'))}")
+        value = metrics[self.metric]
+        if value > self.best + self.min_delta or self.best_epoch < 0:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def stop(self) -> bool:
+        return self.patience > 0 and self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state:
+            self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
