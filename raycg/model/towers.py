@@ -110,6 +110,8 @@ class Tower(nn.Module):
         if heads not in HEAD_SETS:
             raise ValueError(f"model.heads={heads!r}: expected one of {list(HEAD_SETS)}")
         self.embeddings = nn.ModuleList(HashedEmbedding(b, id_dim) for b in buckets)
+        # regularises sparse id tables (rows seen a handful of times); identity in eval mode
+        self.embedding_dropout = nn.Dropout(cfg.get("embedding_dropout", 0.0))
         self.dense_norm = DenseNormalizer(dense_dim, dense_mean, dense_std) if dense_dim else None
         self.history = history
         in_dim = id_dim * len(buckets) + dense_dim + (history.out_dim if history is not None else 0)
@@ -123,7 +125,7 @@ class Tower(nn.Module):
     def forward(self, cat: torch.Tensor, dense: torch.Tensor | None = None,
                 hist_items: torch.Tensor | None = None, hist_actions: torch.Tensor | None = None,
                 ) -> dict[str, torch.Tensor]:
-        parts = [emb(cat[:, i]) for i, emb in enumerate(self.embeddings)]
+        parts = [self.embedding_dropout(emb(cat[:, i])) for i, emb in enumerate(self.embeddings)]
         if self.dense_norm is not None:
             parts.append(self.dense_norm(dense))
         if self.history is not None:
