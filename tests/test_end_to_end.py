@@ -112,13 +112,13 @@ def test_eval_window_cannot_change_training_features(ray_session, small_data_dir
 
     import pyarrow.parquet as pq
 
-    from raycg.data.schema import EVENT_SCHEMA
+    from raycg.data.simulate import SIM_EVENT_SCHEMA
 
     # a copy of the dataset whose eval split has extra conversions for existing users/items
     other = tmp_path / "data"
     shutil.copytree(small_data_dir, other)
     ev = pq.read_table(other / "events" / "eval" / "part-00000.parquet")
-    extra = ev.slice(0, 500).set_column(4, "event_type", pa.array(["checkout"] * 500)).cast(EVENT_SCHEMA)
+    extra = ev.slice(0, 500).set_column(4, "event_type", pa.array(["checkout"] * 500)).cast(SIM_EVENT_SCHEMA)
     pq.write_table(extra, other / "events" / "eval" / "part-extra.parquet")
 
     def packed(root):
@@ -145,12 +145,12 @@ def test_bad_shard_fails_clearly_or_is_quarantined_and_counted(ray_session, smal
 
     import pyarrow.parquet as pq
 
-    from raycg.data.schema import EVENT_SCHEMA
+    from raycg.data.simulate import SIM_EVENT_SCHEMA
 
     root = tmp_path / "data"
     shutil.copytree(small_data_dir, root)
     train = root / "events" / "train"
-    good = pq.read_table(train / "part-00000.parquet").slice(0, 300).cast(EVENT_SCHEMA)
+    good = pq.read_table(train / "part-00000.parquet").slice(0, 300).cast(SIM_EVENT_SCHEMA)
     # one second later than the originals, so no row duplicates an existing event
     good = good.set_column(6, "timestamp", pa.array(np.asarray(good.column("timestamp")) + 1, pa.int64()))
     bad = good.set_column(4, "event_type", pa.array(["click"] * 100 + ["buy"] * 100 + ["click"] * 100))

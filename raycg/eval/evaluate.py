@@ -14,7 +14,7 @@ import ray
 import torch
 
 from raycg.data.history import HistoryIndex
-from raycg.data.pipeline import checked_events, event_files, feature_store_from_config
+from raycg.data.pipeline import checked_events, event_files, feature_store_from_config, validation_cutoff
 
 from raycg.eval.baselines import ALSBaseline, popularity_ranking, surface_popularity_rankings
 from raycg.eval.embed import embed_corpus, embed_queries
@@ -75,8 +75,9 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
     baselines = list(eval_cfg.get("baselines", ["popularity"]))
     methods = ["model", *baselines]
     t_start = time.perf_counter()
-    if store is None:
-        store = feature_store_from_config(data_cfg)
+    if store is None:  # as the training run built it: stats from before its validation window
+        store = feature_store_from_config(data_cfg, before_ts=validation_cutoff(
+            data_cfg["train_path"], data_cfg.get("validation_fraction", 0)))
     if eval_split is None:
         quarantine = quarantine_dir if data_cfg.get("on_bad_rows") == "quarantine" else None
         eval_split = checked_events(data_cfg["eval_path"], store, quarantine_dir=quarantine,
