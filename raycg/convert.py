@@ -1,23 +1,23 @@
-"""Convert a public shopping log into a raycg data directory (docs/adapters.md).
+"""Convert an event log into a raycg data directory (docs/adapters.md).
 
-    python -m raycg.convert tmall  user_log.csv  data/tmall   [--cutoff-ts N] [--eval-fraction F] [--shards N]
-    python -m raycg.convert rees46 2019-Oct.csv  data/rees46  [--session-gap-cap S] ...
+    python -m raycg.convert MAPPING INPUT OUT_DIR [--cutoff-ts N] [--eval-fraction F] [--shards N] ...
 
-then train with `python -m raycg.train data=files data.dir=OUT_DIR` (for Tmall add
-`loss.duration_weighting=false`: the log has no click durations).
+MAPPING is a preset (tmall, rees46, taobao_user_behavior: conf/convert/<name>.yaml) or your own
+mapping YAML (column names or positions, event-type map, timestamp unit or format, surfaces,
+optional advertiser, click duration from the next event; see raycg/data/logmap.py). INPUT is
+CSV (with or without a header row) or Parquet. Then train with the default configuration:
+
+    python -m raycg.train data=files data.dir=OUT_DIR
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from raycg.data.adapters import (
-    CONTENT_DIM,
-    ConversionError,
-    rees46_to_events,
-    tmall_to_events,
-    write_data_dir,
-)
+import os
+
+from raycg.data.adapters import CONTENT_DIM, ConversionError, write_data_dir
+from raycg.data.logmap import PRESET_DIR, convert_log, load_mapping
 
 
 def _fmt(x, spec=".3f") -> str:
@@ -45,12 +45,21 @@ def summary(meta: dict) -> str:
     if conflicts:
         lines.append("  items with several values (item table keeps the most frequent): "
                      + ", ".join(f"{k} {v}" for k, v in conflicts.items()))
-    if meta["source"] == "rees46":
-        lines.append(f"  click durations: gap to next event in session, cap {meta['session_gap_cap_s']:g} s; "
+    if "session_gap_cap_s" in meta:
+        lines.append(f"  click durations: gap to the next event (same user/session), cap {meta['session_gap_cap_s']:g} s; "
                      f"{meta['clicks_zero_duration']:,} clicks at 0 (session end), "
                      f"{meta['clicks_at_cap']:,} at the cap")
+    elif meta.get("has_click_duration"):
+        lines.append("  click durations: from the source column")
     else:
-        lines.append("  click durations: none in the source (all 0) -> train with loss.duration_weighting=false")
+        lines.append("  click durations: none in the source (all 0): every click weighs 1 "
+                     "(loss.duration_weighting=auto)")
+    lines.append(f"  advertisers: {meta.get('advertiser', 'n/a')} ({meta.get('n_advertisers', 0):,}); "
+                 f"content_emb: {meta.get('content_emb', 'n/a')}")
+    if meta.get("attribution"):
+        a = meta["attribution"]
+        lines.append(f"  attribution: {a['attributed']:,} of {a['conversions']:,} conversions attributed to the "
+                     f"user's last click of the item within {a['window_s'] / 86400:g} days (request_ts)")
     lines += [
         f"  split at {meta['cutoff_ts']} ({meta['cutoff_utc']}, {meta['cutoff_rule']}): "
         f"train {meta['n_train_events']:,}, eval {meta['n_eval_events']:,} "
@@ -74,15 +83,17 @@ def summary(meta: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m raycg.convert", description=__doc__.split("\n\n")[0])
-    ap.add_argument("format", choices=("tmall", "rees46"), help="source log format")
-    ap.add_argument("input", help="input CSV file")
+    presets = sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml"))
+    ap.add_argument("mapping", help=f"a preset ({', '.join(presets)}) or a mapping YAML file")
+    ap.add_argument("input", help="input CSV or Parquet file")
     ap.add_argument("out_dir", help="output data directory (data=files data.dir=OUT_DIR)")
     ap.add_argument("--cutoff-ts", type=int, default=None,
                     help="train/eval cutoff, unix seconds (default: quantile leaving --eval-fraction in eval)")
     ap.add_argument("--eval-fraction", type=float, default=0.2, help="share of events in eval (default 0.2)")
     ap.add_argument("--shards", type=int, default=2, help="Parquet shards per split (default 2)")
-    ap.add_argument("--session-gap-cap", type=float, default=300.0,
-                    help="rees46: cap on a view's click duration, seconds (default 300)")
+    ap.add_argument("--session-gap-cap", type=float, default=None,
+                    help="mappings with click_duration from next_event: cap on a click's duration, seconds "
+                         "(default: the mapping's cap_s, 300 in the presets)")
     ap.add_argument("--content-dim", type=int, default=CONTENT_DIM,
                     help=f"length of the proxy content embedding (default {CONTENT_DIM})")
     ap.add_argument("--seed", type=int, default=0, help="shard shuffle seed (default 0)")
@@ -92,11 +103,15 @@ def main(argv: list[str] | None = None) -> int:
                          "this many days earlier (request_ts); 0 = off (default 7)")
     args = ap.parse_args(argv)
     try:
-        if args.format == "tmall":
-            result = tmall_to_events(args.input, content_dim=args.content_dim)
-        else:
-            result = rees46_to_events(args.input, session_gap_cap_s=args.session_gap_cap,
-                                      content_dim=args.content_dim)
+        mapping = load_mapping(args.mapping)
+        if args.session_gap_cap is not None:
+            if (mapping.get("click_duration") or {}).get("from") != "next_event":
+                raise ConversionError(f"--session-gap-cap: mapping {mapping['name']!r} does not derive click "
+                                      "durations from the next event")
+            if not args.session_gap_cap > 0:
+                raise ValueError(f"--session-gap-cap must be > 0, got {args.session_gap_cap}")
+            mapping["click_duration"] = dict(mapping["click_duration"], cap_s=args.session_gap_cap)
+        result = convert_log(args.input, mapping, content_dim=args.content_dim)
         meta = write_data_dir(result, args.out_dir, cutoff_ts=args.cutoff_ts,
                               eval_fraction=args.eval_fraction, num_shards=args.shards,
                               seed=args.seed, overwrite=args.overwrite,

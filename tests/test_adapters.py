@@ -157,7 +157,7 @@ def test_cli_real_sample(tmp_path, capsys):
     out = tmp_path / "t"
     assert convert_main(["tmall", TMALL_CSV, str(out), "--shards", "3", "--eval-fraction", "0.3"]) == 0
     text = capsys.readouterr().out
-    assert "read 9,999 rows" in text and "loss.duration_weighting=false" in text
+    assert "read 9,999 rows" in text and "loss.duration_weighting=auto" in text
     assert len(glob.glob(str(out / "events" / "train" / "*.parquet"))) == 3
     # a second run into the same directory refuses unless --overwrite
     assert convert_main(["tmall", TMALL_CSV, str(out)]) == 2

@@ -26,7 +26,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def configs(*overrides):
-    cfg = compose(["loss=full", "loss.mixed_negatives=32", "loss.hard_negatives=2", "model.heads=multi_head",
+    cfg = compose(["loss=full", "loss.duration_weighting=true", "loss.mixed_negatives=32", "loss.hard_negatives=2", "model.heads=multi_head",
                    f"model.history.length={L}", *overrides])
     model = OmegaConf.to_container(cfg.model, resolve=True)
     model["buckets"] = {"user": 101, "surface": 8, "context_item": N_ITEMS + 2, "query": 51, "item": N_ITEMS + 2,

@@ -7,15 +7,23 @@ from raycg.data.pipeline import validation_cutoff
 from raycg.train.validation import EarlyStopping
 
 
-def test_validation_cutoff_is_the_end_of_the_training_span(tmp_path):
+def test_validation_cutoff_is_a_quantile_of_event_times(tmp_path):
     from raycg.data.schema import EVENT_SCHEMA
 
-    for i, (lo, hi) in enumerate([(1_000_000_000, 1_000_000_500), (1_000_000_200, 1_000_001_000)]):
-        row = {"user_id": 1, "item_id": 2, "advertiser_id": 0, "surface": "home", "event_type": "click",
-               "click_duration": 1.0, "context_item_id": -1, "query_id": -1}
-        pq.write_table(pa.Table.from_pylist([{**row, "timestamp": lo}, {**row, "timestamp": hi}], schema=EVENT_SCHEMA),
+    row = {"user_id": 1, "item_id": 2, "advertiser_id": 0, "surface": "home", "event_type": "click",
+           "click_duration": 1.0, "context_item_id": -1, "query_id": -1}
+    t0 = 1_500_000_000
+    # 100 events one minute apart in two files, plus one stray timestamp a year earlier: the
+    # last 10% of the events start at the 91st minute (a time-span rule would put almost
+    # every event in the window)
+    times = [[t0 - 365 * 86400] + [t0 + 60 * k for k in range(50)], [t0 + 60 * k for k in range(50, 100)]]
+    for i, ts in enumerate(times):
+        pq.write_table(pa.Table.from_pylist([{**row, "timestamp": t} for t in ts], schema=EVENT_SCHEMA),
                        tmp_path / f"part-{i}.parquet")
-    assert validation_cutoff(str(tmp_path), 0.1) == 1_000_001_000 - 100 + 1  # the last 10% of 1,000 s
+    cutoff = validation_cutoff(str(tmp_path), 0.1)
+    assert cutoff == t0 + 60 * 90  # 10 of 101 events at/after it
+    # files larger than the sample: evenly spaced order statistics, weighted, land close by
+    assert abs(validation_cutoff(str(tmp_path), 0.1, sample_per_file=10) - cutoff) <= 5 * 60
     assert validation_cutoff(str(tmp_path), 0) is None
     with pytest.raises(ValueError, match="validation_fraction"):
         validation_cutoff(str(tmp_path), 1.0)

@@ -97,15 +97,16 @@ class ItemTable:
         columns = ITEM_COLUMNS + tuple(Column(c, "integer", pa.int64(), min_value=0) for c in extra_cat)
         check_schema(table.schema, source, columns)
         check_values(table, source, columns)
-        if "content_emb" not in table.column_names:
-            raise EventSchemaError(f"{source}: missing required column 'content_emb' (fixed-size list<float>)")
         table = table.sort_by("item_id")
         ids = table.column("item_id").to_numpy()
         if len(ids) > 1 and (np.diff(ids) == 0).any():
             dup = ids[1:][np.diff(ids) == 0]
             raise EventSchemaError(f"{source}: column 'item_id' has {len(dup)} duplicate ids, e.g. {dup[0]}")
-        emb = table.column("content_emb").combine_chunks()
-        if isinstance(emb, pa.ListArray):
+        # content_emb is optional: without it the item tower uses ids and stats only
+        emb = table.column("content_emb").combine_chunks() if "content_emb" in table.column_names else None
+        if emb is None:
+            dim = 0
+        elif isinstance(emb, pa.ListArray):
             lengths = np.asarray(pc.list_value_length(emb))
             if len(lengths) and (lengths != lengths[0]).any():
                 bad = np.flatnonzero(lengths != lengths[0])[0]
@@ -115,7 +116,8 @@ class ItemTable:
             dim = int(lengths[0]) if len(lengths) else 0
         else:
             dim = emb.type.list_size
-        dense = np.asarray(emb.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(ids), dim)
+        dense = (np.zeros((len(ids), 0), np.float32) if emb is None else
+                 np.asarray(emb.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(ids), dim))
         if not np.isfinite(dense).all():
             raise EventSchemaError(f"{source}: column 'content_emb' has NaN or infinite values")
         cat = np.stack([table.column(c).to_numpy().astype(np.int64) for c in ITEM_CAT + tuple(extra_cat)], axis=1)

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import glob
+import math
 import os
 import shutil
 
@@ -128,19 +129,38 @@ def feature_store_from_config(data_cfg: dict, history_length: int = 0,
         before_ts=before_ts)
 
 
-def validation_cutoff(train_path: str, fraction: float) -> int | None:
-    """The start of the validation window: the last `fraction` of the training split's time
-    span (from Parquet footer statistics), or None for fraction 0. Training uses the events
-    before it; validation queries come from the events at or after it, never from the
-    evaluation split."""
+def validation_cutoff(train_path: str, fraction: float, sample_per_file: int = 20_000) -> int | None:
+    """The start of the validation window: the timestamp from which about the last `fraction`
+    of the training split's events lie at or after it (a quantile of event times, so a few
+    stray early timestamps cannot stretch the window over the whole split), or None for
+    fraction 0. Training uses the events before it; validation queries come from the events
+    at or after it, never from the evaluation split.
+
+    Each file contributes its own event times, or `sample_per_file` evenly spaced order
+    statistics of them (weighted by its row count) when it has more: only the timestamp column
+    is read."""
     if not fraction:
         return None
     if not 0 < fraction < 1:
         raise ValueError(f"data.validation_fraction={fraction}: expected 0 (off) or a number in (0, 1)")
-    files = nonempty_event_files(train_path)[0]
-    lo = min_id_from_footers(files, "timestamp")
-    hi = max_id_from_footers(files, "timestamp")
-    return int(hi - fraction * (hi - lo)) + 1
+    values, weights = [], []
+    for path in nonempty_event_files(train_path)[0]:
+        ts = np.sort(pq.read_table(path, columns=["timestamp"]).column("timestamp").to_numpy())
+        if len(ts) > sample_per_file:
+            w = len(ts) / sample_per_file
+            ts = ts[np.linspace(0, len(ts) - 1, sample_per_file).round().astype(np.int64)]
+        else:
+            w = 1.0
+        values.append(ts)
+        weights.append(np.full(len(ts), w))
+    ts, inverse = np.unique(np.concatenate(values), return_inverse=True)  # distinct times, ascending
+    w = np.bincount(inverse.reshape(-1), weights=np.concatenate(weights))
+    if len(ts) < 2:
+        raise ValueError(f"{train_path}: every training event has the same timestamp; a validation window "
+                         "needs at least two (data.validation_fraction=0 turns it off)")
+    at_or_after = np.cumsum(w[::-1])[::-1] / w.sum()  # share of events at/after ts[k]
+    k = 1 + int(np.argmin(np.abs(at_or_after[1:] - fraction)))  # the share closest to `fraction`
+    return int(ts[k])
 
 
 def packed_training_dataset(
@@ -223,6 +243,23 @@ def min_id_from_footers(files: list[str], column: str) -> int:
                 low = int(stats.min)
             best = low if best is None else min(best, low)
     return -1 if best is None else best
+
+
+def max_from_footers(files: list[str], column: str) -> float:
+    """Largest value of a numeric column from Parquet row-group statistics (no data read);
+    -inf when every file is empty."""
+    best = -math.inf
+    for path in files:
+        meta = pq.read_metadata(path)
+        if meta.num_rows == 0:
+            continue
+        idx = meta.schema.to_arrow_schema().get_field_index(column)
+        for rg in range(meta.num_row_groups):
+            stats = meta.row_group(rg).column(idx).statistics
+            if stats is None or not stats.has_min_max:
+                return max(best, float(pq.read_table(path, columns=[column]).column(column).to_numpy().max()))
+            best = max(best, float(stats.max))
+    return best
 
 
 def max_id_from_footers(files: list[str], column: str) -> int:

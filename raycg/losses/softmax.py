@@ -46,7 +46,11 @@ def duration_weight(t: torch.Tensor, t_max: float) -> torch.Tensor:
 def task_weights(signals: torch.Tensor, cfg: dict) -> dict[str, torch.Tensor]:
     """{"conversion": [B], "engagement": [B]} weights; see `example_weights`."""
     is_conv, is_click, is_save, dur = signals.unbind(dim=1)
-    click_w = duration_weight(dur, cfg["t_max"]) if cfg.get("duration_weighting", True) else torch.ones_like(dur)
+    weighting = cfg.get("duration_weighting", True)
+    if not isinstance(weighting, bool):  # "auto" is resolved from the data by the driver
+        raise ValueError(f"loss.duration_weighting={weighting!r}: expected true or false here (auto is resolved "
+                         "from the training split by raycg.train.driver.resolve_duration_weighting)")
+    click_w = duration_weight(dur, cfg["t_max"]) if weighting else torch.ones_like(dur)
     return {
         "conversion": cfg["conversion_weight"] * is_conv,
         "engagement": cfg["engagement_weight"] * (is_click * click_w + is_save),

@@ -25,6 +25,7 @@ from raycg.data.pipeline import (
     auto_buckets,
     checked_events,
     feature_store_from_config,
+    max_from_footers,
     nonempty_event_files,
     packed_training_dataset,
     validation_cutoff,
@@ -146,6 +147,19 @@ def check_quarantine_share(cfg: DictConfig, what: str, quarantined: int, read: i
             f"the quarantine_reason column of the quarantined files before trusting this run")
 
 
+def resolve_duration_weighting(cfg: DictConfig) -> None:
+    """loss.duration_weighting=auto -> true when any training event has a click duration > 0,
+    false for logs without dwell time (every click would otherwise weigh log(1 + 0) = 0)."""
+    if cfg.loss.duration_weighting != "auto":
+        return
+    longest = max_from_footers(nonempty_event_files(cfg.data.train_path)[0], "click_duration")
+    with open_dict(cfg.loss):
+        cfg.loss.duration_weighting = bool(longest > 0)
+    if not cfg.loss.duration_weighting:
+        log("[raycg] data: no click in the training split has a duration: clicks weigh 1 "
+            "(loss.duration_weighting=auto -> false)")
+
+
 def prepare_run(cfg: DictConfig) -> PreparedRun:
     """Features (Ray Data) -> packed training dataset -> spec; writes config.yaml and
     data_stats.json and prints the model card."""
@@ -153,6 +167,7 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
     run_dir = os.path.join(cfg.paths.runs_dir, cfg.run_name)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     before_ts = validation_cutoff(cfg.data.train_path, cfg.data.validation_fraction)
+    resolve_duration_weighting(cfg)
     store = feature_store_from_config(data_cfg, cfg.model.history.length,
                                       quarantine_dir=quarantine_dir(cfg, run_dir, "users"), before_ts=before_ts)
     items = store.items
