@@ -63,6 +63,8 @@ def main() -> None:
     os.makedirs(ckpt, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model = TwoTowerModel(OmegaConf.to_container(cfg.model, resolve=True), FeatureSpec.from_dict(spec_dict))
+    if store.vocab:
+        model.set_vocabularies(store.vocab)
     save(ckpt, model, torch.optim.Adam(model.parameters()), 0, OmegaConf.to_container(cfg, resolve=True), spec_dict)
 
     t1 = time.perf_counter()

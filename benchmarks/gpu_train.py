@@ -75,7 +75,10 @@ def resident_run(cfg, prep, rows: dict, precision: str, compiled: bool, warmup: 
     n_steps = len(rows["signals"]) // B
     model_cfg, loss_cfg = (OmegaConf.to_container(c, resolve=True) for c in (cfg.model, cfg.loss))
     torch.manual_seed(cfg.seed)
-    model = TwoTowerModel(model_cfg, prep.spec).to(device)
+    model = TwoTowerModel(model_cfg, prep.spec)
+    if prep.store.vocab:
+        model.set_vocabularies(prep.store.vocab)
+    model = model.to(device)
     opt = build_optimizer(model.parameters(), OmegaConf.to_container(cfg.trainer), device)
     sched = build_scheduler(opt, OmegaConf.to_container(cfg.trainer.lr_schedule), total_steps=n_steps + warmup)
     needs_corpus = loss_cfg["mixed_negatives"] > 0 or loss_cfg["hard_negatives"] > 0

@@ -94,12 +94,15 @@ def test_tmall_real_sample(tmall):
     train, evaluation = _check_written(out, meta)
     assert meta["rows_in"] == len(raw)
     assert meta["rows_in"] == meta["rows_out"] + sum(meta["dropped"].values())
-    # no required id is missing in the sample, so nothing is dropped; the missing brand is counted
-    assert sum(meta["dropped"].values()) == 0
+    # no required id is missing in the sample; at day resolution a same-day repeat of an action
+    # on the same item is one event (exact duplicate): only those are dropped
+    repeat = raw.duplicated(subset=["user_id", "item_id", "action", "month", "day"]).to_numpy()
+    assert sum(meta["dropped"].values()) == meta["dropped"]["duplicate"] == int(repeat.sum()) > 0
     assert meta["imputed"]["brand_id_missing"] == int(raw["brand_id"].isna().sum())
     assert "province" in meta["ignored_columns"]
     assert "province" not in pq.read_table(os.path.join(out, "users.parquet")).column_names
-    ev = result["events"].to_pandas()  # input order, nothing dropped -> aligned with raw
+    raw = raw[~repeat].reset_index(drop=True)
+    ev = result["events"].to_pandas()  # input order minus the repeats -> aligned with raw
     assert (ev["user_id"].to_numpy() == raw["user_id"].to_numpy()).all()
     assert (ev["item_id"].to_numpy() == raw["item_id"].to_numpy()).all()
     assert list(ev["event_type"]) == [TMALL_MAP[a] for a in raw["action"]]
@@ -109,7 +112,7 @@ def test_tmall_real_sample(tmall):
         expect = pd.Timestamp(year=2015, month=int(row["month"]), day=int(row["day"]), tz="UTC")
         assert ev["timestamp"].iloc[i] == int(expect.timestamp())
         assert ev["advertiser_id"].iloc[i] == row["merchant_id"]
-    counts = raw["action"].map(TMALL_MAP).value_counts().to_dict()
+    counts = raw["action"].map(TMALL_MAP).value_counts().to_dict()  # after the repeats are dropped
     assert {k: v for k, v in meta["event_types"].items() if v} == counts
     assert (ev["click_duration"] == 0).all() and (ev["surface"] == "home").all()
     assert meta["marginals"]["median_click_duration_s"] is None
@@ -124,7 +127,12 @@ def test_rees46_real_sample(rees46):
     assert meta["rows_in"] == meta["rows_out"] + sum(meta["dropped"].values())
     assert meta["dropped"]["remove_from_cart"] == int((raw["event_type"] == "remove_from_cart").sum())
     assert meta["imputed"]["brand_missing"] == int(raw["brand"].isna().sum())
-    kept = raw[raw["event_type"] != "remove_from_cart"].reset_index(drop=True)
+    kept = raw[raw["event_type"] != "remove_from_cart"]
+    # an exact repeat (same second, user, product and type; in this sample the repeats also get
+    # the same click duration, so every raycg column is equal) is one event
+    repeat = kept.duplicated(subset=["event_time", "event_type", "product_id", "user_id"]).to_numpy()
+    assert meta["dropped"]["duplicate"] == int(repeat.sum())
+    kept = kept[~repeat].reset_index(drop=True)
     ev = result["events"].to_pandas()
     assert list(ev["event_type"]) == list(kept["event_type"].map(REES46_MAP))
     assert (ev["item_id"].to_numpy() == kept["product_id"].to_numpy()).all()

@@ -182,6 +182,12 @@ class FeatureStore:
     users: "UserTable"  # noqa: F821  (raycg.data.features.UserTable)
     history: object = None  # raycg.data.history.HistoryIndex or None
     history_length: int = 0
+    # training-window event counts per id (ids, totals): the vocabularies are built from them
+    user_counts: tuple = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    item_counts: tuple = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    context_counts: tuple | None = None  # context_item_id and query_id: counted when vocabularies are on
+    query_counts: tuple | None = None
+    vocab: dict | None = None  # {feature: sorted ids} (raycg.data.vocab), read by the model's embeddings
 
     def pack_users(self, table: pa.Table) -> dict[str, np.ndarray]:
         """User/query-tower inputs for event or query rows."""

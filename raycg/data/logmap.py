@@ -38,6 +38,9 @@ Parquet file; the Tmall, REES46 and Taobao UserBehavior formats are mapping pres
       brand: {column: brand, type: string, lowercase: true}  # int | hash | string | float (median)
     user_attributes:                # users-table columns (ints), the user's most frequent value
       age_range: {column: age_range, optional: true}
+    duplicates: drop                # drop: exact repeats of an event (every raycg column equal:
+                                    #   double logging, or same-day repeats at day resolution)
+                                    #   are dropped, counted in meta["dropped"]["duplicate"]; keep
     content:                        # a proxy content_emb: unit sum of fixed random directions of
       - {field: category}           #   these item fields (category, advertiser or an attribute);
       - {field: category_code, kind: path, separator: "."}   # kind value | path | bucket (of a
@@ -73,7 +76,7 @@ CONTENT_DIM = 16
 _INT63 = (1 << 63) - 1
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                           "conf", "convert")
-MAPPING_KEYS = {"name", "format", "header", "delimiter", "columns", "ids", "event_types",
+MAPPING_KEYS = {"name", "format", "header", "delimiter", "columns", "ids", "event_types", "duplicates",
                 "lowercase_event_types", "timestamp", "category", "advertiser", "surface",
                 "click_duration", "item_attributes", "user_attributes", "content", "description"}
 TIME_UNITS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
@@ -678,6 +681,18 @@ def convert_log(path: str, mapping, content_dim: int = CONTENT_DIM) -> dict:
         users_cols[name] = pa.array([mode.get(u, -1) for u in user_ids.tolist()], pa.int64())
         user_meta[name] = {"missing_rows": int(miss.sum()), "users_with_several_values": n_conf}
 
+    # exact repeats (every column equal: double logging, or a same-day repeat at day resolution)
+    # are one event: dropped and counted, so a converted log passes data.check_duplicates
+    dup = np.zeros(events.num_rows, bool)
+    if m.get("duplicates", "drop") == "drop" and events.num_rows:
+        dup = events.to_pandas().duplicated(keep="first").to_numpy()
+        drops.counts["duplicate"] = int(dup.sum())
+        if dup.any():
+            events = events.filter(pa.array(~dup))
+            etype, duration = etype[~dup], duration[~dup]
+            is_click = etype == "click"
+    elif m.get("duplicates", "drop") != "keep":
+        raise ConversionError(f"mapping: duplicates {m['duplicates']!r}: expected drop or keep")
     meta = {
         "source": m["name"], "input": os.path.abspath(path), "rows_in": n_in, "rows_out": events.num_rows,
         "dropped": drops.counts, "imputed": imputed, "event_types": type_counts(etype),

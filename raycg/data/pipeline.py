@@ -87,17 +87,23 @@ def checked_events(path: str, store: FeatureStore, *, quarantine_dir: str | None
 def build_feature_store(train_path: str, items_path: str, history_length: int = 0,
                         history_paths: list[str] | None = None, item_categorical=(),
                         users_path: str | None = None, user_categorical=(),
-                        users_quarantine_dir: str | None = None, before_ts: int | None = None) -> FeatureStore:
+                        users_quarantine_dir: str | None = None, before_ts: int | None = None,
+                        count_context_ids: bool = False) -> FeatureStore:
     """Item table + user/item stats from the training split (Ray Data) [+ history index]
     [+ categorical item columns and user attributes from a users table].
 
     `history_paths`: event files the history index is built from (default: the training
     split; evaluation passes train + eval, since lookups only ever see strictly earlier events).
+    `count_context_ids`: also count context_item_id and query_id (for their vocabularies).
     """
     items = ItemTable.read(items_path, extra_cat=tuple(item_categorical))
     ds, _ = read_events(train_path)
     item_ids, item_counts = aggregate_counts(ds, "item_id", before_ts)  # stats: the training part only
     user_ids, user_counts = aggregate_counts(ds, "user_id", before_ts)
+    context = query = None
+    if count_context_ids:
+        context, query = ((ids, c.sum(axis=1)) for ids, c in (aggregate_counts(ds, "context_item_id", before_ts),
+                                                               aggregate_counts(ds, "query_id", before_ts)))
     history = None
     if history_length > 0:
         from raycg.data.history import HistoryIndex
@@ -113,12 +119,14 @@ def build_feature_store(train_path: str, items_path: str, history_length: int = 
             raise EventSchemaError(f"{users_path}: cannot read users table: {e}") from e
         users = users.with_attributes(table, list(user_categorical), users_path, users_quarantine_dir)
     return FeatureStore(items=items.with_stats(item_ids, item_counts), users=users,
-                        history=history, history_length=history_length)
+                        history=history, history_length=history_length,
+                        user_counts=(user_ids, user_counts.sum(axis=1)), item_counts=(item_ids, item_counts.sum(axis=1)),
+                        context_counts=context, query_counts=query)
 
 
 def feature_store_from_config(data_cfg: dict, history_length: int = 0,
                               history_paths: list[str] | None = None, quarantine_dir: str | None = None,
-                              before_ts: int | None = None) -> FeatureStore:
+                              before_ts: int | None = None, count_context_ids: bool = False) -> FeatureStore:
     """`quarantine_dir` (with data.on_bad_rows=quarantine): where bad users-table rows go;
     `before_ts`: stats from the training split's events before it (validation_cutoff)."""
     quarantine = quarantine_dir if data_cfg.get("on_bad_rows") == "quarantine" else None
@@ -126,7 +134,7 @@ def feature_store_from_config(data_cfg: dict, history_length: int = 0,
         data_cfg["train_path"], data_cfg["items_path"], history_length, history_paths,
         item_categorical=data_cfg.get("item_categorical") or (), users_path=data_cfg.get("users_path"),
         user_categorical=data_cfg.get("user_categorical") or (), users_quarantine_dir=quarantine,
-        before_ts=before_ts)
+        before_ts=before_ts, count_context_ids=count_context_ids)
 
 
 def validation_cutoff(train_path: str, fraction: float, sample_per_file: int = 20_000) -> int | None:

@@ -64,6 +64,65 @@ class HashedEmbedding(nn.Module):
         return self.emb(idx)
 
 
+class VocabEmbedding(nn.Module):
+    """id -> embedding through a vocabulary: row 0 = missing (id < 0, the zero row), rows
+    1..oov = out-of-vocabulary ids hashed (`id mod oov + 1`), then one row per vocabulary id.
+
+        vocab = [7, 42, 2**40] (sorted), oov_buckets = 2:
+        ids  [-1, 7, 2**40, 5]  ->  rows [0, 3, 5, 1 + 5 mod 2 = 2]
+
+    The vocabulary (`vocab`, int64 [V]) is a buffer: checkpoints and exported towers carry it,
+    so they take raw ids; the table has exactly 1 + oov_buckets + V rows.
+    """
+
+    def __init__(self, vocab_size: int, oov_buckets: int, dim: int, vocab=None):
+        super().__init__()
+        if oov_buckets < 1:
+            raise ValueError(f"model.vocab.oov_buckets={oov_buckets}: expected >= 1")
+        self.oov_buckets = oov_buckets
+        self.register_buffer("vocab", torch.zeros(vocab_size, dtype=torch.int64))
+        self.emb = nn.Embedding(1 + oov_buckets + vocab_size, dim, padding_idx=0)
+        nn.init.normal_(self.emb.weight, std=0.05)
+        with torch.no_grad():
+            self.emb.weight[0].zero_()
+        if vocab is not None:
+            self.set_vocabulary(vocab)
+
+    @property
+    def num_buckets(self) -> int:
+        return self.emb.num_embeddings
+
+    def set_vocabulary(self, vocab) -> None:
+        vocab = torch.as_tensor(vocab, dtype=torch.int64)
+        if vocab.shape != self.vocab.shape:
+            raise ValueError(f"vocabulary of {len(vocab)} ids for a table built for {len(self.vocab)}")
+        if len(vocab) > 1 and not bool((vocab[1:] > vocab[:-1]).all()):
+            raise ValueError("a vocabulary must be sorted and unique")
+        with torch.no_grad():
+            self.vocab.copy_(vocab)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        oov = ids.remainder(self.oov_buckets) + 1
+        if self.vocab.numel():
+            pos = torch.searchsorted(self.vocab, ids.contiguous()).clamp_(max=self.vocab.numel() - 1)
+            row = torch.where(self.vocab[pos] == ids, pos + 1 + self.oov_buckets, oov)
+        else:
+            row = oov
+        return torch.where(ids < 0, torch.zeros_like(ids), row)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.emb(self.rows(ids))
+
+
+def id_embedding(name: str, cfg: dict) -> nn.Module:
+    """The table of one id feature: a vocabulary table when `cfg["vocab_sizes"]` names it
+    (model.vocab.enabled), else hashed into `cfg["buckets"][name]` rows."""
+    sizes = cfg.get("vocab_sizes") or {}
+    if name in sizes:
+        return VocabEmbedding(int(sizes[name]), int(cfg["vocab"]["oov_buckets"]), cfg["id_dim"])
+    return HashedEmbedding(cfg["buckets"][name], cfg["id_dim"])
+
+
 HEAD_SETS = {
     "unified": ("unified",),  # 2025 design: one embedding space for both tasks
     "multi_head": ("engagement", "conversion"),  # 2023 design: one head per task
@@ -102,19 +161,20 @@ class Tower(nn.Module):
     Encoders and the body are shared by all heads; `forward` returns {head name: [B, E]}.
     """
 
-    def __init__(self, buckets: list[int], id_dim: int, dense_dim: int, cfg: dict,
+    def __init__(self, names: list[str], id_dim: int, dense_dim: int, cfg: dict,
                  dense_mean: list[float] | None = None, dense_std: list[float] | None = None,
                  history: nn.Module | None = None):
         super().__init__()
         heads = cfg.get("heads", "unified")
         if heads not in HEAD_SETS:
             raise ValueError(f"model.heads={heads!r}: expected one of {list(HEAD_SETS)}")
-        self.embeddings = nn.ModuleList(HashedEmbedding(b, id_dim) for b in buckets)
+        self.names = list(names)
+        self.embeddings = nn.ModuleList(id_embedding(n, {**cfg, "id_dim": id_dim}) for n in names)
         # regularises sparse id tables (rows seen a handful of times); identity in eval mode
         self.embedding_dropout = nn.Dropout(cfg.get("embedding_dropout", 0.0))
         self.dense_norm = DenseNormalizer(dense_dim, dense_mean, dense_std) if dense_dim else None
         self.history = history
-        in_dim = id_dim * len(buckets) + dense_dim + (history.out_dim if history is not None else 0)
+        in_dim = id_dim * len(names) + dense_dim + (history.out_dim if history is not None else 0)
         self.body = TowerBody(in_dim, cfg["cross"], cfg["cross_layers"], cfg.get("low_rank"), list(cfg["mlp_dims"]),
                               cfg.get("num_experts", 1))
         self.heads = nn.ModuleDict({

@@ -34,7 +34,7 @@ class TwoTowerModel(nn.Module):
             spec = FeatureSpec(item_dense=spec)
         self.spec = spec
         b = cfg["buckets"]
-        self.item_tower = Tower([b[n] for n in spec.item_cat], cfg["id_dim"], spec.item_dense, cfg,
+        self.item_tower = Tower(spec.item_cat, cfg["id_dim"], spec.item_dense, cfg,
                                 spec.item_dense_mean, spec.item_dense_std)
         history = None
         if spec.history_length > 0:
@@ -42,10 +42,11 @@ class TwoTowerModel(nn.Module):
 
             h = cfg.get("history") or {}
             share = h.get("share_item_embedding", False) and spec.item_cat and spec.item_cat[0] == "item"
-            history = HistoryEncoder(b["item"], cfg["id_dim"], num_layers=h.get("layers", 1),
+            item_rows = b["item"] if "item" in b else self.item_tower.embeddings[0].num_buckets
+            history = HistoryEncoder(item_rows, cfg["id_dim"], num_layers=h.get("layers", 1),
                                      num_heads=h.get("heads", 2), max_len=spec.history_length,
                                      item_embedding=self.item_tower.embeddings[0] if share else None)
-        self.user_tower = Tower([b[n] for n in spec.user_cat], cfg["id_dim"], spec.user_dense, cfg,
+        self.user_tower = Tower(spec.user_cat, cfg["id_dim"], spec.user_dense, cfg,
                                 spec.user_dense_mean, spec.user_dense_std, history)
         heads = tuple(self.user_tower.heads)
         self.serve_head = cfg.get("serve_head") or ("conversion" if "conversion" in heads else heads[0])
@@ -56,6 +57,14 @@ class TwoTowerModel(nn.Module):
             self.log_temperature = nn.Parameter(log_t)
         else:
             self.register_buffer("log_temperature", log_t)
+
+    def set_vocabularies(self, vocab: dict) -> None:
+        """Fill every vocabulary table's ids ({feature: sorted ids}, raycg.data.vocab); a
+        feature used by both towers (the item id: history and item tower) is filled once."""
+        for tower in (self.item_tower, self.user_tower):
+            for name, emb in zip(tower.names, tower.embeddings):
+                if hasattr(emb, "set_vocabulary"):
+                    emb.set_vocabulary(vocab[name])
 
     @property
     def temperature(self) -> torch.Tensor:

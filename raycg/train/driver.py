@@ -31,6 +31,7 @@ from raycg.data.pipeline import (
     validation_cutoff,
 )
 from raycg.data.simulate import DATA_FORMAT, SimConfig, write_dataset
+from raycg.data.vocab import build_vocabularies, store_counts
 from raycg.model.card import model_card
 from raycg.model.export import export_towers
 from raycg.train.checkpoint import load_model
@@ -160,6 +161,35 @@ def resolve_duration_weighting(cfg: DictConfig) -> None:
             "(loss.duration_weighting=auto -> false)")
 
 
+def set_vocabularies(cfg: DictConfig, store) -> None:
+    """Vocabularies of every id feature but `surface` from the training window's counts ->
+    store.vocab (the workers fill the tables from it), cfg.model.vocab_sizes (the tables'
+    shapes, saved with every checkpoint) and cfg.model.buckets (their rows, for the card)."""
+    v = cfg.model.vocab
+    counts = store_counts(store, store.context_counts, store.query_counts)
+    store.vocab = build_vocabularies({k: c for k, c in counts.items() if k != "surface"}, int(v.min_count),
+                                     None if v.max_size is None else int(v.max_size))
+    cfg.model.vocab_sizes = {name: len(ids) for name, ids in store.vocab.items()}
+    for name, ids in store.vocab.items():
+        cfg.model.buckets[name] = 1 + int(v.oov_buckets) + len(ids)
+    log("[raycg] data: vocabularies (ids seen >= " + f"{v.min_count} times in the training window; others share "
+        f"{v.oov_buckets} OOV rows): " + ", ".join(f"{k} {len(ids):,}" for k, ids in store.vocab.items()))
+
+
+def fit_batch_size(cfg: DictConfig, rows_per_worker: int) -> None:
+    """A small training split still gets trainer.min_steps_per_epoch steps per epoch: the batch
+    size is halved (not below 16) until it does, and the change is printed."""
+    want, batch = int(cfg.trainer.get("min_steps_per_epoch") or 0), int(cfg.trainer.batch_size)
+    if not want or rows_per_worker >= want * batch:
+        return
+    while batch > 16 and rows_per_worker < want * batch:
+        batch //= 2
+    log(f"[raycg] train: {rows_per_worker:,} training rows per worker: trainer.batch_size {cfg.trainer.batch_size} -> "
+        f"{batch} ({rows_per_worker // batch} steps per epoch; trainer.min_steps_per_epoch={want}, 0 = keep the "
+        "batch size)")
+    cfg.trainer.batch_size = batch
+
+
 def prepare_run(cfg: DictConfig) -> PreparedRun:
     """Features (Ray Data) -> packed training dataset -> spec; writes config.yaml and
     data_stats.json and prints the model card."""
@@ -168,8 +198,10 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     before_ts = validation_cutoff(cfg.data.train_path, cfg.data.validation_fraction)
     resolve_duration_weighting(cfg)
+    use_vocab = bool(cfg.model.vocab.enabled)
     store = feature_store_from_config(data_cfg, cfg.model.history.length,
-                                      quarantine_dir=quarantine_dir(cfg, run_dir, "users"), before_ts=before_ts)
+                                      quarantine_dir=quarantine_dir(cfg, run_dir, "users"), before_ts=before_ts,
+                                      count_context_ids=use_vocab)
     items = store.items
     # the evaluation split gets the training split's checks, before any training
     eval_split = checked_events(cfg.data.eval_path, store, quarantine_dir=quarantine_dir(cfg, run_dir, "eval"),
@@ -177,6 +209,8 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
     with open_dict(cfg.model):  # extra categorical columns add bucket names
         cfg.model.buckets = auto_buckets(
             OmegaConf.to_container(cfg.model.buckets), cfg.model.max_buckets, cfg.data.train_path, items, store.users)
+        if use_vocab:
+            set_vocabularies(cfg, store)
     train_ds, stats = packed_training_dataset(
         cfg.data.train_path, store, batch_size=cfg.data.pack_batch_size, materialize=cfg.data.materialize,
         hard_negatives=cfg.loss.hard_negatives, seed=cfg.seed,
@@ -199,6 +233,7 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
         check_quarantine_share(cfg, "training", stats["rows_quarantined"], stats["rows_read"])
     check_quarantine_share(cfg, "evaluation", eval_split[1]["rows_quarantined"], eval_split[1]["rows_read"])
     per_rank = stats.get("rows_used", cfg.trainer.batch_size * cfg.trainer.num_workers) // cfg.trainer.num_workers
+    fit_batch_size(cfg, per_rank)
     if per_rank < cfg.trainer.batch_size:
         raise PreflightError(
             f"trainer.batch_size={cfg.trainer.batch_size} x trainer.num_workers={cfg.trainer.num_workers}: the "

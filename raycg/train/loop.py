@@ -126,6 +126,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     # -- model on the device, then the optimiser (its state follows the parameters) -----------
     model = TwoTowerModel(cfg_model, spec)
+    if cfg_model.get("vocab_sizes"):  # the driver's vocabularies; a checkpoint carries its own
+        model.set_vocabularies(ray.get(config["store_ref"][0]).vocab)
     if state:
         model.load_state_dict(state["model"])
     model = ray.train.torch.prepare_model(model)  # -> device; DDP when world > 1
