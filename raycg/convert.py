@@ -56,6 +56,8 @@ def summary(meta: dict) -> str:
                      "(loss.duration_weighting=auto)")
     lines.append(f"  advertisers: {meta.get('advertiser', 'n/a')} ({meta.get('n_advertisers', 0):,}); "
                  f"content_emb: {meta.get('content_emb', 'n/a')}")
+    lines.append(f"  corpus: the {meta['n_items']:,} items of the log; evaluation leaves out positives on items "
+                 "without a training event (eval.cold_items=auto)")
     if meta.get("attribution"):
         a = meta["attribution"]
         lines.append(f"  attribution: {a['attributed']:,} of {a['conversions']:,} conversions attributed to the "

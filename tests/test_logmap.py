@@ -163,3 +163,25 @@ def test_written_dir_round_trips(tmp_path):
     # the checkout at 60 s is attributed to the view at 0 s (last click of the same item)
     train = pq.read_table(tmp_path / "out" / "events" / "train").to_pandas().sort_values("timestamp")
     assert list(train["request_ts"]) == [-1, -1, T0]
+
+
+def test_cold_positives_are_left_out_for_a_corpus_derived_from_the_log(tmp_path):
+    from raycg.eval.queries import build_queries, corpus_from_log, drop_cold, drop_cold_positives
+
+    rows = [(u, i, c, e, T0 * 1000 + ms, s, a) for u, i, c, e, ms, s, a in ROWS]
+    out = tmp_path / "out"
+    write_data_dir(convert_log(_csv(tmp_path, rows), MAPPING), str(out), cutoff_ts=T0 + 100)
+    items = str(out / "items.parquet")
+    assert corpus_from_log(items) and drop_cold("auto", items) and not drop_cold("keep", items)
+    assert not drop_cold("auto", str(tmp_path / "catalogue" / "items.parquet"))  # no meta.json: a catalogue
+    with pytest.raises(ValueError, match="eval.cold_items"):
+        drop_cold("sometimes", items)
+    # the eval window: user 1 views item 11 and user 2 adds item 12 to the cart; of the three
+    # items only 10 had a training event
+    evaluation = pq.read_table(out / "events" / "eval")
+    queries, positives = build_queries(evaluation, "engagement")
+    assert [p.tolist() for p in positives] == [[11]]
+    kept_q, kept_p, dropped = drop_cold_positives(queries, positives, np.array([10]))
+    assert kept_q.num_rows == 0 and kept_p == [] and dropped == {"positives": 1, "queries": 1}
+    kept_q, kept_p, dropped = drop_cold_positives(queries, positives, np.array([10, 11]))
+    assert kept_q.num_rows == 1 and [p.tolist() for p in kept_p] == [[11]] and dropped["positives"] == 0

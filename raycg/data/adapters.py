@@ -259,6 +259,9 @@ def write_data_dir(result: dict, out_dir: str, cutoff_ts: int | None = None,
         "time_span_utc": [_iso(ts.min()), _iso(ts.max())],
         "marginals": marginals(events, has_dur),
         "attribution": attribution,
+        # the item table holds the items that appear in the log (not a catalogue): evaluation
+        # leaves out positives on items without a training event (eval.cold_items=auto)
+        "corpus": "log",
         "paths": paths,
     })
     with open(os.path.join(out_dir, "meta.json"), "w") as f:

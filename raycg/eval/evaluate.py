@@ -18,7 +18,7 @@ from raycg.data.pipeline import checked_events, event_files, feature_store_from_
 
 from raycg.eval.baselines import ALSBaseline, popularity_ranking, surface_popularity_rankings
 from raycg.eval.embed import embed_corpus, embed_queries
-from raycg.eval.queries import TASKS, build_queries, read_event_columns
+from raycg.eval.queries import TASKS, build_queries, drop_cold, drop_cold_positives, read_event_columns
 from raycg.eval.recall import exact_top_k, recall_report
 from raycg.eval.reengagement import EngagementTimeline
 
@@ -95,17 +95,25 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
     corpus_ids, item_emb = embed_corpus(data_cfg["items_path"], checkpoint_dir, store_ref,
                                         eval_cfg["inference_batch_size"], use_gpu=embed_gpu)
     train_events = read_event_columns(data_cfg["train_path"], ["user_id", "item_id", "event_type", "surface"])
+    known_items = None
+    if drop_cold(eval_cfg.get("cold_items", "auto"), data_cfg["items_path"]):
+        known_items = np.unique(train_events.column("item_id").to_numpy())
+        log(f"[raycg] eval: the item table was derived from the log: positives on the "
+            f"{len(corpus_ids) - len(known_items):,} items without a training-split event are left out "
+            "(eval.cold_items=auto; they are in the corpus only because they are engaged later)")
     t_base = time.perf_counter()
     fitted = _fit_baselines(baselines, train_events, corpus_ids, eval_cfg, seed, log)
     baseline_s = time.perf_counter() - t_base
     results: dict = {"ks": ks, "n_items": int(len(corpus_ids)), "methods": methods, "n_queries": {},
-                     "eval_rows": eval_rows, "repeat_share": {},
+                     "eval_rows": eval_rows, "repeat_share": {}, "cold_dropped": {},
                      "detail": {m: {} for m in methods}, "als_coverage": {}, **{m: {} for m in methods}}
     adv_of = store.items.cat[:, 1][np.searchsorted(store.items.item_id, corpus_ids)]  # advertiser per corpus row
     search_s = 0.0
     K = max(ks)
     for task in TASKS:
         queries, positives = build_queries(eval_events, task)
+        if known_items is not None:
+            queries, positives, results["cold_dropped"][task] = drop_cold_positives(queries, positives, known_items)
         results["n_queries"][task] = len(positives)
         if not positives:
             log(f"[raycg] eval: no {task} queries in the eval split")
@@ -202,6 +210,10 @@ def format_table(results: dict) -> str:
     lines = _recall_rows(results, tasks, short)
     nq = results["n_queries"]
     lines.append("queries: " + ", ".join(f"{t} {nq.get(t, 0):,}" for t in TASKS) + f"; corpus {results['n_items']:,} items")
+    cold = results.get("cold_dropped") or {}
+    if cold:
+        lines.append("left out (items without a training event; eval.cold_items): " + ", ".join(
+            f"{t} {c['positives']:,} positives ({c['queries']:,} queries)" for t, c in cold.items()))
     split = [f"{t}_{p}" for t in TASKS for p in PARTS if f"{t}_{p}" in results["model"]]
     if split:
         share = results.get("repeat_share", {})

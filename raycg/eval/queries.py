@@ -45,3 +45,40 @@ def build_queries(events: pa.Table, task: str) -> tuple[pa.Table, list[np.ndarra
     keys = grouped.select(QUERY_KEYS + ["query_ts_min"]).rename_columns(QUERY_KEYS + ["timestamp"])
     positives = [np.asarray(v, dtype=np.int64) for v in grouped.column("item_id_distinct").to_pylist()]
     return keys, positives
+
+
+def drop_cold_positives(queries: pa.Table, positives: list[np.ndarray], known_items: np.ndarray,
+                        ) -> tuple[pa.Table, list[np.ndarray], dict]:
+    """Keep only positives on `known_items` (items with events before the query window) and the
+    queries that still have one; returns (queries, positives, {"positives": dropped,
+    "queries": dropped}).
+
+    For an item table derived from the log itself (raycg.convert), an item with no earlier
+    event is in the corpus *because* it is engaged later: "rank never-seen items first" would
+    score there and nowhere else (a real catalogue holds many items nobody engages)."""
+    kept = [p[np.isin(p, known_items)] for p in positives]
+    mask = np.array([len(p) > 0 for p in kept], dtype=bool)
+    dropped = {"positives": int(sum(len(p) for p in positives) - sum(len(p) for p in kept)),
+               "queries": int((~mask).sum())}
+    return queries.filter(pa.array(mask)), [p for p, m in zip(kept, mask) if m], dropped
+
+
+def corpus_from_log(items_path: str) -> bool:
+    """True when the item table was derived from the log itself (written by raycg.convert,
+    which records "corpus": "log" in the data directory's meta.json)."""
+    import json
+    import os
+
+    meta = os.path.join(os.path.dirname(os.path.abspath(items_path)), "meta.json")
+    if not os.path.isfile(meta):
+        return False
+    with open(meta) as f:
+        return json.load(f).get("corpus") == "log"
+
+
+def drop_cold(policy: str, items_path: str) -> bool:
+    """eval.cold_items: drop | keep | auto (drop for an item table derived from the log)."""
+    if policy not in ("auto", "drop", "keep"):
+        raise ValueError(f"eval.cold_items={policy!r}: expected auto, drop or keep")
+    return policy == "drop" or (policy == "auto" and corpus_from_log(items_path))
+

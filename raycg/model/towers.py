@@ -11,6 +11,7 @@ A tower = feature encoders -> x0 -> body -> head MLP -> Linear -> L2-normalised 
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -93,7 +94,9 @@ class VocabEmbedding(nn.Module):
         return self.emb.num_embeddings
 
     def set_vocabulary(self, vocab) -> None:
-        vocab = torch.as_tensor(vocab, dtype=torch.int64)
+        if not isinstance(vocab, torch.Tensor):  # a copy: arrays from Ray's object store are read-only
+            vocab = torch.from_numpy(np.array(vocab, dtype=np.int64))
+        vocab = vocab.to(torch.int64)
         if vocab.shape != self.vocab.shape:
             raise ValueError(f"vocabulary of {len(vocab)} ids for a table built for {len(self.vocab)}")
         if len(vocab) > 1 and not bool((vocab[1:] > vocab[:-1]).all()):

@@ -66,18 +66,17 @@ def prepare_source(grid: Grid, out_dir: str) -> list[str] | None:
     """Extra overrides for a grid on a converted real log; None when the source is absent."""
     if not grid.source_csv:
         return []
-    csv = os.path.abspath(grid.source_csv)
+    csv = os.path.abspath(os.path.expandvars(grid.source_csv))
     if not os.path.exists(csv):
         return None
     data_dir = os.path.abspath(os.path.join(out_dir, "data", grid.name))
     if not os.path.exists(os.path.join(data_dir, "meta.json")):
-        from raycg.data.adapters import tmall_to_events, write_data_dir
+        from raycg.data.adapters import write_data_dir
+        from raycg.data.logmap import convert_log
 
-        if grid.name != "tmall" and "tmall" not in csv:
-            raise SystemExit(f"grid {grid.name}: only Tmall logs are converted automatically; "
-                             f"convert {csv} with python -m raycg.convert and use data=files data.dir=...")
-        log(f"[raycg.report] {grid.name}: converting {csv} -> {data_dir}")
-        write_data_dir(tmall_to_events(csv), data_dir)
+        mapping = grid.source_format or grid.name
+        log(f"[raycg.report] {grid.name}: converting {csv} ({mapping}) -> {data_dir}")
+        write_data_dir(convert_log(csv, mapping), data_dir)
     return [f"data.dir={data_dir}"]
 
 

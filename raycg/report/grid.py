@@ -22,7 +22,8 @@ class Grid:
     variants: dict[str, list[str]]
     reference: str
     claims: list[dict] = field(default_factory=list)
-    source_csv: str | None = None
+    source_csv: str | None = None  # a real log converted at run time ($VARS expanded); absent: grid skipped
+    source_format: str | None = None  # its raycg.convert mapping (a preset or YAML); default: the grid name
 
     @classmethod
     def load(cls, name: str) -> "Grid":

@@ -37,6 +37,7 @@ from raycg.model.export import export_towers
 from raycg.train.checkpoint import load_model
 from raycg.model.two_tower import TwoTowerModel
 from raycg.eval.evaluate import evaluate_checkpoint, format_table, timing_line, write_results
+from raycg.eval.queries import drop_cold
 from raycg.train.loop import train_loop_per_worker
 from raycg.train.preflight import PreflightError, check_config, check_data_dir, check_resources
 from raycg.train.schedule import lr_factor
@@ -218,7 +219,8 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
         preserve_order=cfg.trainer.deterministic, before_ts=before_ts)
     validation_ref = None
     if before_ts is not None:
-        vset = ValidationSet.build(nonempty_event_files(cfg.data.train_path)[0], store, before_ts)
+        known = store.item_counts[0] if drop_cold(cfg.eval.cold_items, cfg.data.items_path) else None
+        vset = ValidationSet.build(nonempty_event_files(cfg.data.train_path)[0], store, before_ts, known)
         stats["validation"] = {"cutoff_ts": before_ts, "rows": vset.rows,
                                **{f"{t}_queries": len(p) for t, (_, p) in vset.queries.items()}}
         check_validation_metric(cfg, vset)
@@ -261,10 +263,12 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
 def check_validation_metric(cfg: DictConfig, vset: ValidationSet) -> None:
     """trainer.early_stopping.metric must be one the validation window can measure."""
     metric = cfg.trainer.early_stopping.metric
+    if metric == "val_mean_recall":
+        return  # measured whenever the window has queries of either task
     task, _, k = metric.removeprefix("val_").partition("_recall@")
     if not k.isdigit() or int(k) not in [int(x) for x in cfg.eval.ks] or task not in ("conversion", "engagement"):
-        raise PreflightError(f"trainer.early_stopping.metric={metric!r}: expected val_<conversion|engagement>"
-                             f"_recall@<K> with K in eval.ks={list(cfg.eval.ks)}")
+        raise PreflightError(f"trainer.early_stopping.metric={metric!r}: expected val_mean_recall or "
+                             f"val_<conversion|engagement>_recall@<K> with K in eval.ks={list(cfg.eval.ks)}")
     if task not in vset.queries:
         raise PreflightError(f"trainer.early_stopping.metric={metric!r}: the validation window (the last "
                              f"{cfg.data.validation_fraction:.0%} of the training split) has no {task} queries; "

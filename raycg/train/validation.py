@@ -25,7 +25,7 @@ import pyarrow.dataset as pads
 import torch
 
 from raycg.data.schema import find_problems, event_columns
-from raycg.eval.queries import TASKS, build_queries
+from raycg.eval.queries import TASKS, build_queries, drop_cold_positives
 from raycg.eval.recall import recall_at_k, torch_top_k
 
 
@@ -40,9 +40,11 @@ class ValidationSet:
     rows: int = 0  # checked events of the validation window
 
     @classmethod
-    def build(cls, train_files: list[str], store, before_ts: int) -> "ValidationSet":
+    def build(cls, train_files: list[str], store, before_ts: int, known_items: np.ndarray | None = None,
+              ) -> "ValidationSet":
         """Events of the training split at/after `before_ts` -> queries. Rows that break a rule are
-        left out here: the training pass saw every row and failed on them or quarantined them."""
+        left out here: the training pass saw every row and failed on them or quarantined them.
+        `known_items`: keep only positives on these items (eval.cold_items; drop_cold_positives)."""
         names = [c.name for c in event_columns(pads.dataset(train_files[0], format="parquet").schema.names)]
         table = pads.dataset(train_files, format="parquet").to_table(
             columns=names, filter=pc.field("timestamp") >= before_ts)
@@ -56,6 +58,8 @@ class ValidationSet:
         out = cls(item_ids=store.items.item_id, items=store.items.pack(), rows=table.num_rows)
         for task in TASKS:
             queries, positives = build_queries(table, task)
+            if known_items is not None:
+                queries, positives, _ = drop_cold_positives(queries, positives, known_items)
             if positives:
                 out.queries[task] = (store.pack_users(queries), positives)
         return out
@@ -75,7 +79,8 @@ def _embed(fn, arrays: dict, device: torch.device, chunk: int = 65536) -> torch.
 
 @torch.no_grad()
 def validation_recall(core, vset: ValidationSet, device: torch.device, ks: list[int], autocast) -> dict:
-    """{"val_<task>_recall@<k>": recall} of the current model on the validation window."""
+    """{"val_<task>_recall@<k>": recall} of the current model on the validation window, and
+    their mean, "val_mean_recall" (steadier than any one of them on a small window)."""
     was_training = core.training
     core.eval()
     try:
@@ -89,6 +94,8 @@ def validation_recall(core, vset: ValidationSet, device: torch.device, ks: list[
                     out[f"val_{task}_recall@{k}"] = value
     finally:
         core.train(was_training)
+    if out:
+        out["val_mean_recall"] = sum(out.values()) / len(out)
     return out
 
 
