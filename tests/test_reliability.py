@@ -130,10 +130,26 @@ def test_deterministic_runs_are_bit_identical(ray_session, small_data_dir, tmp_p
 
 
 def test_batch_larger_than_the_split_is_one_clear_error(ray_session, small_data_dir, tmp_path):
+    # with the batch size kept as given (min_steps_per_epoch=0), a batch larger than a worker's
+    # share of the split stops the run before any worker starts
     with pytest.raises(PreflightError, match=r"trainer.batch_size=20000 x trainer.num_workers=2: the training "
                                              r"split has [\d,]+ positive rows, [\d,]+ per worker"):
         run(compose(["data=sim_small", f"data.dir={small_data_dir}", f"paths.runs_dir={tmp_path}",
-                     "trainer.batch_size=20000"]))
+                     "trainer.batch_size=20000", "trainer.min_steps_per_epoch=0"]))
+
+
+def test_small_split_gets_a_smaller_batch(capsys):
+    from raycg.train.driver import fit_batch_size
+
+    cfg = compose([])
+    assert cfg.trainer.batch_size == 1024 and cfg.trainer.min_steps_per_epoch == 8
+    fit_batch_size(cfg, 1_555)  # 1,555 rows per worker: halve until 8 steps fit -> 128 (12 steps)
+    assert cfg.trainer.batch_size == 128 and "trainer.batch_size 1024 -> 128 (12 steps per epoch" in capsys.readouterr().out
+    fit_batch_size(cfg, 100)  # never below 16
+    assert cfg.trainer.batch_size == 16
+    big = compose([])
+    fit_batch_size(big, 8 * 1024)  # enough rows: unchanged
+    assert big.trainer.batch_size == 1024
 
 
 def raycg_train(tmp_path, *args, env=None, timeout=300) -> subprocess.CompletedProcess:
