@@ -235,44 +235,11 @@ def ds_validation_rows(files: list[str], before_ts: int, quarantine_dir: str | N
     return n
 
 
-def min_id_from_footers(files: list[str], column: str) -> int:
-    """Smallest value of an integer column from Parquet row-group statistics (no data read)."""
-    best = None
-    for path in files:
-        meta = pq.read_metadata(path)
-        if meta.num_rows == 0:
-            continue
-        idx = meta.schema.to_arrow_schema().get_field_index(column)
-        for rg in range(meta.num_row_groups):
-            stats = meta.row_group(rg).column(idx).statistics
-            if stats is None or not stats.has_min_max:
-                low = int(pq.read_table(path, columns=[column]).column(column).to_numpy().min())
-            else:
-                low = int(stats.min)
-            best = low if best is None else min(best, low)
-    return -1 if best is None else best
-
-
-def max_from_footers(files: list[str], column: str) -> float:
-    """Largest value of a numeric column from Parquet row-group statistics (no data read);
-    -inf when every file is empty."""
-    best = -math.inf
-    for path in files:
-        meta = pq.read_metadata(path)
-        if meta.num_rows == 0:
-            continue
-        idx = meta.schema.to_arrow_schema().get_field_index(column)
-        for rg in range(meta.num_row_groups):
-            stats = meta.row_group(rg).column(idx).statistics
-            if stats is None or not stats.has_min_max:
-                return max(best, float(pq.read_table(path, columns=[column]).column(column).to_numpy().max()))
-            best = max(best, float(stats.max))
-    return best
-
-
-def max_id_from_footers(files: list[str], column: str) -> int:
-    """Largest value of an integer column from Parquet row-group statistics (no data read)."""
-    best = -1
+def footer_max(files: list[str], column: str, cast=float, empty=-math.inf):
+    """Largest value of a numeric column from Parquet row-group statistics (no data read; a
+    file without statistics is read), as `cast` (int keeps 64-bit ids exact); `empty` when every
+    file is empty."""
+    best = empty
     for path in files:
         meta = pq.read_metadata(path)
         if meta.num_rows == 0:  # an empty shard has nothing to say
@@ -281,10 +248,19 @@ def max_id_from_footers(files: list[str], column: str) -> int:
         for rg in range(meta.num_row_groups):
             stats = meta.row_group(rg).column(idx).statistics
             if stats is None or not stats.has_min_max:
-                # no statistics written: fall back to reading the column
-                return max(best, int(pq.read_table(path, columns=[column]).column(column).to_numpy().max()))
-            best = max(best, int(stats.max))
+                return max(best, cast(pq.read_table(path, columns=[column]).column(column).to_numpy().max()))
+            best = max(best, cast(stats.max))
     return best
+
+
+def max_from_footers(files: list[str], column: str) -> float:
+    """Largest value of a numeric column (footer statistics); -inf when every file is empty."""
+    return footer_max(files, column, float, -math.inf)
+
+
+def max_id_from_footers(files: list[str], column: str) -> int:
+    """Largest value of an integer column (footer statistics); -1 when every file is empty."""
+    return footer_max(files, column, int, -1)
 
 
 def auto_buckets(buckets: dict, max_buckets: int, events_path: str, items: ItemTable, users=None) -> dict:
