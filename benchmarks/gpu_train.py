@@ -68,9 +68,10 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def resident_run(cfg, prep, rows: dict, precision: str, compiled: bool, warmup: int, device: torch.device,
-                 profile_dir: str | None = None, mode: str | None = None):
-    """rows/s of train_step over every full batch of the resident rows (after `warmup` steps)."""
+def resident_stepper(cfg, prep, rows: dict, precision: str, compiled: bool, device: torch.device,
+                     mode: str | None = None, total_steps: int | None = None):
+    """(step(i), model, n_steps): `train_step` on full batch i (mod n_steps) of the resident rows,
+    built as `raycg.train` builds it (same seed -> same initial weights for every variant)."""
     B = cfg.trainer.batch_size
     n_steps = len(rows["signals"]) // B
     model_cfg, loss_cfg = (OmegaConf.to_container(c, resolve=True) for c in (cfg.model, cfg.loss))
@@ -80,23 +81,33 @@ def resident_run(cfg, prep, rows: dict, precision: str, compiled: bool, warmup: 
         model.set_vocabularies(prep.store.vocab)
     model = model.to(device)
     opt = build_optimizer(model.parameters(), OmegaConf.to_container(cfg.trainer), device)
-    sched = build_scheduler(opt, OmegaConf.to_container(cfg.trainer.lr_schedule), total_steps=n_steps + warmup)
+    schedule = OmegaConf.to_container(cfg.trainer.lr_schedule)
+    # a warm-up longer than a small (smoke-size) run would leave the decay no steps
+    sched = build_scheduler(opt, schedule, total_steps=max(total_steps or n_steps, 2 * int(schedule["warmup_steps"])))
     needs_corpus = loss_cfg["mixed_negatives"] > 0 or loss_cfg["hard_negatives"] > 0
     ctx = StepContext(loss_cfg, prep.store.items if needs_corpus else None, device=device, seed=cfg.seed,
                       freq_buckets=model_cfg["buckets"]["item"], precision=precision,
                       grad_clip_norm=cfg.trainer.grad_clip_norm,
-                      kernels=LossKernels.compiled(mode) if compiled else EAGER)
+                      # as raycg.train.loop: the loss kernels are not CUDA-graphed
+                      kernels=LossKernels.compiled(None if mode == "reduce-overhead" else mode) if compiled else EAGER)
     forward = torch.compile(model, dynamic=False, mode=mode) if compiled else model
     graphs = compiled and mode == "reduce-overhead"
 
     def step(i):
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        return train_step(forward, model, batch(i), opt, ctx, sched)
-
-    def batch(i):
         s = (i % n_steps) * B
-        return {k: v[s:s + B] for k, v in rows.items()}
+        return train_step(forward, model, {k: v[s:s + B] for k, v in rows.items()}, opt, ctx, sched)
+
+    return step, model, n_steps
+
+
+def resident_run(cfg, prep, rows: dict, precision: str, compiled: bool, warmup: int, device: torch.device,
+                 profile_dir: str | None = None, mode: str | None = None):
+    """rows/s of train_step over every full batch of the resident rows (after `warmup` steps)."""
+    B = cfg.trainer.batch_size
+    step, _, n_steps = resident_stepper(cfg, prep, rows, precision, compiled, device, mode,
+                                        total_steps=len(rows["signals"]) // B + warmup)
 
     t0 = time.perf_counter()
     for i in range(warmup):

@@ -31,10 +31,14 @@ def ray_session():
     a cluster when several are running on the machine, so the test that starts its own
     head node (test_cluster_job.py) must not overlap with this one.
     """
+    import importlib.util
+
     import ray
 
+    # the GPU machine's wheel set has no dashboard packages; only the Tune tests need it
+    dashboard = importlib.util.find_spec("aiohttp_cors") is not None
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+        ray.init(address="local", num_cpus=2, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                  _node_ip_address="127.0.0.1", log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray

@@ -169,3 +169,28 @@ def test_cached_simulation_is_reused_only_for_the_same_knobs(tmp_path, capsys):
     assert "simulating again" in capsys.readouterr().out
     second = json.loads((tmp_path / "meta.json").read_text())
     assert second["config"]["click_bias"] == -4.0 and second["n_clicks"] > first["n_clicks"]
+
+
+def test_exact_duplicate_events_are_dropped_and_counted_first_kept():
+    """Two requests of one user can show the same item at the same second: the simulator must
+    not write that event twice (the data checks reject exact duplicates)."""
+    import numpy as np
+
+    from raycg.data.simulate import _drop_exact_duplicates
+
+    events = {
+        "user_id": np.array([1, 2, 1, 1, 1, 3]),
+        "item_id": np.array([7, 7, 7, 7, 7, 9]),
+        "timestamp": np.array([100, 100, 100, 100, 100, 5]),
+        "event_type": np.array([0, 0, 0, 0, 1, 0], dtype=np.int8),
+        "click_duration": np.array([0.0, 0.0, 0.0, 2.5, 0.0, 0.0], dtype=np.float32),
+        "row": np.array([0, 1, 0, 0, 0, 2]),  # rows 0 and 2 are equal in every column
+    }
+    out, dropped = _drop_exact_duplicates(events)
+    assert dropped == 1
+    # row 2 (the repeat) is gone; row 3 (differs only in click_duration) and row 4 (event type) stay
+    assert out["click_duration"].tolist() == [0.0, 0.0, 2.5, 0.0, 0.0]
+    assert out["event_type"].tolist() == [0, 0, 0, 1, 0]
+    assert out["user_id"].tolist() == [1, 2, 1, 1, 3]
+    same, none = _drop_exact_duplicates({k: v[[0, 1, 5]] for k, v in events.items()})
+    assert none == 0 and same["user_id"].tolist() == [1, 2, 3]
