@@ -34,11 +34,13 @@ VARIANTS = {  # name: (precision, compiled, compile mode)
 def check(cfg, prep, rows, name: str, steps: int, device) -> dict:
     precision, compiled, mode = VARIANTS[name]
     step, model, _ = resident_stepper(cfg, prep, rows, precision, compiled, device, mode, total_steps=steps)
-    losses, first_bad_loss, first_bad_param = [], None, None
+    losses, first_bad_loss, first_bad_param, parts0 = [], None, None, None
     for i in range(steps):
-        loss, _ = step(i)
+        loss, parts = step(i)
         value = loss.item()  # a sync per step: this is a check, not a timing
         losses.append(value)
+        if parts0 is None:
+            parts0 = {k: round(v.item(), 4) for k, v in parts.items()}
         if first_bad_loss is None and not math.isfinite(value):
             first_bad_loss = i
         if first_bad_param is None:
@@ -47,7 +49,7 @@ def check(cfg, prep, rows, name: str, steps: int, device) -> dict:
                 first_bad_param = (i, bad[:6])
         if first_bad_loss is not None and first_bad_param is not None:
             break
-    return {"losses": losses, "first_bad_loss": first_bad_loss, "first_bad_param": first_bad_param}
+    return {"losses": losses, "first_bad_loss": first_bad_loss, "first_bad_param": first_bad_param, "parts0": parts0}
 
 
 def main() -> None:
@@ -79,7 +81,7 @@ def main() -> None:
             results[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
         r = results[name]
         log(f"[check] {name}: " + (r["error"] if "error" in r else
-            f"first non-finite loss at step {r['first_bad_loss']}, parameter {r['first_bad_param']}; "
+            f"first non-finite loss at step {r['first_bad_loss']}, parameter {r['first_bad_param']}; step 0 parts {r['parts0']}; "
             f"losses {' '.join(f'{v:.3f}' for v in r['losses'][:8])} ... {r['losses'][-1]:.3f}"))
     log(f"\nstep check: {len(rows['signals']):,} rows, batch {cfg.trainer.batch_size}, {args.steps} steps, "
         f"{torch.cuda.get_device_name(0) if device.type == 'cuda' else 'CPU'}")

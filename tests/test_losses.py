@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from raycg.losses.advertiser import advertiser_softmax_loss
 from raycg.losses.softmax import duration_weight, example_weights, in_batch_softmax_loss, sampled_softmax_loss
@@ -262,3 +263,32 @@ def test_advertiser_softmax_same_advertiser_rows_are_not_negatives():
     adv = torch.tensor([1, 2])
     got = advertiser_softmax_loss(u, v, adv, torch.tensor([1.0, 0.0]), 1.0)
     assert got.item() == pytest.approx(math.log(1 + math.exp(-1)) / 2, rel=1e-6)   # / B, not / #conversions
+
+
+@pytest.mark.gpu
+def test_compiled_loss_kernels_equal_the_eager_ones_on_cuda():
+    """`trainer.compile` compiles the loss kernels; on CUDA they must give the eager values,
+    including rows that repeat an item or an advertiser, padded hard negatives and rows with
+    weight 0 (a NaN there is a NaN loss; seen on an H200 with loss=full)."""
+    from raycg.losses.objective import EAGER, LossKernels
+
+    g = torch.Generator().manual_seed(3)
+    B, N, H, d = 64, 48, 2, 16
+    emb = lambda *s: F.normalize(torch.randn(*s, d, generator=g), dim=-1).cuda()  # noqa: E731
+    u, v, cand, hard = emb(B), emb(B), emb(N), emb(B, H)
+    pos_ids = torch.randint(0, 20, (B,), generator=g).cuda()           # repeats: accidental hits
+    cand_ids = torch.randint(0, 40, (N,), generator=g).cuda()
+    hard_ids = torch.randint(-1, 30, (B, H), generator=g).cuda()       # -1: padding
+    adv = torch.randint(0, 7, (B,), generator=g).cuda()                # repeated advertisers
+    w = (torch.rand(B, generator=g) < 0.3).float().cuda()              # mostly 0, as conversion weights
+    log_q = -torch.rand(B, generator=g).cuda() * 5
+    compiled = LossKernels.compiled()
+    for mask in (True, False):
+        args = dict(cand_emb=cand, cand_ids=cand_ids, hard_emb=hard, hard_ids=hard_ids, pos_log_q=log_q,
+                    mask_accidental_hits=mask)
+        want = EAGER.softmax(u, v, pos_ids, w, 0.05, **args)
+        got = compiled.softmax(u, v, pos_ids, w, 0.05, **args)
+        assert torch.isfinite(got) and got.item() == pytest.approx(want.item(), rel=1e-4)
+    want = EAGER.advertiser(u, v, adv, w, 0.05)
+    got = compiled.advertiser(u, v, adv, w, 0.05)
+    assert torch.isfinite(got) and got.item() == pytest.approx(want.item(), rel=1e-4)

@@ -45,8 +45,9 @@ def advertiser_softmax_loss(
     B = item_emb.shape[0]
     same = advertiser_ids[:, None] == advertiser_ids[None, :]                      # S [B, B]
     adv_emb = F.normalize(same.to(item_emb.dtype) @ item_emb, dim=1)  # normalising the sum == the mean
-    first = ~torch.tril(same, diagonal=-1).any(dim=1)            # row j is its advertiser's first row
+    cols = torch.arange(B, device=item_emb.device)
+    target = torch.where(same, cols[None, :], B).amin(dim=1)     # the first row of each row's advertiser
+    first = target == cols                                        # row j is its advertiser's first row
     logits = (user_emb @ adv_emb.T / temperature).masked_fill(~first[None, :], float("-inf"))  # [B, B]
-    target = (same & first[None, :]).to(torch.int8).argmax(dim=1)  # exactly one such column per row
     ce = F.cross_entropy(logits, target, reduction="none")
     return (weights * ce).sum() / B

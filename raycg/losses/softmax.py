@@ -112,8 +112,7 @@ def sampled_softmax_loss(
     if pos_log_q is not None:
         logits = logits - pos_log_q.to(logits.dtype)[None, :]
     if mask_accidental_hits:
-        same = pos_ids[:, None] == pos_ids[None, :]
-        same.fill_diagonal_(False)
+        same = (pos_ids[:, None] == pos_ids[None, :]) & ~torch.eye(B, dtype=torch.bool, device=pos_ids.device)
         logits = logits.masked_fill(same, float("-inf"))
     blocks = [logits]
 
