@@ -37,7 +37,7 @@ sys.path.insert(0, ROOT)
 from raycg.losses.objective import EAGER, LossKernels  # noqa: E402
 from raycg.model.two_tower import TwoTowerModel  # noqa: E402
 from raycg.train.driver import ensure_data, init_ray, make_trainer, prepare_run, resolve_paths  # noqa: E402
-from raycg.train.loop import build_optimizer  # noqa: E402
+from raycg.train.optim import build_optimizer  # noqa: E402
 from raycg.train.schedule import build_scheduler  # noqa: E402
 from raycg.train.step import StepContext, train_step  # noqa: E402
 
@@ -80,7 +80,7 @@ def resident_stepper(cfg, prep, rows: dict, precision: str, compiled: bool, devi
     if prep.store.vocab:
         model.set_vocabularies(prep.store.vocab)
     model = model.to(device)
-    opt = build_optimizer(model.parameters(), OmegaConf.to_container(cfg.trainer), device)
+    opt = build_optimizer(model, OmegaConf.to_container(cfg.trainer), device)
     schedule = OmegaConf.to_container(cfg.trainer.lr_schedule)
     # a warm-up longer than a small (smoke-size) run would leave the decay no steps
     sched = build_scheduler(opt, schedule, total_steps=max(total_steps or n_steps, 2 * int(schedule["warmup_steps"])))

@@ -16,7 +16,7 @@ from raycg.data.batches import ItemTable
 from raycg.data.features import FeatureSpec
 from raycg.model.two_tower import TwoTowerModel
 from raycg.train import checkpoint as ckpt_io
-from raycg.train.loop import build_optimizer
+from raycg.train.optim import build_optimizer
 from raycg.train.schedule import build_scheduler, lr_factor
 from raycg.train.step import StepContext, train_step
 from conftest import compose
@@ -71,7 +71,7 @@ def setup(device, precision="fp32", grad_clip_norm=None, seed=0, **trainer):
     items = corpus(rng)
     torch.manual_seed(seed)
     model = TwoTowerModel(cfg_model, spec()).to(device)
-    opt = build_optimizer(model.parameters(), cfg_train, torch.device(device))
+    opt = build_optimizer(model, cfg_train, torch.device(device))
     sched = build_scheduler(opt, cfg_train["lr_schedule"], total_steps=10)
     ctx = StepContext(cfg_loss, items, device=device, seed=seed, freq_buckets=cfg_model["buckets"]["item"],
                       precision=precision, grad_clip_norm=grad_clip_norm)

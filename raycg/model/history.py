@@ -39,7 +39,7 @@ NUM_ACTION_CODES = 5  # 0 = padding, then click, save, add_to_cart, checkout (ra
 
 class HistoryEncoder(nn.Module):
     def __init__(self, num_item_buckets: int, dim: int, num_layers: int = 1, num_heads: int = 2,
-                 max_len: int = 50, item_embedding: nn.Module | None = None):
+                 max_len: int = 50, item_embedding: nn.Module | None = None, sparse: bool = False):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"HistoryEncoder: dim={dim} must be divisible by num_heads={num_heads}")
@@ -48,7 +48,7 @@ class HistoryEncoder(nn.Module):
         self.max_len = max_len
         # shared with the item tower's item-id embedding (model.history.share_item_embedding):
         # "this candidate is one of my recent items" is then a dot product the towers can learn
-        self.items = item_embedding if item_embedding is not None else HashedEmbedding(num_item_buckets, dim)
+        self.items = item_embedding if item_embedding is not None else HashedEmbedding(num_item_buckets, dim, sparse)
         self.action = nn.Embedding(NUM_ACTION_CODES, dim, padding_idx=0)
         self.position = nn.Embedding(max_len, dim)
         nn.init.normal_(self.action.weight, std=0.05)

@@ -49,20 +49,37 @@ class TowerBody(nn.Module):
         return self.mlp(x0)
 
 
+def table(rows: int, dim: int, sparse: bool = False) -> nn.Embedding:
+    """An id table whose row 0 is the zero row of missing ids. Dense: `padding_idx=0`. Sparse
+    (`model.sparse_tables`, raycg.train.optim): no padding_idx (PyTorch would drop those lookups
+    from the sparse gradient, a data-dependent size); `lookup` zeroes row-0 outputs instead, so
+    row 0 gets zero gradient and stays zero either way."""
+    emb = nn.Embedding(rows, dim, padding_idx=None if sparse else 0, sparse=sparse)
+    nn.init.normal_(emb.weight, std=0.05)
+    with torch.no_grad():
+        emb.weight[0].zero_()
+    return emb
+
+
+def lookup(emb: nn.Embedding, rows: torch.Tensor) -> torch.Tensor:
+    """emb(rows), with row 0 (missing) exactly zero for sparse tables too."""
+    out = emb(rows)
+    if emb.sparse:
+        out = out * (rows != 0).unsqueeze(-1).to(out.dtype)
+    return out
+
+
 class HashedEmbedding(nn.Module):
     """id -> embedding via `id mod (buckets-1) + 1`; id -1 (missing) -> the zero row 0."""
 
-    def __init__(self, num_buckets: int, dim: int):
+    def __init__(self, num_buckets: int, dim: int, sparse: bool = False):
         super().__init__()
         self.num_buckets = num_buckets
-        self.emb = nn.Embedding(num_buckets, dim, padding_idx=0)
-        nn.init.normal_(self.emb.weight, std=0.05)
-        with torch.no_grad():
-            self.emb.weight[0].zero_()
+        self.emb = table(num_buckets, dim, sparse)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         idx = torch.where(ids < 0, torch.zeros_like(ids), ids % (self.num_buckets - 1) + 1)
-        return self.emb(idx)
+        return lookup(self.emb, idx)
 
 
 class VocabEmbedding(nn.Module):
@@ -76,16 +93,13 @@ class VocabEmbedding(nn.Module):
     so they take raw ids; the table has exactly 1 + oov_buckets + V rows.
     """
 
-    def __init__(self, vocab_size: int, oov_buckets: int, dim: int, vocab=None):
+    def __init__(self, vocab_size: int, oov_buckets: int, dim: int, vocab=None, sparse: bool = False):
         super().__init__()
         if oov_buckets < 1:
             raise ValueError(f"model.vocab.oov_buckets={oov_buckets}: expected >= 1")
         self.oov_buckets = oov_buckets
         self.register_buffer("vocab", torch.zeros(vocab_size, dtype=torch.int64))
-        self.emb = nn.Embedding(1 + oov_buckets + vocab_size, dim, padding_idx=0)
-        nn.init.normal_(self.emb.weight, std=0.05)
-        with torch.no_grad():
-            self.emb.weight[0].zero_()
+        self.emb = table(1 + oov_buckets + vocab_size, dim, sparse)
         if vocab is not None:
             self.set_vocabulary(vocab)
 
@@ -114,16 +128,17 @@ class VocabEmbedding(nn.Module):
         return torch.where(ids < 0, torch.zeros_like(ids), row)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.emb(self.rows(ids))
+        return lookup(self.emb, self.rows(ids))
 
 
 def id_embedding(name: str, cfg: dict) -> nn.Module:
     """The table of one id feature: a vocabulary table when `cfg["vocab_sizes"]` names it
     (model.vocab.enabled), else hashed into `cfg["buckets"][name]` rows."""
     sizes = cfg.get("vocab_sizes") or {}
+    sparse = bool(cfg.get("sparse_tables", False))
     if name in sizes:
-        return VocabEmbedding(int(sizes[name]), int(cfg["vocab"]["oov_buckets"]), cfg["id_dim"])
-    return HashedEmbedding(cfg["buckets"][name], cfg["id_dim"])
+        return VocabEmbedding(int(sizes[name]), int(cfg["vocab"]["oov_buckets"]), cfg["id_dim"], sparse=sparse)
+    return HashedEmbedding(cfg["buckets"][name], cfg["id_dim"], sparse=sparse)
 
 
 HEAD_SETS = {

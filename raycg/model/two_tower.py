@@ -45,7 +45,8 @@ class TwoTowerModel(nn.Module):
             item_rows = b["item"] if "item" in b else self.item_tower.embeddings[0].num_buckets
             history = HistoryEncoder(item_rows, cfg["id_dim"], num_layers=h.get("layers", 1),
                                      num_heads=h.get("heads", 2), max_len=spec.history_length,
-                                     item_embedding=self.item_tower.embeddings[0] if share else None)
+                                     item_embedding=self.item_tower.embeddings[0] if share else None,
+                                     sparse=bool(cfg.get("sparse_tables", False)))
         self.user_tower = Tower(spec.user_cat, cfg["id_dim"], spec.user_dense, cfg,
                                 spec.user_dense_mean, spec.user_dense_std, history)
         heads = tuple(self.user_tower.heads)

@@ -25,6 +25,7 @@ from raycg.model.two_tower import TwoTowerModel
 from raycg.train import checkpoint as ckpt_io
 from raycg.train.feed import ThreadFeed
 from raycg.train.ingest import ProcessFeed
+from raycg.train.optim import SparseGradSync, build_optimizer, sparse_tables
 from raycg.train.schedule import build_scheduler
 from raycg.train.step import StepContext, train_step
 from raycg.train.validation import EarlyStopping, validation_recall
@@ -95,12 +96,6 @@ def open_feed(shard, cfg_train: dict, device: torch.device, rank: int):
     raise ValueError(f"trainer.ingest={cfg_train['ingest']!r}: expected 'process' or 'thread'")
 
 
-def build_optimizer(params, cfg_train: dict, device: torch.device) -> torch.optim.Optimizer:
-    """Adam; the fused CUDA kernel on GPU (one launch for all parameters)."""
-    return torch.optim.Adam(params, lr=cfg_train["lr"], weight_decay=cfg_train["weight_decay"],
-                            fused=device.type == "cuda")
-
-
 def train_loop_per_worker(config: dict) -> None:
     cfg_model, cfg_loss, cfg_train = config["model"], config["loss"], config["trainer"]
     spec = FeatureSpec.from_dict(config["feature_spec"])
@@ -130,9 +125,12 @@ def train_loop_per_worker(config: dict) -> None:
         model.set_vocabularies(ray.get(config["store_ref"][0]).vocab)
     if state:
         model.load_state_dict(state["model"])
+    tables = sparse_tables(model)  # model.sparse_tables: synchronised by SparseGradSync, not by DDP
+    if tables and world > 1:
+        model._ddp_params_and_buffers_to_ignore = list(tables)
     model = ray.train.torch.prepare_model(model)  # -> device; DDP when world > 1
     core = model.module if hasattr(model, "module") else model
-    optimizer = build_optimizer(core.parameters(), cfg_train, device)
+    optimizer = build_optimizer(core, cfg_train, device)
     scheduler = build_scheduler(optimizer, cfg_train["lr_schedule"], config.get("total_steps"))
     needs_corpus = cfg_loss.get("mixed_negatives", 0) > 0 or cfg_loss.get("hard_negatives", 0) > 0
     step_ctx = StepContext(
@@ -142,6 +140,8 @@ def train_loop_per_worker(config: dict) -> None:
         # the loss kernels run twice per step with two heads; they are compiled without CUDA graphs
         # (trainer=gpu + loss=full + multi_head gave a NaN loss on an H200 with them graphed)
         kernels=LossKernels.compiled(None if cudagraphs else compile_mode) if compile_model else EAGER)
+    if tables and world > 1:
+        step_ctx.table_sync = SparseGradSync(sparse_tables(core))
     start_epoch = 0
     if state:
         optimizer.load_state_dict(state["optimizer"])  # moves the moments to the parameters' device
@@ -217,6 +217,8 @@ def run_epochs(config: dict, start_epoch: int, feed, forward, core, optimizer, s
             "rows": rows, "rows_per_s": rows / elapsed, "epoch_s": elapsed, "data_wait_s": data_wait,
             "lr": scheduler.get_last_lr()[0], **{k: v.item() / steps for k, v in parts_sum.items()},
         }
+        if step_ctx.table_sync is not None:  # sparse tables under DDP: what a step moved instead of an all-reduce
+            metrics["table_sync_bytes_per_step"] = step_ctx.table_sync.bytes_per_step
         data = config.get("data_stats") or {}
         if "rows_used" in data:
             # rows read = trained + remainder (drop_last, equal shards) + impressions + quarantined

@@ -38,6 +38,7 @@ def check_config(cfg: DictConfig) -> None:
     """Enumerations and ranges of the settings the run reads (no I/O)."""
     from raycg.eval.evaluate import DEVICES
     from raycg.model.towers import HEAD_SETS, STRUCTURES
+    from raycg.train.optim import TABLE_OPTIMIZERS
     from raycg.train.schedule import DECAYS
     from raycg.train.step import PRECISIONS
 
@@ -45,6 +46,8 @@ def check_config(cfg: DictConfig) -> None:
     _choice(cfg, "model.heads", tuple(HEAD_SETS))
     _choice(cfg, "trainer.precision", tuple(PRECISIONS))
     _choice(cfg, "trainer.ingest", ("thread", "process"))
+    _choice(cfg, "trainer.table_optimizer", TABLE_OPTIMIZERS)
+    _choice(cfg, "model.sparse_tables", (True, False))
     _choice(cfg, "trainer.lr_schedule.decay", DECAYS)
     _choice(cfg, "trainer.compile_mode", (None, "default", "reduce-overhead", "max-autotune",
                                           "max-autotune-no-cudagraphs"))

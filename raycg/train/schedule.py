@@ -46,6 +46,12 @@ def lr_factor(decay: str, warmup_steps: int, total_steps: int | None, min_lr_rat
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict, total_steps: int | None):
     """LambdaLR from `trainer.lr_schedule` ({decay, warmup_steps, min_lr_ratio, total_steps});
-    `total_steps` (epochs x steps per epoch) is used when the config leaves it null."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(
-        cfg["decay"], int(cfg["warmup_steps"]), cfg.get("total_steps") or total_steps, float(cfg["min_lr_ratio"])))
+    `total_steps` (epochs x steps per epoch) is used when the config leaves it null. For
+    `Optimizers` (sparse tables), the same schedule for each of its optimisers."""
+    from raycg.train.optim import Optimizers, Schedulers
+
+    factor = lr_factor(cfg["decay"], int(cfg["warmup_steps"]), cfg.get("total_steps") or total_steps,
+                       float(cfg["min_lr_ratio"]))
+    if isinstance(optimizer, Optimizers):
+        return Schedulers({k: torch.optim.lr_scheduler.LambdaLR(o, factor) for k, o in optimizer.optimizers.items()})
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -22,6 +22,7 @@ from torch.profiler import record_function
 from raycg.losses.frequency import StreamingFrequencyEstimator
 from raycg.losses.objective import EAGER, Candidates, LossKernels, mixed_log_q, training_loss
 from raycg.model.two_tower import TwoTowerModel
+from raycg.train.optim import dense_parameters
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -53,6 +54,8 @@ class StepContext:
             self.freq = StreamingFrequencyEstimator(freq_buckets, alpha=cfg_loss["freq_alpha"]).to(self.device)
         self.mixed = int(cfg_loss.get("mixed_negatives", 0))
         self.mixed_log_q = mixed_log_q(self.mixed, len(self.item_cat)) if self.mixed and items is not None else None
+        self.table_sync = None  # raycg.train.optim.SparseGradSync under DDP with sparse tables
+        self.clip_params = None  # the parameters gradient clipping applies to (not sparse tables)
 
     def autocast(self):
         """Autocast context for the towers (a no-op in fp32)."""
@@ -123,9 +126,13 @@ def train_step(model, core: TwoTowerModel, batch: dict, optimizer, ctx: StepCont
     with record_function("raycg.backward"):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if ctx.table_sync is not None:
+            ctx.table_sync()
     with record_function("raycg.optimizer"):
         if ctx.grad_clip_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), ctx.grad_clip_norm)
+            if ctx.clip_params is None:
+                ctx.clip_params = dense_parameters(core)
+            torch.nn.utils.clip_grad_norm_(ctx.clip_params, ctx.grad_clip_norm)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()

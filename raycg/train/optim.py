@@ -1,0 +1,147 @@
+"""Optimisers: Adam for the dense parameters; with `model.sparse_tables`, the id tables get
+sparse gradients and an optimiser that reads and writes only the rows a step looked up.
+
+    dense parameters (towers, heads, history encoder)    Adam / AdamW (fused on CUDA)
+    id tables, model.sparse_tables=false (default)       the same Adam: every row, every step
+    id tables, model.sparse_tables=true                  trainer.table_optimizer:
+        sparse_adam   torch.optim.SparseAdam ("lazy" Adam: a row's moments move only on the
+                      steps that look it up; equal to Adam on a row's first update)
+        adagrad       torch.optim.Adagrad on sparse gradients (equal to dense Adagrad on every
+                      row at every step: a row without gradient does not move in either)
+
+Why. With dense gradients a step costs O(table rows): the table's gradient is allocated and
+zeroed, Adam reads and writes four table-sized arrays, and DDP all-reduces the whole gradient.
+With sparse ones it costs O(rows looked up) (`benchmarks/table_scale.py` measures both).
+
+Under DDP the tables are left out of DDP's all-reduce; `SparseGradSync` all-gathers every
+rank's (row index, gradient row) pairs instead and averages them, like DDP does for dense
+gradients. The number of pairs is the number of lookups of a step, the same on every rank (a
+fixed batch size), so the collective has fixed shapes. Bytes per step and rank:
+world x lookups x (8 + 4 x dim) per table, against 4 x rows x dim for a dense all-reduce.
+
+Limits (documented, checked in raycg.train.preflight): the tables take no weight decay and no
+gradient clipping (`trainer.grad_clip_norm` clips the dense parameters); SparseAdam and Adagrad
+coalesce the gradient (a host synchronisation on CUDA).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+TABLE_OPTIMIZERS = ("sparse_adam", "adagrad")
+
+
+def sparse_tables(model: nn.Module) -> dict[str, nn.Parameter]:
+    """{parameter name: weight} of every nn.Embedding with sparse gradients (a table shared by two
+    modules, the item id of the history encoder and the item tower, appears once)."""
+    out, seen = {}, set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and module.sparse and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            out[f"{name}.weight" if name else "weight"] = module.weight
+    return out
+
+
+class Optimizers:
+    """Several optimisers stepped as one (dense Adam + the tables' sparse optimiser); what the
+    training loop, the LR schedule and checkpoints need of an optimiser."""
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers.values() for g in o.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers.values():
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for o in self.optimizers.values():
+            o.step()
+
+    def state_dict(self) -> dict:
+        return {"optimizers": {k: o.state_dict() for k, o in self.optimizers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "optimizers" not in state or set(state["optimizers"]) != set(self.optimizers):
+            raise ValueError(f"optimizer state for {sorted(state.get('optimizers', ['one dense optimizer']))}, "
+                             f"this run has {sorted(self.optimizers)} (model.sparse_tables changed?)")
+        for k, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+
+
+class Schedulers:
+    """One LR schedule per optimiser of an `Optimizers`, stepped together."""
+
+    def __init__(self, schedulers: dict):
+        self.schedulers = schedulers
+
+    def step(self) -> None:
+        for s in self.schedulers.values():
+            s.step()
+
+    def get_last_lr(self) -> list[float]:
+        return [lr for s in self.schedulers.values() for lr in s.get_last_lr()]
+
+    def state_dict(self) -> dict:
+        return {k: s.state_dict() for k, s in self.schedulers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, s in self.schedulers.items():
+            s.load_state_dict(state[k])
+
+
+def build_optimizer(model: nn.Module, cfg_train: dict, device: torch.device):
+    """Adam (fused on CUDA) for every parameter; with sparse tables, `Optimizers` of Adam for the
+    dense parameters and `trainer.table_optimizer` for the tables."""
+    tables = sparse_tables(model)
+    lr, wd = cfg_train["lr"], cfg_train["weight_decay"]
+    fused = torch.device(device).type == "cuda"
+    if not tables:
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd, fused=fused)
+    table_ids = {id(p) for p in tables.values()}
+    dense = [p for p in model.parameters() if id(p) not in table_ids]
+    kind = cfg_train.get("table_optimizer", "sparse_adam")
+    table_lr = cfg_train.get("table_lr") or lr
+    if kind == "sparse_adam":
+        table_opt = torch.optim.SparseAdam(list(tables.values()), lr=table_lr)
+    elif kind == "adagrad":
+        table_opt = torch.optim.Adagrad(list(tables.values()), lr=table_lr)
+    else:
+        raise ValueError(f"trainer.table_optimizer={kind!r}: expected one of {list(TABLE_OPTIMIZERS)}")
+    return Optimizers({"dense": torch.optim.Adam(dense, lr=lr, weight_decay=wd, fused=fused), "tables": table_opt})
+
+
+def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters gradient clipping applies to (every one but the sparse tables)."""
+    table_ids = {id(p) for p in sparse_tables(model).values()}
+    return [p for p in model.parameters() if id(p) not in table_ids]
+
+
+class SparseGradSync:
+    """Averages the sparse table gradients over the ranks of the default process group (the
+    tables are excluded from DDP); call after `backward()`. `bytes_per_step`: bytes this rank
+    receives per step (module docstring)."""
+
+    def __init__(self, tables: dict[str, nn.Parameter]):
+        self.tables = tables
+        self.world = dist.get_world_size()
+        self.bytes_per_step = 0
+
+    def __call__(self) -> None:
+        received = 0
+        for p in self.tables.values():
+            g = p.grad
+            if g is None:
+                continue
+            idx, val = g._indices()[0].contiguous(), g._values().contiguous()
+            idx_all = [torch.empty_like(idx) for _ in range(self.world)]
+            val_all = [torch.empty_like(val) for _ in range(self.world)]
+            dist.all_gather(idx_all, idx)
+            dist.all_gather(val_all, val)
+            p.grad = torch.sparse_coo_tensor(torch.cat(idx_all)[None], torch.cat(val_all) / self.world, p.shape)
+            received += sum(t.numel() * t.element_size() for t in idx_all + val_all)
+        self.bytes_per_step = received

@@ -1,0 +1,165 @@
+"""Sparse id tables (`model.sparse_tables`): the same model, updates that touch only looked-up
+rows, and DDP synchronisation that moves only those rows (raycg/train/optim.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from raycg.model.two_tower import TwoTowerModel
+from raycg.train.optim import Optimizers, SparseGradSync, build_optimizer, sparse_tables
+from raycg.train.schedule import build_scheduler
+from raycg.train.step import StepContext, train_step
+from test_train_step import configs, corpus, packed_batch, spec
+
+
+def model_pair(**trainer):
+    """(dense model, sparse-table model with the same weights, their optimizers, contexts)."""
+    out = []
+    for sparse in (False, True):
+        cfg_model, cfg_loss, cfg_train = configs(f"model.sparse_tables={str(sparse).lower()}")
+        cfg_train.update(trainer)
+        torch.manual_seed(0)
+        model = TwoTowerModel(cfg_model, spec())
+        if out:
+            model.load_state_dict(out[0][0].state_dict())
+        ctx = StepContext(cfg_loss, corpus(np.random.default_rng(0)), seed=0,
+                          freq_buckets=cfg_model["buckets"]["item"])
+        out.append((model, build_optimizer(model, cfg_train, torch.device("cpu")), ctx))
+    return out
+
+
+def test_sparse_tables_give_the_dense_models_loss_and_gradients():
+    (dense, opt_d, ctx_d), (sparse, opt_s, ctx_s) = model_pair()
+    assert isinstance(opt_s, Optimizers) and isinstance(opt_d, torch.optim.Adam)
+    tables = sparse_tables(sparse)
+    # every id table of both towers and the history encoder's own ones; the shared item table once
+    assert len(tables) == len(sparse.user_tower.embeddings) + len(sparse.item_tower.embeddings)
+    items = corpus(np.random.default_rng(0))
+    batch = packed_batch(np.random.default_rng(1), items, "cpu")
+    loss_d, _ = train_step(dense, dense, batch, opt_d, ctx_d)
+    loss_s, _ = train_step(sparse, sparse, batch, opt_s, ctx_s)
+    assert loss_s.item() == pytest.approx(loss_d.item(), rel=1e-6)
+    dense_params = dict(dense.named_parameters())
+    for name, p in sparse.named_parameters():
+        want = dense_params[name].grad
+        if name in tables:
+            assert p.grad.is_sparse, name
+            got = p.grad.to_dense()
+            assert got[0].abs().max().item() == 0.0, f"{name}: the missing-id row 0 got a gradient"
+            assert (got.abs().sum(dim=1) > 0).sum().item() > 1
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-7), name
+        else:
+            assert not p.grad.is_sparse
+            assert torch.allclose(p.grad, want, rtol=1e-4, atol=1e-7), name
+
+
+def test_gradient_clipping_leaves_the_sparse_tables_out():
+    (_, _, ctx_d), (sparse, opt_s, ctx_s) = model_pair()
+    ctx_s.grad_clip_norm = 1e-3
+    batch = packed_batch(np.random.default_rng(1), corpus(np.random.default_rng(0)), "cpu")
+    train_step(sparse, sparse, batch, opt_s, ctx_s)
+    dense_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in ctx_s.clip_params]))
+    assert dense_norm.item() == pytest.approx(1e-3, rel=1e-3)
+    assert {id(p) for p in ctx_s.clip_params}.isdisjoint(id(p) for p in sparse_tables(sparse).values())
+
+
+def test_sparse_adam_first_update_is_adams_on_the_looked_up_rows_and_leaves_the_others():
+    """Golden values from Adam's formula: on a row's first update m_hat = g, v_hat = g^2, so
+    w <- w - lr * g / (|g| + eps), with g the row's summed gradient."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 3, sparse=True)
+    w0 = emb.weight.detach().clone()
+    opt = torch.optim.SparseAdam([emb.weight], lr=0.1, eps=1e-8)
+    ids = torch.tensor([2, 5, 2])
+    coef = torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.0, -1.0], [2.0, 1.0, 0.5]])
+    (emb(ids) * coef).sum().backward()
+    opt.step()
+    g = torch.zeros(10, 3)
+    g.index_add_(0, ids, coef)
+    want = w0 - 0.1 * g / (g.abs() + 1e-8)
+    assert torch.allclose(emb.weight.detach(), want, atol=1e-6)
+    untouched = [i for i in range(10) if i not in (2, 5)]
+    assert torch.equal(emb.weight.detach()[untouched], w0[untouched])
+    # lazy: a second step on other rows leaves rows 2 and 5 where dense Adam's momentum would move them
+    after_first = emb.weight.detach().clone()
+    opt.zero_grad()
+    emb(torch.tensor([7])).sum().backward()
+    opt.step()
+    assert torch.equal(emb.weight.detach()[[2, 5]], after_first[[2, 5]])
+
+
+def test_sparse_adagrad_equals_dense_adagrad_on_every_row_at_every_step():
+    torch.manual_seed(0)
+    dense, sparse = nn.Embedding(12, 4), nn.Embedding(12, 4, sparse=True)
+    sparse.load_state_dict(dense.state_dict())
+    opt_d = torch.optim.Adagrad(dense.parameters(), lr=0.05)
+    opt_s = torch.optim.Adagrad(sparse.parameters(), lr=0.05)
+    w0 = dense.weight.detach().clone()
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        ids = torch.randint(0, 6, (5,), generator=g)  # rows 6..11 are never looked up
+        coef = torch.randn(5, 4, generator=g)
+        for emb, opt in ((dense, opt_d), (sparse, opt_s)):
+            opt.zero_grad()
+            (emb(ids) * coef).sum().backward()
+            opt.step()
+        assert torch.allclose(sparse.weight, dense.weight, atol=1e-6)
+    assert torch.equal(sparse.weight.detach()[6:], w0[6:])
+
+
+def test_optimizers_and_schedules_round_trip_and_refuse_a_dense_state():
+    (dense, opt_d, _), (sparse, opt_s, _) = model_pair(lr_schedule={"decay": "linear", "warmup_steps": 0,
+                                                                    "min_lr_ratio": 0.0, "total_steps": 4})
+    sched = build_scheduler(opt_s, {"decay": "linear", "warmup_steps": 0, "min_lr_ratio": 0.0}, total_steps=4)
+    sched.step()
+    lrs = sched.get_last_lr()
+    assert len(lrs) == len(opt_s.param_groups) == 2 and lrs[0] == lrs[1] == pytest.approx(0.75 * opt_s.param_groups[0]["initial_lr"])
+    state = opt_s.state_dict()
+    again = build_optimizer(sparse, configs("model.sparse_tables=true")[2], torch.device("cpu"))
+    again.load_state_dict(state)
+    with pytest.raises(ValueError, match="sparse_tables changed"):
+        again.load_state_dict(opt_d.state_dict())
+
+
+def _ddp_rank(rank: int, world: int, port: int, out: dict) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    emb = nn.Embedding(20, 3, sparse=True)
+    ids = torch.tensor([[1, 4, 4], [4, 9, 2]][rank])
+    coef = torch.tensor([1.0, 2.0][rank])
+    (emb(ids) * coef).sum().backward()
+    sync = SparseGradSync({"weight": emb.weight})
+    sync()
+    out[rank] = (emb.weight.grad.to_dense(), sync.bytes_per_step)
+    dist.destroy_process_group()
+
+
+def test_sparse_grad_sync_averages_the_ranks_rows_and_moves_only_them():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        out = manager.dict()
+        procs = [ctx.Process(target=_ddp_rank, args=(r, 2, port, out)) for r in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(120)
+        assert all(p.exitcode == 0 for p in procs)
+        results = dict(out)
+    want = torch.zeros(20, 3)
+    for ids, c in (([1, 4, 4], 1.0), ([4, 9, 2], 2.0)):  # d(sum(c * emb(ids)))/dW, averaged over 2 ranks
+        for i in ids:
+            want[i] += c / 2
+    for rank in (0, 1):
+        grad, moved = results[rank]
+        assert torch.equal(grad, want)
+        assert moved == 2 * 3 * (8 + 3 * 4)  # world x lookups x (int64 index + dim fp32 values)
