@@ -163,3 +163,77 @@ def test_sparse_grad_sync_averages_the_ranks_rows_and_moves_only_them():
         grad, moved = results[rank]
         assert torch.equal(grad, want)
         assert moved == 2 * 3 * (8 + 3 * 4)  # world x lookups x (int64 index + dim fp32 values)
+
+
+@pytest.fixture(scope="module")
+def tiny_data_dir(tmp_path_factory):
+    from raycg.data.simulate import SimConfig, write_dataset
+
+    out = str(tmp_path_factory.mktemp("sim_tiny_sparse"))
+    write_dataset(SimConfig(n_users=400, n_items=300, n_advertisers=20, n_categories=10, requests_per_user=12,
+                            num_shards=2), out)
+    return out
+
+
+def test_two_ddp_workers_train_sparse_tables_resume_and_evaluate(ray_session, tiny_data_dir, tmp_path):
+    """The real loop: 2 Ray Train workers (gloo DDP) leave the tables to SparseGradSync, which
+    moves world x lookups x (8 + 4 x id_dim) bytes per table and step; a run resumes with its
+    two optimizers' state and evaluates."""
+    import json
+    import math
+
+    from conftest import compose
+    from raycg.train import checkpoint as ckpt_io
+    from raycg.train.driver import run
+
+    overrides = ["data=sim_small", f"data.dir={tiny_data_dir}", f"paths.runs_dir={tmp_path}", "run_name=s",
+                 "model.sparse_tables=true", "trainer.table_optimizer=adagrad", "trainer.num_workers=2",
+                 "trainer.batch_size=128", "model.history.length=0", "eval.ks=[10,100]", "eval.baselines=[]",
+                 "trainer.early_stopping.patience=0"]
+    run(compose(overrides + ["trainer.epochs=1"]))
+    results = run(compose(overrides + ["trainer.epochs=2"]))  # resumes after epoch 0
+    metrics = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [0, 1] and all(math.isfinite(m["loss"]) for m in metrics)
+    model, _ = ckpt_io.load_model(ckpt_io.newest_intact(str(tmp_path / "s")))
+    tables = sparse_tables(model)
+    id_dim = model.item_tower.embeddings[0].emb.embedding_dim
+    per_rank_batch = metrics[1]["rows"] // metrics[1]["steps"] // 2
+    assert metrics[1]["table_sync_bytes_per_step"] == len(tables) * 2 * per_rank_batch * (8 + 4 * id_dim)
+    for task in ("conversion", "engagement"):
+        assert 0.0 <= results["model"][task][10] <= results["model"][task][100] <= 1.0
+
+
+def test_model_card_lists_each_table_with_its_bytes_and_optimizer_state():
+    from raycg.model.card import id_tables, model_card
+
+    cfg_sparse = configs("model.sparse_tables=true")[0]
+    model = TwoTowerModel(cfg_sparse, spec())
+    d = cfg_sparse["id_dim"]
+    tables = {t["name"]: t for t in id_tables(model, "adagrad")}
+    # tables over 64 rows: user 101, context_item 302, item 302 (shared with the history encoder: once)
+    assert set(tables) == {"user_tower.embeddings.0", "user_tower.embeddings.2", "item_tower.embeddings.0"}
+    item = tables["item_tower.embeddings.0"]
+    assert (item["rows"], item["bytes"], item["optimizer"]) == (302, 302 * d * 4, "adagrad")
+    assert item["state_bytes"] == item["bytes"]  # Adagrad: one sum per value
+    dense = {t["name"]: t for t in id_tables(TwoTowerModel(configs()[0], spec()))}
+    assert dense["item_tower.embeddings.0"]["state_bytes"] == 2 * 302 * d * 4  # Adam: two moments
+    card = model_card(model, "adagrad")
+    assert "item_tower.embeddings.0" in card and "looked-up rows only" in card
+
+
+def test_a_model_that_cannot_fit_is_refused_before_training_with_the_numbers():
+    from conftest import compose
+    from raycg.model.card import training_bytes
+    from raycg.train.preflight import PreflightError, check_model_memory
+
+    cfg_model = configs()[0]
+    dense = TwoTowerModel(cfg_model, spec())
+    sparse = TwoTowerModel(configs("model.sparse_tables=true")[0], spec())
+    n = sum(p.numel() for p in dense.parameters())
+    assert training_bytes(dense) == 4 * n * 4  # weights + two Adam moments + gradient, fp32
+    assert training_bytes(sparse, "adagrad") < training_bytes(dense)
+    cfg = compose(["trainer.num_workers=2"])
+    check_model_memory(cfg, 10 * 2**20, embedded=True)  # 10 MiB x 2 workers fit any test machine
+    with pytest.raises(PreflightError, match=r"2097152.0 GiB against .* model.sparse_tables=true .*model.vocab.max_size"):
+        check_model_memory(cfg, 2**50, embedded=True)
+    check_model_memory(cfg, 2**50, embedded=False)  # a cluster's CPU nodes are not known to the driver

@@ -1,4 +1,5 @@
-"""Model card: parameter counts per component and forward FLOPs per example, per tower."""
+"""Model card: parameter counts per component, forward FLOPs per example per tower, and each
+id table's rows, bytes and optimizer-state bytes."""
 from __future__ import annotations
 
 import torch
@@ -52,11 +53,49 @@ def flops_per_example(model: TwoTowerModel, batch: int = 8) -> dict[str, float]:
     return out
 
 
-def model_card(model: TwoTowerModel) -> str:
+# optimizer state per parameter value: Adam and SparseAdam keep two moments, Adagrad one sum
+STATE_PER_VALUE = {"adam": 2, "sparse_adam": 2, "adagrad": 1}
+
+
+def id_tables(model: TwoTowerModel, table_optimizer: str = "adam") -> list[dict]:
+    """One row per id table (a table shared by two modules once): name, rows, dim, bytes of the
+    fp32 weights and of the optimizer's state (`table_optimizer` for sparse tables, else Adam)."""
+    out, seen = [], set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding) and id(module.weight) not in seen and module.num_embeddings > 64:
+            seen.add(id(module.weight))
+            opt = table_optimizer if module.sparse else "adam"
+            nbytes = module.weight.numel() * module.weight.element_size()
+            out.append({"name": name.removesuffix(".emb"), "rows": module.num_embeddings, "dim": module.embedding_dim,
+                        "bytes": nbytes, "optimizer": opt, "state_bytes": STATE_PER_VALUE[opt] * nbytes,
+                        "sparse": module.sparse})
+    return out
+
+
+def training_bytes(model: TwoTowerModel, table_optimizer: str = "adam") -> int:
+    """Bytes one worker holds for the model while training (activations not counted): fp32
+    weights, optimizer state and gradients; a sparse table keeps no table-sized gradient."""
+    sparse = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.sparse}
+    total = 0
+    for p in model.parameters():
+        b = p.numel() * p.element_size()
+        total += b * (1 + STATE_PER_VALUE[table_optimizer]) if id(p) in sparse else b * (1 + 2 + 1)
+    return total
+
+
+def model_card(model: TwoTowerModel, table_optimizer: str = "adam") -> str:
     params = component_params(model)
     flops = flops_per_example(model)
     lines = ["model card", f"  {'component':<34}{'parameters':>14}"]
     lines += [f"  {name:<34}{n:>14,}" for name, n in params.items()]
     lines.append(f"  {'total':<34}{_count(model):>14,}")
     lines += [f"  forward FLOPs/example {name:<12}{f:>14,.0f}" for name, f in flops.items()]
+    tables = id_tables(model, table_optimizer)
+    if tables:
+        lines.append(f"  {'id table (> 64 rows)':<34}{'rows':>12}{'MB':>9}{'optimizer':>13}{'state MB':>10}")
+        lines += [f"  {t['name']:<34}{t['rows']:>12,}{t['bytes'] / 2**20:>9.1f}{t['optimizer']:>13}"
+                  f"{t['state_bytes'] / 2**20:>10.1f}" for t in tables]
+        total = sum(t["bytes"] + t["state_bytes"] for t in tables)
+        lines.append(f"  {'tables + optimizer state':<34}{'':>12}{total / 2**20:>9.1f} MB per worker (gradients: "
+                     f"{'looked-up rows only' if any(t['sparse'] for t in tables) else 'table-sized'})")
     return "\n".join(lines)

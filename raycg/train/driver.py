@@ -32,14 +32,14 @@ from raycg.data.pipeline import (
 )
 from raycg.data.simulate import DATA_FORMAT, SimConfig, write_dataset
 from raycg.data.vocab import build_vocabularies, store_counts
-from raycg.model.card import model_card
+from raycg.model.card import model_card, training_bytes
 from raycg.model.export import export_towers
 from raycg.train.checkpoint import load_model
 from raycg.model.two_tower import TwoTowerModel
 from raycg.eval.evaluate import evaluate_checkpoint, format_table, timing_line, write_results
 from raycg.eval.queries import drop_cold
 from raycg.train.loop import train_loop_per_worker
-from raycg.train.preflight import PreflightError, check_config, check_data_dir, check_resources
+from raycg.train.preflight import PreflightError, check_config, check_data_dir, check_model_memory, check_resources
 from raycg.train.schedule import lr_factor
 from raycg.train.validation import ValidationSet
 
@@ -256,7 +256,11 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
         f.write(OmegaConf.to_yaml(cfg))
     with open(os.path.join(run_dir, "data_stats.json"), "w") as f:
         json.dump(stats, f)
-    print(model_card(TwoTowerModel(OmegaConf.to_container(cfg.model, resolve=True), spec)), flush=True)
+    table_optimizer = cfg.trainer.table_optimizer if cfg.model.sparse_tables else "adam"
+    model = TwoTowerModel(OmegaConf.to_container(cfg.model, resolve=True), spec)
+    print(model_card(model, table_optimizer), flush=True)
+    check_model_memory(cfg, training_bytes(model, table_optimizer), embedded(cfg))
+    del model
     return PreparedRun(run_dir, train_ds, stats, store, [ray.put(store)], spec, eval_split, validation_ref)
 
 

@@ -117,3 +117,39 @@ def check_resources(cfg: DictConfig, cluster_resources, embedded: bool, wait_s: 
             log(f"[raycg] waiting up to {wait_s:.0f}s for the cluster to offer {need} (trainer.resources_wait_s)")
             announced = True
         time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new processes on this machine (Linux: MemAvailable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_model_memory(cfg: DictConfig, need_bytes: int, embedded: bool) -> None:
+    """The model, its gradients and optimizer state fit a worker, before any worker starts: a
+    GPU worker's card (when this process sees one), or this machine's free memory shared by the
+    CPU workers of an embedded Ray. (On a cluster a CPU worker's node is not known here.)"""
+    per_worker = need_bytes
+    if cfg.trainer.use_gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            return
+        have, where = torch.cuda.get_device_properties(0).total_memory, f"one {torch.cuda.get_device_name(0)}"
+    elif embedded:
+        have, where = available_memory(), f"this machine's free memory shared by {cfg.trainer.num_workers} workers"
+        need_bytes *= int(cfg.trainer.num_workers)
+    else:
+        return
+    if need_bytes > 0.9 * have:
+        raise PreflightError(
+            f"the model needs {per_worker / 2**30:.1f} GiB per worker for weights, gradients and optimizer state "
+            f"(model card above), {need_bytes / 2**30:.1f} GiB against {have / 2**30:.1f} GiB on {where}: set "
+            f"model.sparse_tables=true (no table-sized gradients), cap the vocabularies (model.vocab.max_size, "
+            f"model.vocab.min_count), lower model.id_dim{'' if cfg.trainer.use_gpu else ' or trainer.num_workers'}")
