@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER = 0
 export PYTHONUNBUFFERED = 1
 
-.PHONY: env demo test bench bench-eval report clean
+.PHONY: env demo test test-fast bench bench-eval bench-tables report clean
 
 env: $(STAMP)
 
@@ -21,8 +21,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m raycg.train
 
+# the full suite (what CI runs); test-fast: the unit tier, no Ray (tests/conftest.py marks the rest slow)
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/ingest.py
@@ -30,6 +34,10 @@ bench: $(STAMP)
 # evaluation at corpus scale: 1M items x ~100k queries (random-init model; times, not recall)
 bench-eval: $(STAMP)
 	$(PY) benchmarks/eval_scale.py
+
+# step time vs id-table size: dense tables + Adam vs sparse tables (10k vs 1M items)
+bench-tables: $(STAMP)
+	$(PY) benchmarks/table_scale.py
 
 # ablation grids x 3 seeds + baselines -> report/ and docs/results.md (about 1 h on 2 cores)
 report: $(STAMP)

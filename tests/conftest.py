@@ -7,10 +7,18 @@ import pytest
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+# Tests on a real Ray (these fixtures start one) are the `slow` tier: `make test-fast` skips them.
+RAY_FIXTURES = {"ray_session", "ray_gpu", "head_node"}
+
+
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests skip cleanly where torch sees no CUDA device (CI, the dev machine)."""
+    """Tiers: tests that run a real Ray get the `slow` marker; `gpu` tests skip cleanly where
+    torch sees no CUDA device (CI, the dev machine)."""
     import torch
 
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA (gpu marker)")

@@ -226,6 +226,7 @@ def runtime_env_for_repo() -> dict:
     return runtime_env
 
 
+@pytest.mark.cluster
 def test_submit_training_job_to_local_head_node(head_node, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
