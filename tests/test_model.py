@@ -19,10 +19,12 @@ def _rand_layer(layer, rng):
             p.copy_(torch.as_tensor(rng.normal(size=p.shape)))
 
 
-@pytest.mark.parametrize("low_rank", [None, 3])
+@pytest.mark.parametrize("low_rank", [None, 3, 8])
 def test_cross_network_matches_numpy_reference(low_rank):
     rng = np.random.default_rng(0)
     net = CrossNetwork(dim=8, num_layers=3, low_rank=low_rank).double()
+    # a rank >= the width factorises nothing: the layer keeps a full-rank W
+    assert all((layer.V is None) == (low_rank in (None, 8)) for layer in net.layers)
     _rand_layer(net, rng)
     x0 = rng.normal(size=(5, 8))
     out = net(torch.as_tensor(x0)).detach().numpy()
@@ -121,12 +123,17 @@ def test_gradient_reaches_every_parameter(structure, heads):
     assert u.shape == (6, 8) and torch.allclose(u.norm(dim=-1), torch.ones(6), atol=1e-6)
 
 
-def test_mixture_of_low_rank_experts_matches_numpy_reference():
+@pytest.mark.parametrize("low_rank", [3, 8])  # 8 >= dim: rank-8 factors of a 6-wide layer
+def test_mixture_of_low_rank_experts_matches_the_papers_formula(low_rank):
+    """DCN v2 (Wang et al.), mixture of low-rank experts:
+    E_i(x_l) = x0 * (U_l^i g(C_l^i g(V_l^i^T x_l)) + b_l), x_{l+1} = sum_i G_i(x_l) E_i(x_l) + x_l,
+    with one bias b_l per layer shared by the experts."""
     from raycg.model.cross import MixtureCrossLayer
 
     rng = np.random.default_rng(2)
-    layer = MixtureCrossLayer(dim=6, low_rank=3, num_experts=4).double()
+    layer = MixtureCrossLayer(dim=6, low_rank=low_rank, num_experts=4).double()
     _rand_layer(layer, rng)
+    assert sum(p.numel() for p in layer.parameters()) == 4 * (6 * low_rank + low_rank * low_rank + low_rank * 6) + 6 + 6 * 4
     x0, xl = rng.normal(size=(5, 6)), rng.normal(size=(5, 6))
     got = layer(torch.as_tensor(x0), torch.as_tensor(xl)).detach().numpy()
 
@@ -138,9 +145,9 @@ def test_mixture_of_low_rank_experts_matches_numpy_reference():
     gates = np.exp(logits - logits.max(1, keepdims=True))
     gates /= gates.sum(1, keepdims=True)
     ref = xl.copy()
-    for k in range(4):
+    for k in range(4):  # the paper's g = ReLU
         h = relu(relu(xl @ w(layer.V[k]).T) @ w(layer.C[k]).T)
-        ref += gates[:, k:k + 1] * x0 * (h @ w(layer.U[k]).T + layer.U[k].bias.detach().numpy())
+        ref += gates[:, k:k + 1] * x0 * (h @ w(layer.U[k]).T + layer.bias.detach().numpy())
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-12)
 
 

@@ -8,8 +8,12 @@ The bias sits *inside* the product with x0. Low-rank variant: W = U V^T with U, 
 
 Mixture of low-rank experts (DCN v2 section 5.2), K experts with gate G(x_l) = softmax(g x_l):
 
-    E_k(x_l)  = x0 * (U_k act(C_k act(V_k^T x_l)) + b_k)
+    E_k(x_l)  = x0 * (U_k act(C_k act(V_k^T x_l)) + b_l)
     x_{l+1}   = sum_k G_k(x_l) E_k(x_l) + x_l
+
+The bias b_l belongs to the layer and is shared by its experts, as in the paper's formula
+and TorchRec's `LowRankMixtureCrossNet` (one bias per layer). A rank r >= D is allowed for
+the experts; the single cross layer then uses a full-rank W.
 
 Example:
     >>> net = CrossNetwork(dim=8, num_layers=2, low_rank=4)
@@ -41,7 +45,7 @@ class CrossLayer(nn.Module):
 
 
 class MixtureCrossLayer(nn.Module):
-    """x_{l+1} = sum_k G_k(x_l) * x0 * (U_k act(C_k act(V_k^T x_l)) + b_k) + x_l."""
+    """x_{l+1} = sum_k G_k(x_l) * x0 * (U_k act(C_k act(V_k^T x_l)) + b) + x_l, one b per layer."""
 
     def __init__(self, dim: int, low_rank: int, num_experts: int):
         super().__init__()
@@ -49,14 +53,13 @@ class MixtureCrossLayer(nn.Module):
             raise ValueError("model.num_experts > 1 needs model.low_rank (the experts are low rank)")
         self.V = nn.ModuleList(nn.Linear(dim, low_rank, bias=False) for _ in range(num_experts))
         self.C = nn.ModuleList(nn.Linear(low_rank, low_rank, bias=False) for _ in range(num_experts))
-        self.U = nn.ModuleList(nn.Linear(low_rank, dim, bias=True) for _ in range(num_experts))
+        self.U = nn.ModuleList(nn.Linear(low_rank, dim, bias=False) for _ in range(num_experts))
+        self.bias = nn.Parameter(torch.zeros(dim))  # b_l, shared by the experts
         self.gate = nn.Linear(dim, num_experts, bias=False)
-        for u in self.U:
-            nn.init.zeros_(u.bias)
 
     def forward(self, x0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         experts = torch.stack(
-            [x0 * u(torch.relu(c(torch.relu(v(x))))) for u, c, v in zip(self.U, self.C, self.V)], dim=1
+            [x0 * (u(torch.relu(c(torch.relu(v(x))))) + self.bias) for u, c, v in zip(self.U, self.C, self.V)], dim=1
         )  # [B, K, D]
         gates = torch.softmax(self.gate(x), dim=-1)  # [B, K]
         return (gates.unsqueeze(-1) * experts).sum(dim=1) + x
