@@ -124,3 +124,25 @@ def test_als_recovers_taste_blocks_and_falls_back_to_popularity():
     assert conv.coverage(np.array([1, 50, 51, 2])) == 0.5
     with pytest.raises(ValueError, match="no conversion events"):
         ALSBaseline.fit(events.filter(pa.compute.equal(events["event_type"], "click")), "conversion", corpus)
+
+
+def test_vectorised_ranks_and_one_bootstrap_draw_agree_with_the_per_query_definitions():
+    from raycg.eval.recall import bootstrap_ci, bootstrap_cis, flat_positive_ranks, recall_report
+
+    rng = np.random.default_rng(5)
+    top = rng.integers(0, 60, size=(300, 20))  # repeats inside a row: the first rank counts
+    positives = [rng.integers(0, 80, size=rng.integers(1, 5)) for _ in range(300)]
+    ranks, lengths = flat_positive_ranks(top, positives)
+    want = []
+    for row, pos in zip(top, positives):  # the definition, one query at a time
+        for p in pos:
+            hit = np.flatnonzero(row == p)
+            want.append(hit[0] if len(hit) else 20)
+    assert ranks.tolist() == want and lengths.tolist() == [len(p) for p in positives]
+    report = recall_report(top, positives, [5, 20], n_boot=200)
+    per_query = {k: np.array([np.isin(p, row[:k]).mean() for row, p in zip(top, positives)]) for k in (5, 20)}
+    for k in (5, 20):
+        assert report[k]["mean"] == pytest.approx(per_query[k].mean())
+        assert tuple(report[k]["ci95"]) == pytest.approx(bootstrap_ci(per_query[k], n_boot=200))
+    assert bootstrap_cis(np.stack([per_query[5], per_query[20]]), n_boot=200)[1] == pytest.approx(
+        bootstrap_ci(per_query[20], n_boot=200))

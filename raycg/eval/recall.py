@@ -78,33 +78,53 @@ def torch_top_k(item_emb, query_emb, k: int, device: str = "cuda",
     return out
 
 
-def positive_ranks(top: np.ndarray, positives: list[np.ndarray]) -> list[np.ndarray]:
-    """0-based rank of each positive in its query's list `top[i]` ([Q, K] ids); K if absent.
+def flat_positive_ranks(top: np.ndarray, positives: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(ranks, lengths): the 0-based rank of every positive in its query's list `top[i]` ([Q, K]
+    ids; K if absent), all queries' positives in one flat array, and each query's count.
 
-    One pass serves every k <= K: a positive is a hit at k when its rank < k.
+    Vectorised (no per-query loop): pass j compares the j-th positive of every query that has
+    one with its row, in chunks of rows; pass 0 reads `top` in place. A positive listed twice
+    in a row counts at its first rank. One pass serves every k <= K.
     """
     top = np.asarray(top)
     K = top.shape[1] if top.ndim == 2 else 0
-    out = []
-    for i, pos in enumerate(positives):
-        eq = top[i][None, :] == np.asarray(pos)[:, None]  # [P, K]
-        out.append(np.where(eq.any(axis=1), eq.argmax(axis=1), K))
-    return out
+    lengths = np.fromiter((len(p) for p in positives), dtype=np.int64, count=len(positives))
+    if lengths.sum() == 0:
+        return np.zeros(0, dtype=np.int64), lengths
+    flat = np.concatenate([np.asarray(p).ravel() for p in positives])
+    ranks = np.full(len(flat), K, dtype=np.int64)
+    if K == 0:
+        return ranks, lengths
+    starts = np.cumsum(lengths) - lengths
+    chunk = max(1, (1 << 24) // K)  # ~16M comparisons (16 MB of booleans) at a time
+    for j in range(int(lengths.max())):
+        q = np.flatnonzero(lengths > j)
+        at = starts[q] + j
+        for s in range(0, len(q), chunk):
+            rows = top[s:s + chunk] if j == 0 else top[q[s:s + chunk]]  # pass 0: every query, a view
+            eq = rows == flat[at[s:s + chunk], None]
+            ranks[at[s:s + chunk]] = np.where(eq.any(axis=1), eq.argmax(axis=1), K)
+    return ranks, lengths
 
 
-def _recall_from_ranks(ranks: list[np.ndarray], k: int) -> np.ndarray:
-    lengths = np.array([len(r) for r in ranks], dtype=np.int64)
-    if len(ranks) == 0:
+def positive_ranks(top: np.ndarray, positives: list[np.ndarray]) -> list[np.ndarray]:
+    """0-based rank of each positive in its query's list `top[i]` ([Q, K] ids); K if absent."""
+    ranks, lengths = flat_positive_ranks(top, positives)
+    return np.split(ranks, np.cumsum(lengths)[:-1]) if len(lengths) else []
+
+
+def _recall_from_flat_ranks(ranks: np.ndarray, lengths: np.ndarray, k: int) -> np.ndarray:
+    if len(lengths) == 0:
         return np.zeros(0)
     if (lengths == 0).any():
         raise ValueError(f"recall: query {int(np.argmax(lengths == 0))} has no positives")
-    hits = np.add.reduceat((np.concatenate(ranks) < k).astype(np.float64), np.cumsum(lengths) - lengths)
+    hits = np.add.reduceat((ranks < k).astype(np.float64), np.cumsum(lengths) - lengths)
     return hits / lengths
 
 
 def per_query_recall(top: np.ndarray, positives: list[np.ndarray], k: int) -> np.ndarray:
     """recall@k of each query; `top` [Q, >=k] ids, positives a list of id arrays."""
-    return _recall_from_ranks(positive_ranks(np.asarray(top)[:, :k], positives), k)
+    return _recall_from_flat_ranks(*flat_positive_ranks(np.asarray(top)[:, :k], positives), k)
 
 
 def recall_at_k(top, positives: list[np.ndarray], ks) -> dict[int, float]:
@@ -114,29 +134,37 @@ def recall_at_k(top, positives: list[np.ndarray], ks) -> dict[int, float]:
     return {int(k): float(per_query_recall(top, positives, k).mean()) for k in ks}
 
 
+def bootstrap_cis(values: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> list[tuple[float, float]]:
+    """Percentile bootstrap intervals of the mean of each row of `values` ([n, Q] per-query
+    values, e.g. recall at each K), resampling queries: one draw of query indices serves every row."""
+    values = np.atleast_2d(np.asarray(values, dtype=np.float64))
+    if values.shape[1] == 0:
+        return [(float("nan"), float("nan"))] * len(values)
+    rng = np.random.default_rng(seed)
+    means = np.empty((len(values), n_boot))
+    for b in range(0, n_boot, 100):  # chunks keep memory at 100 x Q indices
+        idx = rng.integers(0, values.shape[1], size=(min(100, n_boot - b), values.shape[1]))
+        for row, v in enumerate(values):
+            means[row, b:b + len(idx)] = v[idx].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2], axis=1)
+    return [(float(a), float(b)) for a, b in zip(lo, hi)]
+
+
 def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of per-query values (resampling queries)."""
-    values = np.asarray(values, dtype=np.float64)
-    if len(values) == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = np.empty(n_boot)
-    for b in range(0, n_boot, 100):  # chunks keep memory at 100 x Q indices
-        idx = rng.integers(0, len(values), size=(min(100, n_boot - b), len(values)))
-        means[b:b + len(idx)] = values[idx].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi)
+    return bootstrap_cis(np.asarray(values, dtype=np.float64)[None, :], n_boot, level, seed)[0]
 
 
 def recall_report(top_ids: np.ndarray, positives: list[np.ndarray], ks, groups: np.ndarray | None = None,
                   n_boot: int = 1000) -> dict:
     """{k: {"mean", "ci95": [lo, hi], "by_group": {g: mean}}} from per-query recall@k."""
+    ranks, lengths = flat_positive_ranks(top_ids, positives)
+    per_query = np.stack([_recall_from_flat_ranks(ranks, lengths, k) for k in ks]) if len(ks) else np.zeros((0, 0))
+    cis = bootstrap_cis(per_query, n_boot)
     out = {}
-    ranks = positive_ranks(top_ids, positives)
-    for k in ks:
-        per_query = _recall_from_ranks(ranks, k)
-        entry = {"mean": float(per_query.mean()), "ci95": list(bootstrap_ci(per_query, n_boot))}
+    for i, k in enumerate(ks):
+        entry = {"mean": float(per_query[i].mean()), "ci95": list(cis[i])}
         if groups is not None:
-            entry["by_group"] = {str(g): float(per_query[groups == g].mean()) for g in np.unique(groups)}
+            entry["by_group"] = {str(g): float(per_query[i][groups == g].mean()) for g in np.unique(groups)}
         out[int(k)] = entry
     return out
