@@ -78,6 +78,55 @@ def loss_on(model, bt, sl, cross_worker: str):
                                 hard_emb=h, hard_ids=bt["hard_ids"][sl], pos_log_q=lq, cand_log_q=cand_lq)
 
 
+LOSS_CFG = {"conversion_weight": 1.0, "engagement_weight": 1.0, "duration_weighting": True, "t_max": 60.0,
+            "mask_accidental_hits": True, "log_q_correction": False, "advertiser_weight": 0.0}
+M = 3  # mixed negatives: the same draws on both ranks, so one process can see the same candidate set
+
+
+class TwoHeads(nn.Module):
+    """Engagement and conversion heads on both towers (the multi-head design)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(2)
+        self.w = nn.ParameterDict({f"{tower}_{head}": nn.Parameter(torch.randn(D_IN, D, generator=g, dtype=torch.float64))
+                                   for tower in ("user", "item") for head in ("engagement", "conversion")})
+        self.log_t = nn.Parameter(torch.tensor(-1.0, dtype=torch.float64))
+
+    def forward(self, xu, xi):
+        norm = nn.functional.normalize
+        user = {h: norm(xu @ self.w[f"user_{h}"], dim=-1) for h in ("engagement", "conversion")}
+        item = {h: norm(xi @ self.w[f"item_{h}"], dim=-1) for h in ("engagement", "conversion")}
+        return user, item, self.log_t.exp()
+
+
+def composed_loss(model, bt, sl, cross_worker: bool):
+    """raycg.losses.objective.training_loss: both heads, task weights from packed signals, mixed
+    negatives appended to the item side (as StepContext.extra_items does), cross-worker on/off."""
+    from raycg.losses.objective import Candidates, training_loss
+
+    xi = torch.cat([bt["xi"][sl], bt["xm"]])
+    user, item_all, temp = model(bt["xu"][sl], xi)
+    n = len(bt["xu"][sl])
+    item = {h: v[:n] for h, v in item_all.items()}
+    extra = Candidates(mixed={h: v[n:] for h, v in item_all.items()}, mixed_ids=bt["mixed_ids"], mixed_log_q=0.0)
+    batch = {"signals": bt["signals"][sl], "item_cat": torch.stack([bt["ids"][sl], bt["ids"][sl] % 3], dim=1)}
+    loss, _ = training_loss(user, item, batch, dict(LOSS_CFG, cross_worker_negatives=cross_worker), temp, extra)
+    return loss
+
+
+def loss_batch():
+    bt = global_batch()
+    g = torch.Generator().manual_seed(3)
+    n = WORLD * B_LOCAL
+    kind = torch.tensor([0, 1, 2, 1, 0, 1, 2, 0])  # conversion, click, save
+    bt["signals"] = torch.stack([kind == 0, kind == 1, kind == 2, torch.rand(n, generator=g) * 90 * (kind == 1)],
+                                dim=1).to(torch.float64)
+    bt["xm"] = torch.randn(M, D_IN, generator=g, dtype=torch.float64)
+    bt["mixed_ids"] = torch.tensor([9, 30, 31])  # 9 is a positive of both ranks: an accidental hit
+    return bt
+
+
 def _worker(rank, port, out_dir):
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
@@ -101,6 +150,15 @@ def _worker(rank, port, out_dir):
         mean_loss = loss.detach().clone()
         dist.all_reduce(mean_loss)
         result[mode] = {"loss": mean_loss / WORLD, **{n: p.grad.clone() for n, p in model.named_parameters()}}
+
+    # the composed objective: two heads + mixed negatives + cross-worker negatives
+    model = TwoHeads()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    loss = composed_loss(ddp, loss_batch(), sl, cross_worker=True)
+    loss.backward()
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    result["composed"] = {"loss": mean_loss / WORLD, **{n: p.grad.clone() for n, p in model.named_parameters()}}
 
     # frequency estimator: global ids, identical state on all ranks; rank 1 has fewer ids
     est = StreamingFrequencyEstimator(16, alpha=0.5)
@@ -164,6 +222,21 @@ def test_cross_worker_loss_and_gradients_equal_single_process(ranks):
         for k in want:
             torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=0)
             torch.testing.assert_close(got[k], want[k], atol=1e-10, rtol=1e-10)   # float64: exact
+
+
+def test_composed_objective_with_both_heads_and_mixed_negatives_equals_single_process(ranks):
+    """training_loss itself (not only sampled_softmax_loss): multi-head, task weights,
+    mixed negatives and cross-worker negatives on 2 ranks == one process on the whole batch."""
+    model = TwoHeads()
+    loss = composed_loss(model, loss_batch(), slice(None), cross_worker=False)
+    loss.backward()
+    want = {"loss": loss.detach(), **{n: p.grad.clone() for n, p in model.named_parameters()}}
+    for res in ranks:
+        got = res["composed"]
+        assert set(got) == set(want)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=1e-10, rtol=1e-10)   # float64: exact
+    assert want["w.user_engagement"].abs().sum() > 0 and want["w.item_conversion"].abs().sum() > 0
 
 
 def test_constant_gather_drops_cross_rank_gradient_terms(ranks):
