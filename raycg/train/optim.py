@@ -15,13 +15,13 @@ With sparse ones it costs O(rows looked up) (`benchmarks/table_scale.py` measure
 
 Under DDP the tables are left out of DDP's all-reduce; `SparseGradSync` all-gathers every
 rank's (row index, gradient row) pairs instead and averages them, like DDP does for dense
-gradients. The number of pairs is the number of lookups of a step, the same on every rank (a
-fixed batch size), so the collective has fixed shapes. Bytes per step and rank:
+gradients. There are at most as many pairs as lookups in a step; ranks exchange their counts
+first (a table used twice may merge duplicate rows). Bytes per step and rank: at most
 world x lookups x (8 + 4 x dim) per table, against 4 x rows x dim for a dense all-reduce.
 
-Limits (documented, checked in raycg.train.preflight): the tables take no weight decay and no
-gradient clipping (`trainer.grad_clip_norm` clips the dense parameters); SparseAdam and Adagrad
-coalesce the gradient (a host synchronisation on CUDA).
+Limits: the tables take no weight decay and no gradient clipping (`trainer.grad_clip_norm`
+clips the dense parameters); the count exchange, SparseAdam and Adagrad (which coalesce the
+gradient) synchronise with the host on CUDA; not yet run on a GPU.
 """
 from __future__ import annotations
 
@@ -124,7 +124,13 @@ def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
 class SparseGradSync:
     """Averages the sparse table gradients over the ranks of the default process group (the
     tables are excluded from DDP); call after `backward()`. `bytes_per_step`: bytes this rank
-    receives per step (module docstring)."""
+    receives per step (module docstring).
+
+    A table used twice in a step (the item id: item tower and history) accumulates two sparse
+    gradients, and PyTorch may merge their duplicate rows, so ranks can hold different numbers
+    of (row, gradient) pairs: the counts are exchanged first and each rank's pairs padded to the
+    largest with zero gradient on row 0 (the missing-id row, which stays zero) and trimmed after.
+    """
 
     def __init__(self, tables: dict[str, nn.Parameter]):
         self.tables = tables
@@ -137,11 +143,22 @@ class SparseGradSync:
             g = p.grad
             if g is None:
                 continue
-            idx, val = g._indices()[0].contiguous(), g._values().contiguous()
+            idx, val = g._indices()[0], g._values()
+            count = torch.tensor([idx.numel()], device=idx.device)
+            counts = [torch.empty_like(count) for _ in range(self.world)]
+            dist.all_gather(counts, count)
+            counts = [int(c) for c in counts]
+            n = max(counts)
+            if idx.numel() < n:
+                idx = torch.cat([idx, idx.new_zeros(n - idx.numel())])
+                val = torch.cat([val, val.new_zeros((n - len(val), *val.shape[1:]))])
+            idx, val = idx.contiguous(), val.contiguous()
             idx_all = [torch.empty_like(idx) for _ in range(self.world)]
             val_all = [torch.empty_like(val) for _ in range(self.world)]
             dist.all_gather(idx_all, idx)
             dist.all_gather(val_all, val)
-            p.grad = torch.sparse_coo_tensor(torch.cat(idx_all)[None], torch.cat(val_all) / self.world, p.shape)
-            received += sum(t.numel() * t.element_size() for t in idx_all + val_all)
+            rows = torch.cat([t[:c] for t, c in zip(idx_all, counts)])
+            vals = torch.cat([t[:c] for t, c in zip(val_all, counts)])
+            p.grad = torch.sparse_coo_tensor(rows[None], vals / self.world, p.shape)
+            received += sum(t.numel() * t.element_size() for t in idx_all + val_all) + 8 * self.world
         self.bytes_per_step = received
