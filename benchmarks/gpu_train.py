@@ -151,16 +151,19 @@ def ray_run(cfg, prep, workers: int, cross_worker: bool, name: str, mode: str | 
     run_prep = dataclasses.replace(prep, run_dir=os.path.join(cfg.paths.runs_dir, name))
     os.makedirs(run_prep.run_dir, exist_ok=True)
     t0 = time.perf_counter()
+    log(f"[bench] {name} starts at {time.strftime('%H:%M:%S')}")
     make_trainer(cfg, run_prep).fit()
+    log(f"[bench] {name} ends at {time.strftime('%H:%M:%S')}")
     wall = time.perf_counter() - t0
     with open(os.path.join(run_prep.run_dir, "metrics.jsonl")) as f:
         epochs = [json.loads(line) for line in f]
     later = epochs[1:] or epochs
     out = {"workers": workers, "cross_worker": cross_worker, "mode": mode or "default", "rows_per_s": statistics.median(m["rows_per_s"] for m in later),
            "epoch_s": [round(m["epoch_s"], 2) for m in epochs], "data_wait_s": [round(m["data_wait_s"], 2) for m in epochs],
-           "rows_per_epoch": epochs[0]["rows"], "fit_wall_s": wall}
+           "rows_per_epoch": epochs[0]["rows"], "fit_wall_s": wall, "loss": [round(m["loss"], 4) for m in epochs]}
     log(f"[bench] ray x{workers} cross_worker={cross_worker} compile {mode or 'default'}: {out['rows_per_s']:,.0f} rows/s "
-        f"(epochs {out['epoch_s']} s, data wait {out['data_wait_s']} s, {out['rows_per_epoch']:,} rows/epoch)")
+        f"(epochs {out['epoch_s']} s, data wait {out['data_wait_s']} s, {out['rows_per_epoch']:,} rows/epoch, "
+        f"loss {out['loss']})")
     return out
 
 
@@ -189,6 +192,8 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="torch.profiler table of the resident compiled step")
     p.add_argument("--modes", nargs="+", default=["default"], help="torch.compile modes for the resident step")
     p.add_argument("--ray-modes", nargs="+", default=["default"], help="torch.compile modes for the Ray runs")
+    p.add_argument("--grad-syncs", nargs="+", default=["ddp", "allreduce"], choices=["ddp", "allreduce"],
+                   help="trainer.grad_sync values for the N>1 runs")
     p.add_argument("--resident-only", action="store_true")
     p.add_argument("--ray-variant", action="append", default=[],
                    help="extra 1-worker Ray run: NAME:key=value,key=value (e.g. big:trainer.transfer_batches=64)")
@@ -242,10 +247,12 @@ def main() -> None:
                 m = None if mode == "default" else mode
                 for n in workers:
                     for xw in ([True] if n == 1 or args.no_cross_worker_off else [True, False]):
-                        name = f"bench-h{hist}-w{n}-xw{int(xw)}-{mode}"
-                        r = attempt(lambda: ray_run(cfg, prep, n, xw, name, m), name)
-                        res["ray"].append(r if isinstance(r, dict) else
-                                          {"workers": n, "cross_worker": xw, "mode": mode, "error": r})
+                        for gs in (["ddp"] if n == 1 else args.grad_syncs):
+                            name = f"bench-h{hist}-w{n}-xw{int(xw)}-{mode}-{gs}"
+                            r = attempt(lambda: ray_run(cfg, prep, n, xw, name, m, [f"trainer.grad_sync={gs}"]), name)
+                            res["ray"].append({**r, "grad_sync": gs} if isinstance(r, dict) else
+                                              {"workers": n, "cross_worker": xw, "mode": mode, "grad_sync": gs,
+                                               "error": r})
             for spec in args.ray_variant:
                 vname, _, items = spec.partition(":")
                 m = None if args.ray_modes[0] == "default" else args.ray_modes[0]
@@ -268,7 +275,8 @@ def main() -> None:
         ok = [r for r in res["ray"] if "error" not in r]
         for r in res["ray"]:
             label = (f"ray x{r['workers']} GPU, compile {r['mode']}{', ' + r['variant'] if 'variant' in r else ''}"
-                     f"{'' if r['cross_worker'] else ', no cross-worker neg.'}")
+                     f"{'' if r['cross_worker'] else ', no cross-worker neg.'}"
+                     f"{', grads ' + r['grad_sync'] if r['workers'] > 1 else ''}")
             if "error" in r:
                 lines.append(f"{hist:<8}{label:<48}  FAILED: {r['error'][:60]}")
                 continue

@@ -25,7 +25,8 @@ from raycg.model.two_tower import TwoTowerModel
 from raycg.train import checkpoint as ckpt_io
 from raycg.train.feed import ThreadFeed
 from raycg.train.ingest import ProcessFeed
-from raycg.train.optim import SparseGradSync, build_optimizer, sparse_tables
+from raycg.train.optim import (GRAD_SYNCS, DenseGradSync, SparseGradSync, broadcast_parameters, build_optimizer,
+                               dense_parameters, sparse_tables)
 from raycg.train.schedule import build_scheduler
 from raycg.train.step import StepContext, train_step
 from raycg.train.validation import EarlyStopping, validation_recall
@@ -126,10 +127,17 @@ def train_loop_per_worker(config: dict) -> None:
     if state:
         model.load_state_dict(state["model"])
     tables = sparse_tables(model)  # model.sparse_tables: synchronised by SparseGradSync, not by DDP
-    if tables and world > 1:
+    grad_sync = cfg_train["grad_sync"]
+    if grad_sync not in GRAD_SYNCS:
+        raise ValueError(f"trainer.grad_sync={grad_sync!r}: expected one of {list(GRAD_SYNCS)}")
+    ddp = world > 1 and grad_sync == "ddp"
+    if tables and ddp:
         model._ddp_params_and_buffers_to_ignore = list(tables)
-    model = ray.train.torch.prepare_model(model)  # -> device; DDP when world > 1
+    # -> device; DDP when world > 1 and grad_sync=ddp
+    model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if ddp else None)
     core = model.module if hasattr(model, "module") else model
+    if world > 1 and not ddp:
+        broadcast_parameters(core)
     optimizer = build_optimizer(core, cfg_train, device)
     scheduler = build_scheduler(optimizer, cfg_train["lr_schedule"], config.get("total_steps"))
     needs_corpus = cfg_loss.get("mixed_negatives", 0) > 0 or cfg_loss.get("hard_negatives", 0) > 0
@@ -140,8 +148,10 @@ def train_loop_per_worker(config: dict) -> None:
         # the loss kernels run twice per step with two heads; they are compiled without CUDA graphs
         # (trainer=gpu + loss=full + multi_head gave a NaN loss on an H200 with them graphed)
         kernels=LossKernels.compiled(None if cudagraphs else compile_mode) if compile_model else EAGER)
+    if world > 1 and not ddp:
+        step_ctx.grad_syncs.append(DenseGradSync(dense_parameters(core)))
     if tables and world > 1:
-        step_ctx.table_sync = SparseGradSync(sparse_tables(core))
+        step_ctx.grad_syncs.append(SparseGradSync(sparse_tables(core)))
     start_epoch = 0
     if state:
         optimizer.load_state_dict(state["optimizer"])  # moves the moments to the parameters' device
@@ -154,10 +164,14 @@ def train_loop_per_worker(config: dict) -> None:
             forget_epochs_from(os.path.join(config["run_dir"], "metrics.jsonl"), start_epoch)
     forward = torch.compile(model, dynamic=False, mode=compile_mode) if compile_model else model
     feed = open_feed(ray.train.get_dataset_shard("train"), cfg_train, device, rank)
+    if world > 1 and device.type == "cuda":  # one GPU per worker: say which
+        say(f"[raycg] rank {rank}: {device} (current {torch.cuda.current_device()}), "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}")
     if rank == 0:
         say(f"[raycg] worker: {world} x {device.type}, precision {cfg_train['precision']}, compile "
               f"{(compile_mode or 'default') if compile_model else 'off'}, batch {B} x {world} ranks, host->device "
-              f"transfers of {B * cfg_train['transfer_batches']:,} rows, ingest {cfg_train['ingest']}")
+              f"transfers of {B * cfg_train['transfer_batches']:,} rows, ingest {cfg_train['ingest']}"
+            + (f", gradients: {'DDP' if ddp else 'one all-reduce after backward'}" if world > 1 else ""))
 
     stopper = None  # validation-driven training: the best epoch, early stopping
     if config.get("validation_ref"):
@@ -217,8 +231,9 @@ def run_epochs(config: dict, start_epoch: int, feed, forward, core, optimizer, s
             "rows": rows, "rows_per_s": rows / elapsed, "epoch_s": elapsed, "data_wait_s": data_wait,
             "lr": scheduler.get_last_lr()[0], **{k: v.item() / steps for k, v in parts_sum.items()},
         }
-        if step_ctx.table_sync is not None:  # sparse tables under DDP: what a step moved instead of an all-reduce
-            metrics["table_sync_bytes_per_step"] = step_ctx.table_sync.bytes_per_step
+        for sync in step_ctx.grad_syncs:  # bytes a step moved outside DDP (sparse tables: instead of an all-reduce)
+            key = "table_sync_bytes_per_step" if isinstance(sync, SparseGradSync) else "dense_sync_bytes_per_step"
+            metrics[key] = sync.bytes_per_step
         data = config.get("data_stats") or {}
         if "rows_used" in data:
             # rows read = trained + remainder (drop_last, equal shards) + impressions + quarantined

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 TABLE_OPTIMIZERS = ("sparse_adam", "adagrad")
+GRAD_SYNCS = ("ddp", "allreduce")  # trainer.grad_sync: how dense gradients are averaged over ranks
 
 
 def sparse_tables(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -162,3 +163,41 @@ class SparseGradSync:
             p.grad = torch.sparse_coo_tensor(rows[None], vals / self.world, p.shape)
             received += sum(t.numel() * t.element_size() for t in idx_all + val_all) + 8 * self.world
         self.bytes_per_step = received
+
+
+class DenseGradSync:
+    """Averages the dense gradients over the ranks with one all-reduce of one flat buffer; call
+    after `backward()`. With `trainer.grad_sync=allreduce` the model is not wrapped in DDP.
+
+    Why. DDP all-reduces gradient buckets from autograd hooks during the backward pass, which
+    overlaps communication with compute but splits a compiled model into one graph per bucket
+    (Dynamo's DDPOptimizer) and runs the hooks on the host. The GPU step of this model is
+    launch-bound (host work per step ~ GPU work per step), so without DDP the whole compiled
+    step can be CUDA-graphed as on one GPU, at the price of one all-reduce that does not
+    overlap the backward pass. `benchmarks/gpu_train.py` measures both.
+
+    The parameters are the same objects on every rank (`broadcast_parameters` once at start);
+    a parameter without a gradient on this rank contributes zeros, as in DDP.
+    """
+
+    def __init__(self, params: list[nn.Parameter]):
+        self.params = [p for p in params if p.requires_grad]
+        self.world = dist.get_world_size()
+        self.bytes_per_step = 4 * sum(p.numel() for p in self.params)
+
+    def __call__(self) -> None:
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params])
+        dist.all_reduce(flat)
+        flat.div_(self.world)
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p)
+            offset += n
+
+
+def broadcast_parameters(model: nn.Module, src: int = 0) -> None:
+    """Every rank starts from rank `src`'s parameters and buffers (what DDP does on wrapping)."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, src)

@@ -54,7 +54,7 @@ class StepContext:
             self.freq = StreamingFrequencyEstimator(freq_buckets, alpha=cfg_loss["freq_alpha"]).to(self.device)
         self.mixed = int(cfg_loss.get("mixed_negatives", 0))
         self.mixed_log_q = mixed_log_q(self.mixed, len(self.item_cat)) if self.mixed and items is not None else None
-        self.table_sync = None  # raycg.train.optim.SparseGradSync under DDP with sparse tables
+        self.grad_syncs: list = []  # raycg.train.optim.SparseGradSync / DenseGradSync: after backward
         self.clip_params = None  # the parameters gradient clipping applies to (not sparse tables)
 
     def autocast(self):
@@ -126,8 +126,8 @@ def train_step(model, core: TwoTowerModel, batch: dict, optimizer, ctx: StepCont
     with record_function("raycg.backward"):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if ctx.table_sync is not None:
-            ctx.table_sync()
+        for sync in ctx.grad_syncs:
+            sync()
     with record_function("raycg.optimizer"):
         if ctx.grad_clip_norm:
             if ctx.clip_params is None:
