@@ -185,6 +185,38 @@ def train_loop_per_worker(config: dict) -> None:
         feed.close()
 
 
+class StepProfiler:
+    """torch.profiler over `steps` training steps (from the 10th of the epoch, after warm-up),
+    written as a table of time per named range and kernel to `path` (`trainer.profile_steps`)."""
+
+    def __init__(self, steps: int, path: str, start: int = 10):
+        self.first, self.last, self.path, self.prof = start, start + steps, path, None
+
+    def at_step(self, step: int) -> None:
+        if step == self.first:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.prof = profile(activities=acts)
+            self.prof.start()
+        elif step == self.last:
+            self.finish()
+
+    def finish(self) -> None:
+        if self.prof is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.prof.stop()
+        steps = self.last - self.first
+        sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+        with open(self.path, "w") as f:
+            f.write(f"torch.profiler: {steps} training steps (from step {self.first} of the epoch)\n")
+            f.write(self.prof.key_averages().table(sort_by=sort, row_limit=60))
+        say(f"[raycg] profile of {steps} steps -> {self.path}")
+        self.prof = None
+
+
 def run_epochs(config: dict, start_epoch: int, feed, forward, core, optimizer, scheduler, step_ctx: StepContext,
                cudagraphs: bool, saved_config: dict, stopper: EarlyStopping | None) -> None:
     """Epochs of steps; rank 0 logs, validates, writes metrics.jsonl and the checkpoint (and
@@ -195,6 +227,10 @@ def run_epochs(config: dict, start_epoch: int, feed, forward, core, optimizer, s
     B, device = cfg_train["batch_size"], step_ctx.device
     vset = ray.get(config["validation_ref"][0]) if stopper is not None and rank == 0 else None
     ks = [int(k) for k in config["eval"]["ks"]]
+    # trainer.profile_steps: a torch.profiler table of that many steps of the second epoch (the first compiles)
+    profile_epoch = min(start_epoch + 1, cfg_train["epochs"] - 1)
+    profiler = (StepProfiler(cfg_train["profile_steps"], os.path.join(config["run_dir"], f"profile_rank{rank}.txt"))
+                if cfg_train["profile_steps"] and rank == 0 else None)
     for epoch in range(start_epoch, cfg_train["epochs"]):
         forward.train()
         t0 = time.perf_counter()
@@ -210,6 +246,8 @@ def run_epochs(config: dict, start_epoch: int, feed, forward, core, optimizer, s
                 break
             if cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs may be reused
+            if profiler is not None and epoch == profile_epoch:
+                profiler.at_step(steps)
             loss, parts = train_step(forward, core, batch, optimizer, step_ctx, scheduler)
             loss_sum += loss
             for k, v in parts.items():
@@ -219,6 +257,8 @@ def run_epochs(config: dict, start_epoch: int, feed, forward, core, optimizer, s
                 mean = finite(loss_sum.item() / steps, epoch, steps)  # the only host sync inside an epoch
                 say(f"[raycg] epoch {epoch} step {steps} loss {mean:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
                     f"({steps * B * world / (time.perf_counter() - t0):,.0f} rows/s)")
+        if profiler is not None and epoch == profile_epoch:
+            profiler.finish()
         if steps == 0:
             raise RuntimeError(
                 f"worker {rank} got no full batch of {B} rows in epoch {epoch}: "
