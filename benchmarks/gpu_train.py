@@ -195,6 +195,7 @@ def main() -> None:
     p.add_argument("--grad-syncs", nargs="+", default=["ddp", "allreduce"], choices=["ddp", "allreduce"],
                    help="trainer.grad_sync values for the N>1 runs")
     p.add_argument("--resident-only", action="store_true")
+    p.add_argument("--no-resident", action="store_true", help="only the Ray runs (no limit column)")
     p.add_argument("--ray-variant", action="append", default=[],
                    help="extra 1-worker Ray run: NAME:key=value,key=value (e.g. big:trainer.transfer_batches=64)")
     p.add_argument("--out", default="/tmp/raycg-gpu-bench")
@@ -231,7 +232,7 @@ def main() -> None:
         res = {"rows": prep.stats["rows_used"], "resident": {}, "ray": []}
         rows = resident_rows(prep, device)
         variants = ([("fp32", False, None), ("bf16", False, None)] if args.eager else [])
-        variants += [("bf16", True, None if m == "default" else m) for m in args.modes]
+        variants += [("bf16", True, None if m == "default" else m) for m in args.modes if not args.no_resident]
         for precision, compiled, mode in variants:
             key = f"{precision}{'_compiled_' + (mode or 'default') if compiled else ''}"
             if args.cpu_smoke:
