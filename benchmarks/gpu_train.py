@@ -247,7 +247,7 @@ def main() -> None:
             for mode in args.ray_modes:
                 m = None if mode == "default" else mode
                 for n in workers:
-                    for xw in ([True] if n == 1 or args.no_cross_worker_off else [True, False]):
+                    for xw in ([True] if n == 1 or args.no_cross_worker_off else [False, True]):
                         for gs in (["ddp"] if n == 1 else args.grad_syncs):
                             name = f"bench-h{hist}-w{n}-xw{int(xw)}-{mode}-{gs}"
                             r = attempt(lambda: ray_run(cfg, prep, n, xw, name, m, [f"trainer.grad_sync={gs}"]), name)
