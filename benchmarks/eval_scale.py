@@ -31,7 +31,7 @@ from raycg.data.features import FeatureSpec  # noqa: E402
 from raycg.eval.evaluate import evaluate_checkpoint, format_table  # noqa: E402
 from raycg.model.two_tower import TwoTowerModel  # noqa: E402
 from raycg.report.grid import compose_run  # noqa: E402
-from raycg.train.checkpoint import save  # noqa: E402
+from raycg.model.checkpoint import save  # noqa: E402
 from raycg.train.driver import build_trainer, ensure_data, init_ray, resolve_paths  # noqa: E402
 
 

@@ -34,7 +34,7 @@ from raycg.data.simulate import DATA_FORMAT, SimConfig, write_dataset
 from raycg.data.vocab import build_vocabularies, store_counts
 from raycg.model.card import model_card, training_bytes
 from raycg.model.export import export_towers
-from raycg.train.checkpoint import load_model
+from raycg.model.checkpoint import load_model
 from raycg.model.two_tower import TwoTowerModel
 from raycg.eval.evaluate import evaluate_checkpoint, format_table, timing_line, write_results
 from raycg.eval.queries import drop_cold

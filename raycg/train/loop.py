@@ -22,7 +22,7 @@ import torch.distributed as dist
 from raycg.data.features import FeatureSpec
 from raycg.losses.objective import EAGER, LossKernels
 from raycg.model.two_tower import TwoTowerModel
-from raycg.train import checkpoint as ckpt_io
+from raycg.model import checkpoint as ckpt_io
 from raycg.train.feed import ThreadFeed
 from raycg.train.ingest import ProcessFeed
 from raycg.train.optim import SparseGradSync, build_optimizer, sparse_tables
@@ -38,7 +38,7 @@ def say(msg: str) -> None:
 
 
 def resume_state(checkpoint, run_dir: str, rank: int) -> dict | None:
-    """The state of Ray's latest checkpoint, or, when that one is damaged (raycg.train.checkpoint
+    """The state of Ray's latest checkpoint, or, when that one is damaged (raycg.model.checkpoint
     verifies checksums), of the newest intact checkpoint of the run, saying so."""
     if checkpoint is None:
         return None
