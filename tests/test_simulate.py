@@ -4,8 +4,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from raycg.data.datadir import time_split
 from raycg.data.schema import check_parquet_files
-from raycg.data.simulate import SimConfig, simulate, time_split, write_dataset
+from raycg.data.simulate import SimConfig, simulate, write_dataset
 
 SMALL = dict(n_users=800, n_items=600, n_advertisers=40, n_categories=12, requests_per_user=12)
 

@@ -44,8 +44,8 @@ from raycg.data.logmap import (  # noqa: F401  (re-exported: the adapters' publi
     stable_hash,
     type_counts,
 )
+from raycg.data.datadir import time_split, write_shards
 from raycg.data.schema import CONVERSION_EVENTS, ITEM_COLUMNS, check_parquet_files, check_values, event_columns
-from raycg.data.simulate import time_split, write_shards
 
 UNKNOWN_ADVERTISER = 0  # REES46 rows without a brand
 

@@ -44,6 +44,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raycg.data.datadir import clear_shards, time_split, write_atomic, write_shards
 from raycg.data.schema import EVENT_SCHEMA, EVENT_TYPES, REQUEST_TS, SURFACES
 
 # The simulator writes the attribution column: conversions carry their click's time.
@@ -349,35 +350,6 @@ def simulate(cfg: SimConfig) -> dict:
     return {"events": events_tbl, "items": items_tbl, "users": users_tbl, "meta": _base_meta(cfg, w, counts)}
 
 
-def time_split(events: pa.Table, cutoff_ts: int) -> tuple[pa.Table, pa.Table]:
-    """Train = events strictly before the cutoff; eval = at or after it."""
-    ts = events.column("timestamp").to_numpy()
-    return events.filter(pa.array(ts < cutoff_ts)), events.filter(pa.array(ts >= cutoff_ts))
-
-
-def clear_shards(out_dir: str) -> None:
-    """This layout is ours: drop the event shards of an earlier simulation in `out_dir`."""
-    for split in ("train", "eval"):
-        d = os.path.join(out_dir, "events", split)
-        os.makedirs(d, exist_ok=True)
-        for f in os.listdir(d):
-            if f.startswith("part-") and (f.endswith(".parquet") or f.endswith(".parquet.tmp")):
-                os.remove(os.path.join(d, f))
-
-
-def write_shards(table: pa.Table, directory: str, num_shards: int, seed: int) -> list[str]:
-    """Shuffle rows (so in-batch negatives are not all one user's session) and shard."""
-    os.makedirs(directory, exist_ok=True)
-    perm = np.random.default_rng(seed).permutation(table.num_rows)
-    table = table.take(pa.array(perm))
-    paths = []
-    for i, chunk in enumerate(np.array_split(np.arange(table.num_rows), num_shards)):
-        path = os.path.join(directory, f"part-{i:05d}.parquet")
-        pq.write_table(table.slice(int(chunk[0]), len(chunk)) if len(chunk) else table.slice(0, 0), path)
-        paths.append(path)
-    return paths
-
-
 def use_parallel(cfg: SimConfig, parallel: bool | None = None) -> bool:
     """The path `write_dataset` takes: forced by `parallel`, else by size."""
     if parallel is not None:
@@ -420,12 +392,6 @@ def _peak_rss_mb() -> float:
     return r / (1 << 20) if sys.platform == "darwin" else r / 1024
 
 
-def _write_atomic(table: pa.Table, path: str) -> None:
-    tmp = path + ".tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)  # a retried or killed task never leaves a half-written shard
-
-
 def _simulate_block(cfg_dict: dict, world: dict, block: int, lo: int, hi: int, req_counts: np.ndarray,
                     out_dir: str) -> dict:
     """One Ray task: simulate users [lo, hi), split by time, write its own train/eval shard."""
@@ -444,7 +410,7 @@ def _simulate_block(cfg_dict: dict, world: dict, block: int, lo: int, hi: int, r
         path = os.path.join(out_dir, "events", split, f"part-{block:05d}.parquet")
         if table.num_rows:  # an empty shard is not valid input (schema.check_parquet_files)
             # shuffle so in-batch negatives are not all one user's session
-            _write_atomic(table.take(pa.array(rng.permutation(table.num_rows))), path)
+            write_atomic(table.take(pa.array(rng.permutation(table.num_rows))), path)
             files[split] = 1
     counts.update(n_train_events=train.num_rows, n_eval_events=evaluation.num_rows,
                   n_train_files=files["train"], n_eval_files=files["eval"])
