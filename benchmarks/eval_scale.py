@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from raycg.data.features import FeatureSpec  # noqa: E402
+from raycg.data.spec import FeatureSpec  # noqa: E402
 from raycg.eval.evaluate import evaluate_checkpoint, format_table  # noqa: E402
 from raycg.model.two_tower import TwoTowerModel  # noqa: E402
 from raycg.report.grid import compose_run  # noqa: E402

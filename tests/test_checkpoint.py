@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from raycg.checksums import DamagedFileError, verify_checksums
-from raycg.data.features import FeatureSpec
+from raycg.data.spec import FeatureSpec
 from raycg.model.export import export_towers
 from raycg.model.two_tower import TwoTowerModel
 from raycg.model import checkpoint as ckpt_io

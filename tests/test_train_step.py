@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from raycg.data.batches import ItemTable
-from raycg.data.features import FeatureSpec
+from raycg.data.spec import FeatureSpec
 from raycg.model.two_tower import TwoTowerModel
 from raycg.model import checkpoint as ckpt_io
 from raycg.train.optim import build_optimizer

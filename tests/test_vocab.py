@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from raycg.data.features import FeatureSpec
+from raycg.data.spec import FeatureSpec
 from raycg.data.vocab import build_vocabularies, counts_by_attribute, select
 from raycg.model.export import export_towers, user_inputs
 from raycg.model.towers import VocabEmbedding

@@ -19,7 +19,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from raycg.data.features import FeatureSpec
+from raycg.data.spec import FeatureSpec
 from raycg.losses.objective import EAGER, LossKernels
 from raycg.model.two_tower import TwoTowerModel
 from raycg.model import checkpoint as ckpt_io
