@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from raycg.data.lookup import find_sorted
 from raycg.data.schema import CONVERSION_EVENTS
 
 N_STATS = 6
@@ -152,8 +153,7 @@ class UserTable:
         out = np.full((len(user_ids), values.shape[1]), missing, dtype=values.dtype)
         if len(self.user_id) == 0:
             return out
-        pos = np.searchsorted(self.user_id, user_ids).clip(0, len(self.user_id) - 1)
-        hit = self.user_id[pos] == user_ids
+        pos, hit = find_sorted(self.user_id, user_ids)
         out[hit] = values[pos[hit]]
         return out
 
