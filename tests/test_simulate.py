@@ -177,7 +177,7 @@ def test_exact_duplicate_events_are_dropped_and_counted_first_kept():
     not write that event twice (the data checks reject exact duplicates)."""
     import numpy as np
 
-    from raycg.data.simulate import _drop_exact_duplicates
+    from raycg.data.sim.events import _drop_exact_duplicates
 
     events = {
         "user_id": np.array([1, 2, 1, 1, 1, 3]),

@@ -30,7 +30,8 @@ from raycg.data.pipeline import (
     packed_training_dataset,
     validation_cutoff,
 )
-from raycg.data.simulate import DATA_FORMAT, SimConfig, write_dataset
+from raycg.data.sim.config import DATA_FORMAT
+from raycg.data.simulate import SimConfig, write_dataset
 from raycg.data.spec import FeatureSpec
 from raycg.data.vocab import build_vocabularies, store_counts
 from raycg.model.card import model_card, training_bytes
