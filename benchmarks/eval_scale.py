@@ -27,11 +27,11 @@ from omegaconf import OmegaConf
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from raycg.data.features import FeatureSpec  # noqa: E402
+from raycg.data.spec import FeatureSpec  # noqa: E402
 from raycg.eval.evaluate import evaluate_checkpoint, format_table  # noqa: E402
 from raycg.model.two_tower import TwoTowerModel  # noqa: E402
 from raycg.report.grid import compose_run  # noqa: E402
-from raycg.train.checkpoint import save  # noqa: E402
+from raycg.model.checkpoint import save  # noqa: E402
 from raycg.train.driver import build_trainer, ensure_data, init_ray, resolve_paths  # noqa: E402
 
 

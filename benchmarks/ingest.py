@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from raycg.data.batches import pack_events  # noqa: E402
-from raycg.data.features import FeatureSpec  # noqa: E402
+from raycg.data.spec import FeatureSpec  # noqa: E402
 from raycg.data.pipeline import auto_buckets, build_feature_store, packed_training_dataset, read_events  # noqa: E402
 from raycg.data.simulate import SimConfig, write_dataset  # noqa: E402
 from raycg.model.two_tower import TwoTowerModel  # noqa: E402

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from raycg.data.features import FeatureSpec  # noqa: E402
+from raycg.data.spec import FeatureSpec  # noqa: E402
 from raycg.model.two_tower import TwoTowerModel  # noqa: E402
 from raycg.train.optim import build_optimizer  # noqa: E402
 from raycg.train.step import StepContext, train_step  # noqa: E402

@@ -10,7 +10,7 @@ import sys
 from omegaconf import OmegaConf
 
 from raycg.eval.evaluate import evaluate_checkpoint, format_table, timing_line, write_results
-from raycg.train.checkpoint import load_model, evaluation_checkpoint
+from raycg.model.checkpoint import load_model, evaluation_checkpoint
 from raycg.train.driver import init_ray
 from raycg.train.runs import parse_overrides
 

@@ -2,8 +2,8 @@
 import sys
 
 from raycg.model.export import export_towers
-from raycg.train.checkpoint import load_model
-from raycg.train.checkpoint import evaluation_checkpoint
+from raycg.model.checkpoint import load_model
+from raycg.model.checkpoint import evaluation_checkpoint
 from raycg.train.runs import parse_overrides
 
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from raycg.checksums import DamagedFileError, verify_checksums
-from raycg.data.features import FeatureSpec
+from raycg.data.spec import FeatureSpec
 from raycg.model.export import export_towers
 from raycg.model.two_tower import TwoTowerModel
-from raycg.train import checkpoint as ckpt_io
+from raycg.model import checkpoint as ckpt_io
 from raycg.train.loop import forget_epochs_from
 
 CFG = {"cross": "parallel", "cross_layers": 1, "low_rank": None, "mlp_dims": [8], "head_dims": [8],

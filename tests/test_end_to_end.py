@@ -115,7 +115,7 @@ def test_eval_window_cannot_change_training_features(ray_session, small_data_dir
 
     import pyarrow.parquet as pq
 
-    from raycg.data.simulate import SIM_EVENT_SCHEMA
+    from raycg.data.sim.config import SIM_EVENT_SCHEMA
 
     # a copy of the dataset whose eval split has extra conversions for existing users/items
     other = tmp_path / "data"
@@ -148,7 +148,7 @@ def test_bad_shard_fails_clearly_or_is_quarantined_and_counted(ray_session, smal
 
     import pyarrow.parquet as pq
 
-    from raycg.data.simulate import SIM_EVENT_SCHEMA
+    from raycg.data.sim.config import SIM_EVENT_SCHEMA
 
     root = tmp_path / "data"
     shutil.copytree(small_data_dir, root)

@@ -3,7 +3,7 @@ import json
 
 import torch
 
-from raycg.data.features import FeatureSpec
+from raycg.data.spec import FeatureSpec
 from raycg.model.export import export_towers, user_inputs
 from raycg.model.two_tower import TwoTowerModel
 

@@ -215,7 +215,7 @@ def test_gradients_reach_all_parameters():
 
 
 def test_history_shares_the_item_towers_id_embedding():
-    from raycg.data.features import FeatureSpec
+    from raycg.data.spec import FeatureSpec
     from raycg.model.two_tower import TwoTowerModel
 
     cfg = {"cross": "parallel", "cross_layers": 1, "mlp_dims": [8], "head_dims": [8], "embedding_dim": 4,

@@ -12,7 +12,8 @@ from raycg.convert import main as convert_main
 from raycg.data.adapters import write_data_dir
 from raycg.data.batches import ItemTable
 from raycg.data.features import COUNT_KINDS
-from raycg.data.logmap import ConversionError, convert_log, hashed_id, load_mapping
+from raycg.data.hashing import hashed_id
+from raycg.data.logmap import ConversionError, convert_log, load_mapping
 
 T0 = 1_700_000_000  # 2023-11-14T22:13:20Z
 

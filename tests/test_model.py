@@ -86,7 +86,7 @@ def _model_cfg(structure):
 
 
 def _spec():
-    from raycg.data.features import FeatureSpec
+    from raycg.data.spec import FeatureSpec
 
     return FeatureSpec(user_dense=3, item_dense=5, history_length=4,
                        user_dense_mean=[0.5, 0.0, 1.0], user_dense_std=[2.0, 1.0, 1.0])

@@ -4,8 +4,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from raycg.data.datadir import time_split
 from raycg.data.schema import check_parquet_files
-from raycg.data.simulate import SimConfig, simulate, time_split, write_dataset
+from raycg.data.simulate import SimConfig, simulate, write_dataset
 
 SMALL = dict(n_users=800, n_items=600, n_advertisers=40, n_categories=12, requests_per_user=12)
 
@@ -176,7 +177,7 @@ def test_exact_duplicate_events_are_dropped_and_counted_first_kept():
     not write that event twice (the data checks reject exact duplicates)."""
     import numpy as np
 
-    from raycg.data.simulate import _drop_exact_duplicates
+    from raycg.data.sim.events import _drop_exact_duplicates
 
     events = {
         "user_id": np.array([1, 2, 1, 1, 1, 3]),

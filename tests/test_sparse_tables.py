@@ -184,7 +184,7 @@ def test_two_ddp_workers_train_sparse_tables_resume_and_evaluate(ray_session, ti
     import math
 
     from conftest import compose
-    from raycg.train import checkpoint as ckpt_io
+    from raycg.model import checkpoint as ckpt_io
     from raycg.train.driver import run
 
     overrides = ["data=sim_small", f"data.dir={tiny_data_dir}", f"paths.runs_dir={tmp_path}", "run_name=s",

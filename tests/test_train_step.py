@@ -13,9 +13,9 @@ import torch
 from omegaconf import OmegaConf
 
 from raycg.data.batches import ItemTable
-from raycg.data.features import FeatureSpec
+from raycg.data.spec import FeatureSpec
 from raycg.model.two_tower import TwoTowerModel
-from raycg.train import checkpoint as ckpt_io
+from raycg.model import checkpoint as ckpt_io
 from raycg.train.optim import build_optimizer
 from raycg.train.schedule import build_scheduler, lr_factor
 from raycg.train.step import StepContext, train_step

@@ -1,32 +1,17 @@
-"""A real Ray Tune sweep (tune/sweep.py): 2 trials of 1 epoch on the small simulated dataset."""
+"""A real Ray Tune sweep (raycg.tune.sweep, the logic of tune/sweep.py): 2 trials of 1 epoch on
+the small simulated dataset."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 import yaml
 
-from conftest import ROOT
-
-SWEEP_PY = os.path.join(ROOT, "tune", "sweep.py")
-
-
-def load_sweep_module():
-    """tune/sweep.py is a script, not a package module: load it from its path."""
-    name = "raycg_tune_sweep"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SWEEP_PY)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # before exec: the module registers itself for pickling by value
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+from raycg.tune import sweep
 
 
 def test_search_space_parsing():
-    sweep = load_sweep_module()
     cfg = sweep.compose_sweep(["tune.search_space.loss.t_max={type:grid,values:[30,120]}",
                                "~tune.search_space.loss.engagement_weight"])
     from omegaconf import OmegaConf
@@ -41,7 +26,6 @@ def test_search_space_parsing():
 
 
 def test_sweep_two_trials(ray_session, small_data_dir, tmp_path):
-    sweep = load_sweep_module()
     cfg = sweep.compose_sweep([
         "data=sim_small", f"data.dir={small_data_dir}", f"paths.runs_dir={tmp_path}",
         "trainer.epochs=1", "trainer.batch_size=512",

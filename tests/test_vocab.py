@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from raycg.data.features import FeatureSpec
+from raycg.data.spec import FeatureSpec
 from raycg.data.vocab import build_vocabularies, counts_by_attribute, select
 from raycg.model.export import export_towers, user_inputs
 from raycg.model.towers import VocabEmbedding
 from raycg.model.two_tower import TwoTowerModel
-from raycg.train.checkpoint import load_model, save
+from raycg.model.checkpoint import load_model, save
 
 BIG = 2**40 + 3  # a sparse 64-bit id
 

@@ -34,18 +34,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raycg.data.datadir import time_split, write_shards
+from raycg.data.hashing import hashed_id
 from raycg.data.logmap import (  # noqa: F401  (re-exported: the adapters' public names)
     CONTENT_DIM,
     ConversionError,
     convert_log,
-    hashed_id,
     load_mapping,
     session_durations,
-    stable_hash,
     type_counts,
 )
 from raycg.data.schema import CONVERSION_EVENTS, ITEM_COLUMNS, check_parquet_files, check_values, event_columns
-from raycg.data.simulate import time_split, write_shards
 
 UNKNOWN_ADVERTISER = 0  # REES46 rows without a brand
 

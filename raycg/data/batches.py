@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from raycg.data.lookup import find_sorted
 from raycg.data.schema import (
     CONVERSION_EVENTS,
     ITEM_COLUMNS,
@@ -77,8 +78,7 @@ class ItemTable:
 
         full = np.zeros((len(self.item_id), len(COUNT_KINDS)), dtype=np.int64)
         if len(ids):
-            pos = np.searchsorted(self.item_id, ids).clip(0, len(self.item_id) - 1)
-            hit = self.item_id[pos] == ids
+            pos, hit = find_sorted(self.item_id, ids)
             full[pos[hit]] = counts[hit]
         dense = np.concatenate([self.dense[:, :self.content_dim], stats_from_counts(full)], axis=1)
         return ItemTable(self.item_id, self.cat, dense, self.source, self.content_dim, self.cat_names)
@@ -86,8 +86,7 @@ class ItemTable:
     def content_of(self, item_ids: np.ndarray) -> np.ndarray:
         """Content embedding [B, D] of each id; zeros for -1 or ids not in the table."""
         out = np.zeros((len(item_ids), self.content_dim), dtype=np.float32)
-        pos = np.searchsorted(self.item_id, item_ids).clip(0, len(self.item_id) - 1)
-        hit = self.item_id[pos] == item_ids
+        pos, hit = find_sorted(self.item_id, item_ids)
         out[hit] = self.dense[pos[hit], :self.content_dim]
         return out
 
@@ -134,9 +133,8 @@ class ItemTable:
 
     def rows(self, item_ids: np.ndarray, source: str) -> np.ndarray:
         """Row index of each id; unknown ids are an input error."""
-        pos = np.searchsorted(self.item_id, item_ids)
-        pos = np.clip(pos, 0, len(self.item_id) - 1)
-        missing = self.item_id[pos] != item_ids
+        pos, found = find_sorted(self.item_id, item_ids)
+        missing = ~found
         if missing.any():
             raise EventSchemaError(
                 f"{source}: column 'item_id' has {int(missing.sum())} of {len(item_ids)} rows "
@@ -215,8 +213,8 @@ def quarantine_rows(table: pa.Table, store: FeatureStore, quarantine_dir: str,
     for p in problems:
         reason[(reason == "") & p.mask] = f"{p.column}:{p.reason}"
     item_ids = table.column("item_id").fill_null(-1).to_numpy().astype(np.int64)
-    pos = np.searchsorted(store.items.item_id, item_ids).clip(0, len(store.items.item_id) - 1)
-    reason[(reason == "") & (store.items.item_id[pos] != item_ids)] = "item_id:not_in_item_table"
+    _, known = find_sorted(store.items.item_id, item_ids)
+    reason[(reason == "") & ~known] = "item_id:not_in_item_table"
     bad = reason != ""
     if not bad.any():
         return table

@@ -13,43 +13,22 @@ Tower inputs (see raycg.data.batches):
     item_dense = [item content embedding (D), item stats (6)]
 
 Normalisation statistics (mean, std of every dense column over the packed training
-examples) are computed by Ray Data too, kept in `FeatureSpec`, and become buffers of the
-towers, so checkpoints and exports carry them.
+examples) are computed by Ray Data too, kept in `FeatureSpec` (raycg.data.spec), and become
+buffers of the towers, so checkpoints and exports carry them.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from raycg.data.lookup import find_sorted
 from raycg.data.schema import CONVERSION_EVENTS
 
 N_STATS = 6
 COUNT_KINDS = ("impression", "click", "save", "conversion")
-
-
-@dataclass
-class FeatureSpec:
-    """Column names of the categorical inputs (bucket names) and dense widths + stats."""
-
-    user_cat: list[str] = field(default_factory=lambda: ["user", "surface", "context_item", "query"])
-    item_cat: list[str] = field(default_factory=lambda: ["item", "advertiser", "category"])
-    user_dense: int = 0
-    item_dense: int = 0
-    user_dense_mean: list[float] | None = None
-    user_dense_std: list[float] | None = None
-    item_dense_mean: list[float] | None = None
-    item_dense_std: list[float] | None = None
-    history_length: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FeatureSpec":
-        return cls(**d)
 
 
 def stats_from_counts(counts: np.ndarray) -> np.ndarray:
@@ -174,8 +153,7 @@ class UserTable:
         out = np.full((len(user_ids), values.shape[1]), missing, dtype=values.dtype)
         if len(self.user_id) == 0:
             return out
-        pos = np.searchsorted(self.user_id, user_ids).clip(0, len(self.user_id) - 1)
-        hit = self.user_id[pos] == user_ids
+        pos, hit = find_sorted(self.user_id, user_ids)
         out[hit] = values[pos[hit]]
         return out
 

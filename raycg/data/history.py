@@ -41,6 +41,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from raycg.data.lookup import find_sorted
+
 ACTION_CODES = {"click": 1, "save": 2, "add_to_cart": 3, "checkout": 4}  # 0 = padding
 NUM_ACTION_CODES = len(ACTION_CODES) + 1
 _COLUMNS = ["user_id", "item_id", "event_type", "timestamp"]
@@ -113,8 +115,7 @@ class HistoryIndex:
         actions = np.zeros((b, length), dtype=np.int64)
         if len(self.users) == 0 or length == 0 or b == 0:
             return items, actions
-        rank = np.searchsorted(self.users, user_ids).clip(0, len(self.users) - 1)
-        known = self.users[rank] == user_ids
+        rank, known = find_sorted(self.users, user_ids)
         # t - ts_min clipped to [0, span]: rank * span + span is the next user's first key, so
         # side="left" still stops at the end of this user's events for t > ts_max.
         q = rank * self.span + np.clip(timestamps - self.ts_min, 0, self.span)

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from raycg.data.batches import ItemTable
+from raycg.data.lookup import find_sorted
 
 
 @dataclass
@@ -55,8 +56,7 @@ class ImpressionIndex:
         out = np.full((len(user_ids), k), -1, dtype=np.int64)
         if len(self.users) == 0 or k == 0:
             return out
-        pos = np.searchsorted(self.users, user_ids).clip(0, len(self.users) - 1)
-        has = self.users[pos] == user_ids
+        pos, has = find_sorted(self.users, user_ids)
         start, count = self.offsets[pos][has], np.diff(self.offsets)[pos][has]
         draw = (rng.random((int(has.sum()), k)) * count[:, None]).astype(np.int64)
         out[has] = self.item_rows[start[:, None] + draw]

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from raycg.data.lookup import find_sorted
+
 
 def select(ids: np.ndarray, counts: np.ndarray, min_count: int = 1, max_size: int | None = None) -> np.ndarray:
     """Sorted ids with count >= min_count (ids < 0 mean "missing" and never enter), the
@@ -35,8 +37,7 @@ def counts_by_attribute(keys: np.ndarray, key_counts: np.ndarray, table_keys: np
     (e.g. items -> their advertiser). Keys missing from the table are ignored."""
     if not len(keys) or not len(table_keys):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    pos = np.searchsorted(table_keys, keys).clip(0, len(table_keys) - 1)
-    hit = table_keys[pos] == keys
+    pos, hit = find_sorted(table_keys, keys)
     values, inv = np.unique(table_values[pos[hit]], return_inverse=True)
     return values, np.bincount(inv.reshape(-1), weights=key_counts[hit]).astype(np.int64)
 

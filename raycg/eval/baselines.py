@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
 
+from raycg.data.lookup import find_sorted
 from raycg.eval.queries import TASKS
 from raycg.eval.recall import exact_top_k
 
@@ -21,8 +22,7 @@ from raycg.eval.recall import exact_top_k
 def _task_rows(train_events: pa.Table, event_types, corpus_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(mask of events of these types whose item is in the corpus, corpus row of every event)."""
     items = train_events.column("item_id").to_numpy()
-    row = np.searchsorted(corpus_ids, items).clip(0, len(corpus_ids) - 1)
-    known = corpus_ids[row] == items
+    row, known = find_sorted(corpus_ids, items)
     mask = np.asarray(pc.is_in(train_events.column("event_type"), value_set=pa.array(list(event_types)))) & known
     return mask, row
 
@@ -104,8 +104,7 @@ class ALSBaseline:
         """([Q, k] item ids, search seconds): exact inner-product search of the user factors."""
         query_user_ids = np.asarray(query_user_ids)
         k = min(k, len(self.corpus_ids))
-        row = np.searchsorted(self.user_ids, query_user_ids).clip(0, max(len(self.user_ids) - 1, 0))
-        known = self.user_ids[row] == query_user_ids
+        row, known = find_sorted(self.user_ids, query_user_ids)
         out = np.broadcast_to(self.fallback[:k], (len(query_user_ids), k)).copy()
         secs = 0.0
         if known.any():

@@ -11,7 +11,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from raycg.train.checkpoint import load_model
+from raycg.model.checkpoint import load_model
 
 
 class _Embedder:

@@ -16,31 +16,14 @@ import torch
 from raycg.data.history import HistoryIndex
 from raycg.data.pipeline import checked_events, event_files, feature_store_from_config, validation_cutoff
 
-from raycg.eval.baselines import ALSBaseline, popularity_ranking, surface_popularity_rankings
 from raycg.eval.embed import embed_corpus, embed_queries
 from raycg.eval.queries import TASKS, build_queries, drop_cold, drop_cold_positives, read_event_columns
-from raycg.eval.recall import exact_top_k, recall_report
+from raycg.eval.recall import recall_report
 from raycg.eval.reengagement import EngagementTimeline
+from raycg.eval.retrievers import ModelRetriever, Queries, Retriever, TrainingWindow, build_baselines
 
 
-BASELINES = ("popularity", "popularity_surface", "recent_engaged", "als_engagement", "als_conversion")
 PARTS = ("repeat", "novel")  # positives the user acted on before the query time, and the others
-
-
-def _fit_baselines(names: list[str], train_events, corpus_ids: np.ndarray, eval_cfg: dict, seed: int, log) -> dict:
-    unknown = sorted(set(names) - set(BASELINES))
-    if unknown:
-        raise ValueError(f"eval.baselines: unknown {unknown}; choose from {list(BASELINES)}")
-    fitted = {}
-    for name in names:
-        if name.startswith("als_"):
-            t0 = time.perf_counter()
-            als = ALSBaseline.fit(train_events, name[len("als_"):], corpus_ids, seed=seed,
-                                  **{k: v for k, v in (eval_cfg.get("als") or {}).items()})
-            fitted[name] = als
-            log(f"[raycg] eval: {name}: ALS on {als.n_interactions:,} training user-item pairs, "
-                f"{len(als.user_ids):,} users ({time.perf_counter() - t0:.1f}s)")
-    return fitted
 
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -64,7 +47,8 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
     """Features come from the training split exactly as for training (`store`, the training
     run's FeatureStore, or rebuilt when None); the history index also sees the eval split
     (lookups only use events strictly before each query). Baselines (`eval.baselines`) are
-    fitted on the same training split and scored on the same queries.
+    fitted on the same training split; the model and they are retrievers
+    (raycg.eval.retrievers), scored on the same queries by `score_retrievers`.
 
     The eval split is value-checked like the training split (`checked_events`; bad rows fail
     the run, or go to `quarantine_dir` with `data.on_bad_rows=quarantine`); `eval_split` =
@@ -73,7 +57,6 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
     ks = sorted(int(k) for k in eval_cfg["ks"])
     embed_gpu, search_device = eval_devices(eval_cfg.get("device", "auto"))
     baselines = list(eval_cfg.get("baselines", ["popularity"]))
-    methods = ["model", *baselines]
     t_start = time.perf_counter()
     if store is None:  # as the training run built it: stats from before its validation window
         store = feature_store_from_config(data_cfg, before_ts=validation_cutoff(
@@ -102,13 +85,43 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
             f"{len(corpus_ids) - len(known_items):,} items without a training-split event are left out "
             "(eval.cold_items=auto; they are in the corpus only because they are engaged later)")
     t_base = time.perf_counter()
-    fitted = _fit_baselines(baselines, train_events, corpus_ids, eval_cfg, seed, log)
+    window = TrainingWindow(train_events, corpus_ids, timeline, eval_cfg, seed, search_device, log)
+    retrievers = build_baselines(baselines, window)
     baseline_s = time.perf_counter() - t_base
-    results: dict = {"ks": ks, "n_items": int(len(corpus_ids)), "methods": methods, "n_queries": {},
-                     "eval_rows": eval_rows, "repeat_share": {}, "cold_dropped": {},
-                     "detail": {m: {} for m in methods}, "als_coverage": {}, **{m: {} for m in methods}}
+
+    def embed(queries):  # the query tower, Ray Data batch inference
+        return embed_queries(queries, checkpoint_dir, store_ref, eval_cfg["query_batch_size"], use_gpu=embed_gpu)
+
+    model = ModelRetriever(corpus_ids, item_emb, embed, eval_cfg["query_batch_size"], eval_cfg.get("faiss_threads"),
+                           search_device)
     adv_of = store.items.cat[:, 1][np.searchsorted(store.items.item_id, corpus_ids)]  # advertiser per corpus row
-    search_s = 0.0
+    results, seconds = score_retrievers([model, *retrievers], eval_events, ks, corpus_ids, adv_of, timeline,
+                                        known_items, log)
+    results["eval_rows"] = eval_rows
+    # baselines and recall scoring: fitting, then every retriever's ranking and scoring but the model's
+    baseline_s += seconds["scoring"] - seconds["retrieve"][model.name]
+    results["seconds"] = {"total": time.perf_counter() - t_start, "search": model.search_s,
+                          "scoring_and_baselines": baseline_s}
+    results["search_backend"] = "faiss" if search_device == "cpu" else f"torch ({search_device})"
+    return results
+
+
+def score_retrievers(retrievers: list[Retriever], eval_events, ks: list[int], corpus_ids: np.ndarray,
+                     adv_of: np.ndarray, timeline: EngagementTimeline, known_items: np.ndarray | None = None,
+                     log=print) -> tuple[dict, dict]:
+    """Every retriever on the same queries of each task (raycg.eval.queries.build_queries):
+    recall@K with bootstrap intervals and per surface, for repeat and novel positives apart
+    (`timeline`), and for conversions at the advertiser level (`adv_of`: the advertiser of
+    each corpus row). `known_items`: positives on other items are left out (eval.cold_items).
+
+    Returns (results, seconds): results as in eval.json (one block per retriever name);
+    seconds = {"retrieve": time in each retriever's `retrieve`, "scoring": retrieving and
+    scoring altogether}."""
+    methods = [r.name for r in retrievers]
+    results: dict = {"ks": ks, "n_items": int(len(corpus_ids)), "methods": methods, "n_queries": {},
+                     "repeat_share": {}, "cold_dropped": {},
+                     "detail": {m: {} for m in methods}, "als_coverage": {}, **{m: {} for m in methods}}
+    seconds = {"retrieve": {m: 0.0 for m in methods}, "scoring": 0.0}
     K = max(ks)
     for task in TASKS:
         queries, positives = build_queries(eval_events, task)
@@ -118,14 +131,9 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
         if not positives:
             log(f"[raycg] eval: no {task} queries in the eval split")
             continue
-        log(f"[raycg] eval: {task}: {len(positives):,} queries, exact search over {len(corpus_ids):,} items")
-        q_emb = embed_queries(queries, checkpoint_dir, store_ref, eval_cfg["query_batch_size"], use_gpu=embed_gpu)
-        top_rows, secs = exact_top_k(item_emb, q_emb, K, eval_cfg["query_batch_size"], eval_cfg.get("faiss_threads"),
-                                     search_device)
-        search_s += secs
-        surfaces = queries.column("surface").to_numpy(zero_copy_only=False).astype(str)
-        users = queries.column("user_id").to_numpy()
-        times = queries.column("timestamp").to_numpy()
+        log(f"[raycg] eval: {task}: {len(positives):,} queries over {len(corpus_ids):,} items, {len(methods)} methods")
+        batch = Queries.of(task, queries)
+        surfaces, users, times = batch.surfaces, batch.users, batch.times
         adv_pos = [np.unique(adv_of[np.searchsorted(corpus_ids, p)]) for p in positives]
         repeat = timeline.repeat_masks(users, times, positives)
         n_pos = sum(len(p) for p in positives)
@@ -138,23 +146,14 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
             results["n_queries"][f"{task}_{part}"] = len(idx)
         log(f"[raycg] eval: {task}: {100 * results['repeat_share'][task]:.1f}% of positives are repeat (the user "
             f"acted on the item before the query time)")
-        t_base = time.perf_counter()
-        for method in methods:
-            if method == "model":
-                top = corpus_ids[top_rows]
-            elif method == "popularity":
-                pop = popularity_ranking(train_events, task, corpus_ids, K)
-                top = np.broadcast_to(pop, (len(positives), len(pop)))
-            elif method == "recent_engaged":
-                top = timeline.recent_engaged(users, times, K, popularity_ranking(train_events, task, corpus_ids, K))
-            elif method == "popularity_surface":
-                per_surface = surface_popularity_rankings(train_events, task, corpus_ids, K, surfaces)
-                names = sorted(per_surface)
-                top = np.stack([per_surface[n] for n in names])[np.searchsorted(names, surfaces)]
-            else:
-                top, _ = fitted[method].top_k(users, K, eval_cfg["query_batch_size"], eval_cfg.get("faiss_threads"),
-                                              search_device)
-                results["als_coverage"].setdefault(method, {})[task] = fitted[method].coverage(users)
+        t_task = time.perf_counter()
+        for retriever in retrievers:
+            method = retriever.name
+            t0 = time.perf_counter()
+            top = retriever.retrieve(batch, K)
+            seconds["retrieve"][method] += time.perf_counter() - t0
+            if hasattr(retriever, "coverage"):
+                results["als_coverage"].setdefault(method, {})[task] = retriever.coverage(batch)
             report = recall_report(top, positives, ks, groups=surfaces)
             results[method][task] = {k: v["mean"] for k, v in report.items()}
             results["detail"][method][task] = report
@@ -171,12 +170,8 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
             del top
         if task == "conversion":
             results["n_queries"]["conversion_advertiser"] = len(adv_pos)
-        baseline_s += time.perf_counter() - t_base
-    results["seconds"] = {"total": time.perf_counter() - t_start, "search": search_s,
-                          "scoring_and_baselines": baseline_s}
-    results["search_backend"] = "faiss" if search_device == "cpu" else f"torch ({search_device})"
-    return results
-
+        seconds["scoring"] += time.perf_counter() - t_task
+    return results, seconds
 
 def timing_line(results: dict, path: str) -> str:
     sec = results["seconds"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from raycg.data.history import HistoryIndex
+from raycg.data.lookup import find_sorted
 
 NEVER = np.iinfo(np.int64).max
 
@@ -42,12 +43,11 @@ class EngagementTimeline:
         out = np.full(len(users), NEVER, dtype=np.int64)
         if len(self.pair_key) == 0 or len(users) == 0:
             return out
-        u = np.searchsorted(self.history.users, users).clip(0, len(self.history.users) - 1)
-        i = np.searchsorted(self.items, items).clip(0, len(self.items) - 1)
-        ok = (self.history.users[u] == users) & (self.items[i] == items)
+        u, user_known = find_sorted(self.history.users, users)
+        i, item_known = find_sorted(self.items, items)
         key = u * len(self.items) + i
-        j = np.searchsorted(self.pair_key, key).clip(0, len(self.pair_key) - 1)
-        ok &= self.pair_key[j] == key
+        j, pair_known = find_sorted(self.pair_key, key)
+        ok = user_known & item_known & pair_known
         out[ok] = self.pair_first_ts[j[ok]]
         return out
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raycg.data.lookup import find_sorted_torch
 from raycg.model.cross import CrossNetwork
 from raycg.model.mlp import MLP
 
@@ -121,8 +122,8 @@ class VocabEmbedding(nn.Module):
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         oov = ids.remainder(self.oov_buckets) + 1
         if self.vocab.numel():
-            pos = torch.searchsorted(self.vocab, ids.contiguous()).clamp_(max=self.vocab.numel() - 1)
-            row = torch.where(self.vocab[pos] == ids, pos + 1 + self.oov_buckets, oov)
+            pos, hit = find_sorted_torch(self.vocab, ids)
+            row = torch.where(hit, pos + 1 + self.oov_buckets, oov)
         else:
             row = oov
         return torch.where(ids < 0, torch.zeros_like(ids), row)

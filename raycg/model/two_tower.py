@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from raycg.data.features import FeatureSpec
+from raycg.data.spec import FeatureSpec
 from raycg.model.towers import Tower
 
 

@@ -42,6 +42,24 @@ class Grid:
         return grid
 
 
+def prepare_source(grid: Grid, out_dir: str, log=print) -> list[str] | None:
+    """Extra overrides for a grid on a converted real log; None when the source is absent."""
+    if not grid.source_csv:
+        return []
+    csv = os.path.abspath(os.path.expandvars(grid.source_csv))
+    if not os.path.exists(csv):
+        return None
+    data_dir = os.path.abspath(os.path.join(out_dir, "data", grid.name))
+    if not os.path.exists(os.path.join(data_dir, "meta.json")):
+        from raycg.data.adapters import write_data_dir
+        from raycg.data.logmap import convert_log
+
+        mapping = grid.source_format or grid.name
+        log(f"[raycg.report] {grid.name}: converting {csv} ({mapping}) -> {data_dir}")
+        write_data_dir(convert_log(csv, mapping), data_dir)
+    return [f"data.dir={data_dir}"]
+
+
 def compose_run(overrides: list[str]):
     """The config `python -m raycg.train <overrides>` would run with."""
     from hydra import compose, initialize_config_dir

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from raycg.data.features import FeatureSpec, dense_moments
+from raycg.data.features import dense_moments
 from raycg.data.pipeline import (
     auto_buckets,
     checked_events,
@@ -30,11 +30,13 @@ from raycg.data.pipeline import (
     packed_training_dataset,
     validation_cutoff,
 )
-from raycg.data.simulate import DATA_FORMAT, SimConfig, write_dataset
+from raycg.data.sim.config import DATA_FORMAT
+from raycg.data.simulate import SimConfig, write_dataset
+from raycg.data.spec import FeatureSpec
 from raycg.data.vocab import build_vocabularies, store_counts
 from raycg.model.card import model_card, training_bytes
 from raycg.model.export import export_towers
-from raycg.train.checkpoint import load_model
+from raycg.model.checkpoint import load_model
 from raycg.model.two_tower import TwoTowerModel
 from raycg.eval.evaluate import evaluate_checkpoint, format_table, timing_line, write_results
 from raycg.eval.queries import drop_cold

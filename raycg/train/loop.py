@@ -19,10 +19,10 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from raycg.data.features import FeatureSpec
+from raycg.data.spec import FeatureSpec
 from raycg.losses.objective import EAGER, LossKernels
 from raycg.model.two_tower import TwoTowerModel
-from raycg.train import checkpoint as ckpt_io
+from raycg.model import checkpoint as ckpt_io
 from raycg.train.feed import ThreadFeed
 from raycg.train.ingest import ProcessFeed
 from raycg.train.optim import (GRAD_SYNCS, DenseGradSync, SparseGradSync, broadcast_parameters, build_optimizer,
@@ -39,7 +39,7 @@ def say(msg: str) -> None:
 
 
 def resume_state(checkpoint, run_dir: str, rank: int) -> dict | None:
-    """The state of Ray's latest checkpoint, or, when that one is damaged (raycg.train.checkpoint
+    """The state of Ray's latest checkpoint, or, when that one is damaged (raycg.model.checkpoint
     verifies checksums), of the newest intact checkpoint of the run, saying so."""
     if checkpoint is None:
         return None

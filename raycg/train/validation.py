@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import torch
 
+from raycg.data.lookup import find_sorted
 from raycg.data.schema import find_problems, event_columns
 from raycg.eval.queries import TASKS, build_queries, drop_cold_positives
 from raycg.eval.recall import recall_at_k, torch_top_k
@@ -52,8 +53,7 @@ class ValidationSet:
         for p in find_problems(table, event_columns(table.column_names)):
             bad |= p.mask
         ids = table.column("item_id").fill_null(-1).to_numpy().astype(np.int64)
-        pos = np.searchsorted(store.items.item_id, ids).clip(0, len(store.items.item_id) - 1)
-        bad |= store.items.item_id[pos] != ids
+        bad |= ~find_sorted(store.items.item_id, ids)[1]
         table = table.filter(pa.array(~bad))
         out = cls(item_ids=store.items.item_id, items=store.items.pack(), rows=table.num_rows)
         for task in TASKS:

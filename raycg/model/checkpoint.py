@@ -21,7 +21,7 @@ import os
 import torch
 
 from raycg.checksums import DamagedFileError, verify_checksums, write_checksums
-from raycg.data.features import FeatureSpec
+from raycg.data.spec import FeatureSpec
 from raycg.model.two_tower import TwoTowerModel
 
 CHECKPOINT_FILES = ["model.pt", "meta.json"]

@@ -1,0 +1,175 @@
+"""What evaluation ranks with: the model and every baseline behind one small interface.
+
+A retriever answers one task's queries with item ids, best first:
+
+    class Retriever(Protocol):
+        name: str                                           # its row in eval.json and the tables
+        def retrieve(self, queries: Queries, k: int) -> np.ndarray: ...   # [len(queries), k] ids
+
+`raycg.eval.evaluate` builds the model's retriever and the baselines named in
+`eval.baselines` (`build_baselines`) and scores them all on the same queries in the same way
+(`score_retrievers`). A retriever that falls back to something else for some queries may
+also have `coverage(queries) -> float` (the share it answers itself), reported in eval.json
+under `als_coverage`.
+
+Adding a baseline: a class with `name` and `retrieve` (the ranking itself can live in
+raycg.eval.baselines), and an entry in `BASELINES`: name -> factory(`TrainingWindow`) ->
+retriever. Then `eval.baselines=[popularity,<name>]` scores it next to the model.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+import pyarrow as pa
+
+from raycg.eval.baselines import ALSBaseline, popularity_ranking, surface_popularity_rankings
+from raycg.eval.recall import exact_top_k
+from raycg.eval.reengagement import EngagementTimeline
+
+
+@dataclass
+class Queries:
+    """One task's evaluation queries, as every retriever sees them."""
+
+    task: str  # conversion | engagement (raycg.eval.queries.TASKS)
+    table: pa.Table  # QUERY_KEYS + timestamp, one row per query (raycg.eval.queries.build_queries)
+    users: np.ndarray
+    times: np.ndarray
+    surfaces: np.ndarray  # str
+
+    @classmethod
+    def of(cls, task: str, table: pa.Table) -> "Queries":
+        return cls(task, table, users=table.column("user_id").to_numpy(),
+                   times=table.column("timestamp").to_numpy(),
+                   surfaces=table.column("surface").to_numpy(zero_copy_only=False).astype(str))
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+
+class Retriever(Protocol):
+    name: str
+
+    def retrieve(self, queries: Queries, k: int) -> np.ndarray:
+        """[len(queries), k] item ids (of the corpus), best first."""
+        ...
+
+
+@dataclass
+class TrainingWindow:
+    """What baselines are fitted on: the training split's events (user_id, item_id,
+    event_type, surface), the item corpus (sorted ids), the action timeline (training and
+    evaluation events; lookups only see the past) and the `eval` settings."""
+
+    events: pa.Table
+    corpus_ids: np.ndarray
+    timeline: EngagementTimeline
+    eval_cfg: dict
+    seed: int = 0
+    device: str = "cpu"  # of exact top-K searches (raycg.eval.recall.exact_top_k)
+    log: Callable[[str], None] = print
+
+
+class ModelRetriever:
+    """The two-tower model: each query embedded by `embed(queries.table)` (Ray Data batch
+    inference in evaluation), exact inner-product top-K over the item embeddings."""
+
+    name = "model"
+
+    def __init__(self, corpus_ids: np.ndarray, item_emb: np.ndarray, embed: Callable[[pa.Table], np.ndarray],
+                 batch_size: int, threads: int | None = None, device: str = "cpu"):
+        self.corpus_ids, self.item_emb, self.embed = corpus_ids, item_emb, embed
+        self.batch_size, self.threads, self.device = batch_size, threads, device
+        self.search_s = 0.0  # exact search time so far (the embedding excluded)
+
+    def retrieve(self, queries: Queries, k: int) -> np.ndarray:
+        q_emb = self.embed(queries.table)
+        top_rows, secs = exact_top_k(self.item_emb, q_emb, k, self.batch_size, self.threads, self.device)
+        self.search_s += secs
+        return self.corpus_ids[top_rows]
+
+
+class Popularity:
+    """One global ranking by training-window count of the task's events."""
+
+    name = "popularity"
+
+    def __init__(self, window: TrainingWindow):
+        self.window = window
+
+    def retrieve(self, queries: Queries, k: int) -> np.ndarray:
+        pop = popularity_ranking(self.window.events, queries.task, self.window.corpus_ids, k)
+        return np.broadcast_to(pop, (len(queries), len(pop)))
+
+
+class SurfacePopularity:
+    """A popularity ranking per surface (search / home feed / related item)."""
+
+    name = "popularity_surface"
+
+    def __init__(self, window: TrainingWindow):
+        self.window = window
+
+    def retrieve(self, queries: Queries, k: int) -> np.ndarray:
+        per_surface = surface_popularity_rankings(self.window.events, queries.task, self.window.corpus_ids, k,
+                                                  queries.surfaces)
+        names = sorted(per_surface)
+        return np.stack([per_surface[n] for n in names])[np.searchsorted(names, queries.surfaces)]
+
+
+class RecentEngaged:
+    """Re-engagement: the user's distinct items among the last k actions before the query
+    time (raycg.eval.reengagement), then the task's popularity ranking."""
+
+    name = "recent_engaged"
+
+    def __init__(self, window: TrainingWindow):
+        self.window = window
+
+    def retrieve(self, queries: Queries, k: int) -> np.ndarray:
+        w = self.window
+        return w.timeline.recent_engaged(queries.users, queries.times, k,
+                                         popularity_ranking(w.events, queries.task, w.corpus_ids, k))
+
+
+class ALSRetriever:
+    """Implicit ALS (raycg.eval.baselines.ALSBaseline) fitted on one kind of training events
+    (`als_conversion`, `als_engagement`); users without such events get its popularity."""
+
+    def __init__(self, window: TrainingWindow, kind: str):
+        self.name = f"als_{kind}"
+        t0 = time.perf_counter()
+        self.als = ALSBaseline.fit(window.events, kind, window.corpus_ids, seed=window.seed,
+                                   **{k: v for k, v in (window.eval_cfg.get("als") or {}).items()})
+        window.log(f"[raycg] eval: {self.name}: ALS on {self.als.n_interactions:,} training user-item pairs, "
+                   f"{len(self.als.user_ids):,} users ({time.perf_counter() - t0:.1f}s)")
+        self.batch_size, self.threads = window.eval_cfg["query_batch_size"], window.eval_cfg.get("faiss_threads")
+        self.device = window.device
+
+    def retrieve(self, queries: Queries, k: int) -> np.ndarray:
+        top, _ = self.als.top_k(queries.users, k, self.batch_size, self.threads, self.device)
+        return top
+
+    def coverage(self, queries: Queries) -> float:
+        return self.als.coverage(queries.users)
+
+
+# eval.baselines name -> factory; the order is the order of the error message's choices
+BASELINES: dict[str, Callable[[TrainingWindow], Retriever]] = {
+    "popularity": Popularity,
+    "popularity_surface": SurfacePopularity,
+    "recent_engaged": RecentEngaged,
+    "als_engagement": lambda window: ALSRetriever(window, "engagement"),
+    "als_conversion": lambda window: ALSRetriever(window, "conversion"),
+}
+
+
+def build_baselines(names: list[str], window: TrainingWindow) -> list[Retriever]:
+    """The retrievers of `eval.baselines`, fitted on `window`, in the order named."""
+    unknown = sorted(set(names) - set(BASELINES))
+    if unknown:
+        raise ValueError(f"eval.baselines: unknown {unknown}; choose from {list(BASELINES)}")
+    return [BASELINES[name](window) for name in names]

@@ -1,0 +1,178 @@
+"""The report document: every grid's runs -> README.md (tables, plots, configs) and the
+published copy (`publish=PATH`, keeping its hand-written discussion). `python -m raycg.report`
+(raycg/report/__main__.py) parses the arguments and calls `write_report`."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+
+from raycg.report.grid import Grid, prepare_source, run_grid
+from raycg.report.plots import save_plots
+from raycg.report.summary import claims_table, delta_table, recall_table, surface_table
+
+DISCUSSION = ("<!-- discussion -->", "<!-- /discussion -->")
+
+
+def machine() -> str:
+    import ray
+    import torch
+
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, no GPU used; {platform.system()} "
+            f"{platform.release()}; Python {platform.python_version()}, torch {torch.__version__}, "
+            f"Ray {ray.__version__}")
+
+
+def grid_section(grid: Grid, records: list[dict], plots: list[str], link_dir: str, seeds: int) -> str:
+    variants = list(grid.variants)
+    ref = [r for r in records if r["variant"] == grid.reference]
+    ev = ref[0]["eval"]
+    ks = [int(k) for k in ev["ks"]]
+    k_small, k_big = (100 if 100 in ks else ks[0]), ks[-1]
+    columns = [("conversion", k_small), ("conversion", k_big), ("engagement", k_small), ("engagement", k_big),
+               ("conversion_advertiser", k_small)]
+    nq = ev["n_queries"]
+    minutes = sum(r["seconds"] for r in records) / 60
+    cov = ev.get("als_coverage", {})
+    cov_txt = "; ".join(f"{m}: {100 * c.get('conversion', 0):.0f}% of conversion queries, "
+                        f"{100 * c.get('engagement', 0):.0f}% of engagement queries" for m, c in cov.items())
+    parts = [
+        f"## {grid.title}",
+        "",
+        f"- **Runs:** {len(variants)} variants x {seeds} seeds = {len(records)} training runs, each "
+        f"`python -m raycg.train {' '.join(grid.base)} <variant overrides> seed=<s>` "
+        f"(Ray Train, 2 workers). Total run time {minutes:.1f} min, "
+        f"{minutes * 60 / max(len(records), 1):.0f} s per run.",
+        f"- **Evaluation:** exact faiss inner-product search over all {ev['n_items']:,} items; "
+        f"{nq.get('conversion', 0):,} conversion queries, {nq.get('engagement', 0):,} engagement queries "
+        f"(held-out window). Baselines are fitted on the same training window and scored on the same queries.",
+        f"- **ALS coverage** (queries whose user has training interactions of that kind; the rest get "
+        f"that kind's popularity): {cov_txt or 'n/a'}.",
+        "",
+        f"### Recall (mean over seeds [95% interval over seeds])",
+        "",
+        recall_table(records, variants, grid.reference, columns),
+        "",
+        f"### Novel vs repeat positives (recall@{k_small})",
+        "",
+        "A positive is *repeat* when the user acted on the item before the query time "
+        f"({100 * ev.get('repeat_share', {}).get('conversion', float('nan')):.0f}% of conversion and "
+        f"{100 * ev.get('repeat_share', {}).get('engagement', float('nan')):.0f}% of engagement positives "
+        "here); the re-engagement baseline owns those by construction. The model's job is the novel ones.",
+        "",
+        recall_table(records, variants, grid.reference,
+                     [(t, k_small) for t in ("conversion_novel", "conversion_repeat", "engagement_novel",
+                                            "engagement_repeat")]),
+        "",
+        f"### Ablations against the reference ({grid.reference}), paired by seed",
+        "",
+        "Relative change of the variant over the reference, mean [95% interval] of the per-seed ratios.",
+        "",
+        delta_table(records, variants, grid.reference, columns),
+        "",
+        "### The seed paper's directions",
+        "",
+        claims_table(records, grid.claims) if grid.claims else "(no claims listed for this grid)",
+        "",
+        f"### Conversion recall@{k_small} per surface (mean over seeds)",
+        "",
+        surface_table(records, grid.reference, "conversion", k_small),
+        "",
+        "### Plots",
+        "",
+        *[f"![{os.path.basename(p)}]({link_dir}/plots/{os.path.basename(p)})" for p in plots],
+        "",
+        "### Variants and exact configs",
+        "",
+        f"The composed config of every run is in `{link_dir}/configs/{grid.name}/<variant>-s<seed>.yaml`.",
+        "",
+        "| variant | overrides on top of the base |",
+        "| --- | --- |",
+        *[f"| {v} | `{' '.join(o) if o else '(none)'}` |" for v, o in grid.variants.items()],
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def write_markdown(path: str, body: str) -> None:
+    """Write the report, keeping the hand-written discussion block of an existing file."""
+    discussion = f"{DISCUSSION[0]}\n(No discussion written yet.)\n{DISCUSSION[1]}"
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        if DISCUSSION[0] in old and DISCUSSION[1] in old:
+            discussion = old[old.index(DISCUSSION[0]):old.index(DISCUSSION[1]) + len(DISCUSSION[1])]
+    with open(path, "w") as f:
+        f.write(body.replace("{discussion}", discussion))
+
+
+def write_report(grids: list[Grid], seeds: list[int], out_dir: str, overrides: list[str], publish: str,
+                 command: str, log=print) -> None:
+    """Run every grid (`run_grid`) and write `out_dir`/README.md, results.json, plots/ and
+    configs/; with `publish` (a path, or "") also the report at that path with its plots and
+    configs beside it. `command` is quoted in the header."""
+    os.makedirs(out_dir, exist_ok=True)
+    t0 = time.perf_counter()
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    sections, all_records, skipped = [], [], []
+    for grid in grids:
+        extra = prepare_source(grid, out_dir, log)
+        if extra is None:
+            log(f"[raycg.report] {grid.name}: source {grid.source_csv} not found; skipping this grid")
+            skipped.append(f"{grid.name} (source {grid.source_csv} not found)")
+            continue
+        records = run_grid(grid, seeds, out_dir, extra + overrides, log)
+        all_records += records
+        sections.append((grid, records))
+    wall = (time.perf_counter() - t0) / 60
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(all_records, f, indent=1)
+    header = "\n".join([
+        "# raycg results: ablations and baselines",
+        "",
+        f"Generated by `{command}` (`make report`). {len(all_records)} runs, "
+        f"{sum(r['seconds'] for r in all_records) / 60:.0f} min of training + evaluation in total "
+        f"(sum of the runs' wall times); this invocation started {started} and took {wall:.0f} min "
+        f"(runs finished earlier are reused).",
+        "",
+        f"**Machine:** {machine()}.",
+        "",
+        "Intervals: a per-metric 95% Student-t interval over the seeds (3 seeds: mean +- 4.30 sd/sqrt(3)); "
+        "every run's eval.json also holds a per-query bootstrap interval. `conv` = held-out "
+        "add-to-cart/checkout items, `eng` = held-out click/save items, `adv` = the held-out "
+        "conversion's advertiser among the top-K items' advertisers.",
+        "",
+        *(["**Skipped grids:** " + ", ".join(skipped), ""] if skipped else []),
+        "{discussion}",
+        "",
+    ])
+
+    def render(link_dir: str, plot_dir: str) -> str:
+        body = [header]
+        for grid, records in sections:
+            plots = save_plots(records, grid, [int(k) for k in records[0]["eval"]["ks"]],
+                               [("conversion", 100), ("conversion", 1000), ("engagement", 1000)], plot_dir)
+            body.append(grid_section(grid, records, plots, link_dir, len(seeds)))
+        return "\n".join(body)
+
+    write_markdown(os.path.join(out_dir, "README.md"), render(".", os.path.join(out_dir, "plots")))
+    log(f"[raycg.report] report -> {os.path.join(out_dir, 'README.md')}")
+    if publish:
+        path = os.path.abspath(publish)
+        side = os.path.splitext(path)[0]
+        os.makedirs(side, exist_ok=True)
+        for grid, _ in sections:
+            dst = os.path.join(side, "configs", grid.name)
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(os.path.join(out_dir, "configs", grid.name), dst)
+        write_markdown(path, render(os.path.basename(side), os.path.join(side, "plots")))
+        log(f"[raycg.report] published -> {path} (+ {side}/plots, {side}/configs)")

@@ -1,0 +1,261 @@
+"""A Ray Tune sweep of loss weights and t_max; `python tune/sweep.py [hydra overrides]` runs it.
+
+Each trial is one real raycg run (raycg.train.driver.run: TorchTrainer fit -> faiss recall@K)
+with the trial's values merged into the main config; the sweep settings are the `tune` config
+group (conf/tune/default.yaml, loaded by default, `tune=<name>` picks another). Examples:
+
+    python tune/sweep.py experiment=smoke trainer.epochs=1
+    python tune/sweep.py data=sim_small tune.num_samples=2 tune.metric=engagement_recall@1000
+
+Layout under <paths.runs_dir>/<tune.name>/ (the Tune experiment directory):
+    <trial dirs>/     Tune's own trial state and results
+    runs/<trial>/     one raycg run directory per trial (config.yaml, checkpoints, eval.json)
+    sweep.json        the trial table and the best trial
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import ray
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from ray import tune
+from ray.tune.schedulers import FIFOScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from raycg.train.driver import ensure_data, init_ray, log, resolve_paths, run
+
+# Primary config "sweep" = the main config (conf/config.yaml) plus the `tune` group, so that
+# every raycg override works unchanged and `tune: default` needs no `+tune=default`.
+ConfigStore.instance().store(name="sweep", node={"defaults": ["config", {"tune": "default"}, "_self_"]})
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
+SAMPLERS = {
+    "grid": tune.grid_search,
+    "choice": tune.choice,
+    "uniform": lambda v: tune.uniform(*v),
+    "loguniform": lambda v: tune.loguniform(*v),
+    "randint": lambda v: tune.randint(*v),
+}
+
+
+def compose_sweep(overrides: list[str]) -> DictConfig:
+    """The config exactly as `python tune/sweep.py <overrides>` sees it."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="sweep", overrides=overrides)
+
+
+# -- search space --------------------------------------------------------------------------
+def _is_leaf(node) -> bool:
+    return isinstance(node, dict) and "type" in node
+
+
+def build_param_space(space: dict) -> dict:
+    """{loss: {t_max: {type: choice, values: [...]}}} -> {loss: {t_max: tune.choice([...])}}."""
+    out = {}
+    for key, node in space.items():
+        if _is_leaf(node):
+            if node["type"] not in SAMPLERS:
+                raise ValueError(f"search_space {key}: unknown type {node['type']!r}; one of {sorted(SAMPLERS)}")
+            values = list(node["values"])
+            if node["type"] in ("uniform", "loguniform", "randint") and len(values) != 2:
+                raise ValueError(f"search_space {key}: {node['type']} takes values [low, high], got {values}")
+            out[key] = SAMPLERS[node["type"]](values)
+        elif isinstance(node, dict):
+            out[key] = build_param_space(node)
+        else:
+            raise ValueError(f"search_space {key}: expected {{type, values}} or a nested mapping, got {node!r}")
+    return out
+
+
+def swept_keys(space: dict, prefix: str = "") -> list[str]:
+    """Dotted config keys of the search space leaves: ['loss.conversion_weight', ...]."""
+    keys = []
+    for key, node in space.items():
+        if _is_leaf(node):
+            keys.append(prefix + key)
+        else:
+            keys.extend(swept_keys(node, f"{prefix}{key}."))
+    return keys
+
+
+def _plain(x):
+    """numpy scalars (tune.choice may hand them out) -> Python, so OmegaConf accepts them."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x.item() if hasattr(x, "item") else x
+
+
+def _get(d: dict | None, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(d, dict):
+            return None
+        d = d.get(part)
+    return d
+
+
+def recall_metrics(results: dict) -> dict:
+    """raycg eval results -> flat Tune metrics: conversion_recall@100, popularity_conversion_recall@100, ..."""
+    out = {}
+    for method, prefix in (("model", ""), ("popularity", "popularity_")):
+        for task, by_k in results[method].items():
+            for k, value in by_k.items():
+                out[f"{prefix}{task}_recall@{int(k)}"] = float(value)
+    return out
+
+
+# -- one trial (runs in a Tune actor) ------------------------------------------------------
+def train_trial(config: dict, base_cfg: dict, runs_dir: str) -> None:
+    """Merge the trial's sample into the base config, run raycg, report recall@K to Tune."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    cfg = OmegaConf.merge(OmegaConf.create(base_cfg), OmegaConf.create(_plain(config)))
+    cfg.paths.runs_dir = runs_dir
+    cfg.run_name = tune.get_context().get_trial_name()  # unique in the sweep
+    # TuneReportCallback forwards each epoch's ray.train.report metrics (loss, rows/s) to Tune.
+    results = run(cfg, callbacks=[TuneReportCallback()])
+    train = {k: v for k, v in results["train_metrics"].items() if isinstance(v, (int, float))}
+    tune.report({**train, **recall_metrics(results),
+                 "run_dir": os.path.join(runs_dir, cfg.run_name), "eval_s": results["seconds"]["total"]})
+
+
+# -- the sweep (driver) --------------------------------------------------------------------
+def run_sweep(cfg: DictConfig) -> tuple[tune.ResultGrid, dict]:
+    """Simulate the data once, run the trials, print/write the table. Returns (grid, summary)."""
+    ts = cfg.tune
+    if ts.scheduler != "fifo":
+        raise ValueError(f"tune.scheduler={ts.scheduler!r}: only 'fifo' is supported (see conf/tune/default.yaml)")
+    if ts.mode not in ("max", "min"):
+        raise ValueError(f"tune.mode must be max or min, got {ts.mode!r}")
+    valid = [f"{task}_recall@{int(k)}" for task in ("conversion", "engagement") for k in cfg.eval.ks]
+    if ts.metric not in valid:
+        raise ValueError(f"tune.metric={ts.metric!r} is not reported; one of {valid} (eval.ks)")
+    resolve_paths(cfg)
+    if cfg.ray.include_dashboard is None:
+        cfg.ray.include_dashboard = True  # without it a finished trial's worker reservation leaks
+    init_ray(cfg)
+    ensure_data(cfg)  # once, here: trials then only read it
+
+    name = ts.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    sweep_dir = os.path.join(cfg.paths.runs_dir, name)
+    space = OmegaConf.to_container(ts.search_space, resolve=True)
+    keys = swept_keys(space)
+    base_cfg = OmegaConf.to_container(cfg, resolve=True)
+    base_cfg.pop("tune")
+    base_cfg["run_name"] = None
+
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, base_cfg=base_cfg, runs_dir=os.path.join(sweep_dir, "runs")),
+        OmegaConf.to_container(ts.trial_resources))
+    reused = []
+    if tune.Tuner.can_restore(sweep_dir):
+        # the same tune.name again (e.g. after the sweep was killed): finished trials are kept,
+        # unfinished and errored ones run again
+        tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        reused = [r.metrics.get("trial_id") for r in tuner.get_results()
+                  if r.error is None and r.metrics and "run_dir" in r.metrics]
+        log(f"[raycg] tune: resuming sweep {name} from {sweep_dir}: {len(reused)} finished trial(s) reused "
+            f"({', '.join(map(str, reused)) or 'none'}); the others run (again)")
+    else:
+        tuner = new_tuner(trainable, space, ts, name, cfg.paths.runs_dir)
+    log(f"[raycg] tune: sweep {name}: {keys} -> {ts.metric} ({ts.mode}); dir {sweep_dir}")
+    t0 = time.perf_counter()
+    grid = tuner.fit()
+    summary = summarize(grid, keys, ts.metric, ts.mode)
+    summary.update(name=name, dir=sweep_dir, seconds=time.perf_counter() - t0, reused=reused)
+    with open(os.path.join(sweep_dir, "sweep.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    log("\n" + format_summary(summary))
+    return grid, summary
+
+
+def new_tuner(trainable, space: dict, ts: DictConfig, name: str, runs_dir: str) -> tune.Tuner:
+    return tune.Tuner(
+        trainable,
+        param_space=build_param_space(space),
+        tune_config=tune.TuneConfig(
+            num_samples=ts.num_samples,
+            # metric/mode are not given to Tune: the epoch reports that TuneReportCallback forwards
+            # have no recall, and Tune rejects results lacking its metric. The best is picked below.
+            search_alg=BasicVariantGenerator(max_concurrent=ts.max_concurrent_trials, random_state=ts.seed),
+            scheduler=FIFOScheduler(),
+        ),
+        run_config=tune.RunConfig(
+            name=name, storage_path=runs_dir,
+            failure_config=tune.FailureConfig(max_failures=ts.max_failures), verbose=1),
+    )
+
+
+def summarize(grid: tune.ResultGrid, keys: list[str], metric: str, mode: str) -> dict:
+    rows = []
+    for result in grid:
+        m = result.metrics or {}
+        rows.append({
+            "trial": m.get("trial_id") or os.path.basename(result.path or ""),
+            "error": None if result.error is None else repr(result.error),
+            "params": {k: _get(result.config, k) for k in keys},
+            "metrics": {k: v for k, v in m.items() if "recall@" in k and not k.startswith("popularity_")},
+            "popularity": m.get(f"popularity_{metric}"),
+            "run_dir": m.get("run_dir"),
+        })
+    scored = [r for r in rows if r["error"] is None and _finite(r["metrics"].get(metric))]
+    if not scored:
+        errors = "\n".join(f"  {r['trial']}: {r['error']}" for r in rows)
+        raise RuntimeError(f"no trial reported {metric}; trial errors:\n{errors}")
+    best = grid.get_best_result(metric=metric, mode=mode, scope="last")
+    best_row = next(r for r in rows if r["trial"] == best.metrics["trial_id"])
+    return {"metric": metric, "mode": mode, "keys": keys, "trials": rows,
+            "best": {**best_row, "value": best_row["metrics"][metric]}}
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def format_summary(s: dict) -> str:
+    metric_cols = sorted({k for r in s["trials"] for k in r["metrics"]},
+                         key=lambda k: (k != s["metric"], k))
+    short = [c.replace("conversion_", "conv ").replace("engagement_", "eng ").replace("recall", "R") for c in metric_cols]
+    widths = [max(12, len(k) + 1) for k in s["keys"]]
+    head = f"{'trial':<14}" + "".join(f"{k:>{w}}" for k, w in zip(s["keys"], widths)) + "".join(f"{c:>13}" for c in short)
+    lines = [head, "-" * len(head)]
+    for r in s["trials"]:
+        line = f"{str(r['trial']):<14}" + "".join(f"{_fmt(r['params'][k]):>{w}}" for k, w in zip(s["keys"], widths))
+        if r["error"]:
+            line += f"  ERROR {r['error'][:80]}"
+        else:
+            line += "".join(f"{_fmt(r['metrics'].get(c)):>13}" for c in metric_cols)
+        lines.append(line + ("   <- best" if r["trial"] == s["best"]["trial"] else ""))
+    b = s["best"]
+    lines.append(f"best trial {b['trial']}: {s['metric']} = {b['value']:.4f} ({s['mode']}; popularity baseline "
+                 f"{_fmt(b['popularity'])})")
+    lines.append("best config (overrides): " + " ".join(
+        f"{k}={_override(v)}" for k, v in b["params"].items()))
+    lines.append(f"best run dir: {b['run_dir']}")
+    lines.append(f"sweep: {len(s['trials'])} trials in {s['seconds']:.0f}s -> {s['dir']}/sweep.json"
+                 if "seconds" in s else "")
+    return "\n".join(lines).rstrip()
+
+
+def _override(v) -> str:
+    """A Hydra override value; floats stay floats (1.0, not 1)."""
+    if isinstance(v, float):
+        text = f"{v:.6g}"
+        return text if any(c in text for c in ".einn") else text + ".0"
+    return str(v)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.4g}"
+    return str(v)

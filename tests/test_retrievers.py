@@ -1,0 +1,79 @@
+"""One retriever interface for evaluation (raycg.eval.retrievers): a baseline registered by
+name is built and scored next to the others by the same code; golden values by hand."""
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from raycg.data.history import HistoryIndex
+from raycg.eval.evaluate import score_retrievers
+from raycg.eval.reengagement import EngagementTimeline
+from raycg.eval.retrievers import BASELINES, ModelRetriever, Queries, TrainingWindow, build_baselines
+
+T0 = 1_767_225_600
+CORPUS = np.array([1, 2, 3, 4, 5, 6])
+ADVERTISER = np.array([10, 10, 20, 20, 30, 30])  # of each corpus row
+
+
+def events(rows):
+    """rows: (user, item, event_type, seconds after T0)."""
+    u, i, e, t = zip(*rows)
+    n = len(rows)
+    return pa.table({
+        "user_id": pa.array(u, pa.int64()), "item_id": pa.array(i, pa.int64()), "surface": ["home"] * n,
+        "event_type": list(e), "timestamp": pa.array([T0 + x for x in t], pa.int64()),
+        "context_item_id": pa.array([-1] * n, pa.int64()), "query_id": pa.array([-1] * n, pa.int64()),
+    })
+
+
+class Fixed:
+    """The same ranking for every query; answers half of them itself (say)."""
+
+    name = "fixed"
+
+    def __init__(self, ranking):
+        self.ranking = np.asarray(ranking)
+
+    def retrieve(self, queries: Queries, k: int) -> np.ndarray:
+        return np.broadcast_to(self.ranking[:k], (len(queries), min(k, len(self.ranking))))
+
+    def coverage(self, queries: Queries) -> float:
+        return 0.5
+
+
+def test_a_registered_baseline_is_built_and_scored_like_the_others(monkeypatch):
+    # training: item 2 clicked twice, item 4 bought once; held out: user 1 clicks 3, user 2 buys 5
+    train = events([(1, 2, "click", 10), (2, 2, "click", 11), (2, 4, "checkout", 12)])
+    held_out = events([(1, 3, "click", 100), (2, 5, "checkout", 200)])
+    timeline = EngagementTimeline(HistoryIndex.from_events(pa.concat_tables([train, held_out])))
+    window = TrainingWindow(train.select(["user_id", "item_id", "event_type", "surface"]), CORPUS, timeline, {})
+    monkeypatch.setitem(BASELINES, "fixed", lambda w: Fixed([5, 3, 1, 2, 4, 6]))
+
+    retrievers = build_baselines(["fixed", "popularity"], window)
+    assert [r.name for r in retrievers] == ["fixed", "popularity"]
+    results, seconds = score_retrievers(retrievers, held_out, [1, 2], CORPUS, ADVERTISER, timeline,
+                                        log=lambda msg: None)
+
+    assert results["methods"] == ["fixed", "popularity"] and set(seconds["retrieve"]) == {"fixed", "popularity"}
+    assert results["n_queries"] == {"conversion": 1, "conversion_repeat": 0, "conversion_novel": 1,
+                                    "conversion_advertiser": 1, "engagement": 1, "engagement_repeat": 0,
+                                    "engagement_novel": 1}
+    # fixed: 5 (the purchase) first, 3 (the click) second
+    assert results["fixed"]["conversion"] == results["fixed"]["conversion_novel"] == {1: 1.0, 2: 1.0}
+    assert results["fixed"]["engagement"] == {1: 0.0, 2: 1.0}
+    assert results["fixed"]["conversion_advertiser"] == {1: 1.0, 2: 1.0}  # advertiser 30 = item 5's
+    # popularity: conversions [4, 2, ...], engagement [2, 4, ...]: neither finds 5 or 3 in the top 2
+    assert results["popularity"]["conversion"] == results["popularity"]["engagement"] == {1: 0.0, 2: 0.0}
+    assert results["popularity"]["conversion_advertiser"] == {1: 0.0, 2: 0.0}  # advertisers 20, 10
+    assert results["als_coverage"] == {"fixed": {"conversion": 0.5, "engagement": 0.5}}  # only who reports it
+
+    with pytest.raises(ValueError, match=r"eval.baselines: unknown \['nope'\]; choose from \['popularity', "):
+        build_baselines(["popularity", "nope"], window)
+
+
+def test_the_model_retriever_ranks_by_inner_product():
+    item_emb = np.eye(3, dtype=np.float32)  # corpus ids 7, 8, 9 point along the axes
+    queries = Queries.of("engagement", events([(1, 3, "click", 0), (2, 3, "click", 0)]))
+    query_emb = np.array([[0, 0.1, 1], [1, 0.5, 0]], np.float32)
+    model = ModelRetriever(np.array([7, 8, 9]), item_emb, lambda table: query_emb, batch_size=8)
+    assert model.retrieve(queries, 2).tolist() == [[9, 8], [7, 8]]
+    assert model.search_s >= 0.0
