@@ -24,8 +24,8 @@ def main(argv: list[str]) -> None:
         {"eval": config["eval"]}, OmegaConf.from_dotlist(eval_args)), resolve=True)["eval"]
     init_ray(OmegaConf.create(config))  # the run's own Ray settings (embedded: loopback only)
     results = evaluate_checkpoint(ckpt, config["data"], eval_cfg,
-                                  history_length=config["model"].get("history", {}).get("length", 0),
-                                  seed=config.get("seed", 0),
+                                  history_length=config["model"]["history"]["length"],
+                                  seed=config["seed"],
                                   quarantine_dir=os.path.join(args["run_dir"], "quarantine", "eval"))
     results["checkpoint"] = ckpt
     path = write_results(args["run_dir"], results)

@@ -28,7 +28,6 @@ def pytest_collection_modifyitems(config, items):
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONF_DIR = os.path.join(ROOT, "conf")
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +54,9 @@ def ray_session():
 
 def compose(overrides: list[str]):
     """The Hydra config exactly as `python -m raycg.train <overrides>` would see it."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from raycg.config import compose as compose_config
 
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
+    return compose_config(overrides)
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,9 @@ from raycg.model.two_tower import TwoTowerModel
 from raycg.model import checkpoint as ckpt_io
 from raycg.train.loop import forget_epochs_from
 
-CFG = {"cross": "parallel", "cross_layers": 1, "low_rank": None, "mlp_dims": [8], "head_dims": [8],
-       "embedding_dim": 4, "id_dim": 4, "temperature": 0.1, "heads": "unified",
+CFG = {"cross": "parallel", "cross_layers": 1, "low_rank": None, "num_experts": 1, "mlp_dims": [8], "head_dims": [8],
+       "embedding_dim": 4, "id_dim": 4, "embedding_dropout": 0.0, "temperature": 0.1, "learn_temperature": False,
+       "heads": "unified", "serve_head": None, "sparse_tables": False,
        "buckets": {"user": 11, "surface": 4, "context_item": 11, "query": 5, "item": 11, "advertiser": 5,
                    "category": 5}}
 
@@ -113,3 +114,21 @@ def test_evaluation_uses_the_best_checkpoint_when_there_is_one(tmp_path):
     said = []
     assert ckpt_io.evaluation_checkpoint(str(run), log=said.append).endswith("00-00-02")
     assert "best checkpoint is damaged" in said[0]
+
+
+def test_a_checkpoint_from_before_every_key_was_required_still_loads(tmp_path):
+    # older runs saved model configs without these keys (the code then assumed a value for each);
+    # a composed config must have every key, a stored one gets what that code assumed
+    old = {k: v for k, v in CFG.items()
+           if k not in ("num_experts", "embedding_dropout", "learn_temperature", "serve_head", "sparse_tables")}
+    spec = FeatureSpec(user_dense=2, item_dense=3)
+    torch.manual_seed(0)
+    model = TwoTowerModel(CFG, spec)
+    ckpt_io.save(str(tmp_path), model, torch.optim.Adam(model.parameters()), 0, {"model": old}, spec.to_dict())
+    with pytest.raises(KeyError):
+        TwoTowerModel(old, spec)
+    loaded, config = ckpt_io.load_model(str(tmp_path))
+    assert config["model"]["num_experts"] == 1 and config["model"]["serve_head"] is None
+    assert config["seed"] == 0 and config["eval"]["baselines"] == ["popularity"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k])

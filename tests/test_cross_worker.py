@@ -79,7 +79,8 @@ def loss_on(model, bt, sl, cross_worker: str):
 
 
 LOSS_CFG = {"conversion_weight": 1.0, "engagement_weight": 1.0, "duration_weighting": True, "t_max": 60.0,
-            "mask_accidental_hits": True, "log_q_correction": False, "advertiser_weight": 0.0}
+            "mask_accidental_hits": True, "log_q_correction": False, "cross_worker_negatives": False,
+            "advertiser_weight": 0.0}
 M = 3  # mixed negatives: the same draws on both ranks, so one process can see the same candidate set
 
 

@@ -218,12 +218,14 @@ def test_history_shares_the_item_towers_id_embedding():
     from raycg.data.spec import FeatureSpec
     from raycg.model.two_tower import TwoTowerModel
 
-    cfg = {"cross": "parallel", "cross_layers": 1, "mlp_dims": [8], "head_dims": [8], "embedding_dim": 4,
-           "id_dim": 8, "temperature": 0.1, "history": {"share_item_embedding": True},
+    cfg = {"cross": "parallel", "cross_layers": 1, "low_rank": None, "num_experts": 1, "mlp_dims": [8],
+           "head_dims": [8], "embedding_dim": 4, "id_dim": 8, "embedding_dropout": 0.0, "temperature": 0.1,
+           "learn_temperature": False, "heads": "unified", "serve_head": None, "sparse_tables": False,
+           "history": {"layers": 1, "heads": 2, "share_item_embedding": True},
            "buckets": {"user": 11, "surface": 4, "context_item": 11, "query": 5, "item": 11, "advertiser": 5,
                        "category": 5}}
     spec = FeatureSpec(user_dense=2, item_dense=3, history_length=4)
     shared = TwoTowerModel(cfg, spec)
     assert shared.user_tower.history.items is shared.item_tower.embeddings[0]
     assert sum(p.numel() for p in shared.parameters()) < sum(
-        p.numel() for p in TwoTowerModel({**cfg, "history": {"share_item_embedding": False}}, spec).parameters())
+        p.numel() for p in TwoTowerModel({**cfg, "history": {**cfg["history"], "share_item_embedding": False}}, spec).parameters())

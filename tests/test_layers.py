@@ -1,7 +1,7 @@
 """The import rule of docs/architecture.md: every raycg module imports only its own package
 or packages below it.
 
-    base      raycg (the package), raycg.checksums
+    base      raycg (the package), raycg.checksums, raycg.config (the config schemas and compose)
     data      raycg.data      schema, feature spec, id lookup, data-dir I/O, pipeline; the
                               simulator and the log converters on top of those
     model     raycg.model     towers, the two-tower model, its checkpoint format and export
@@ -26,7 +26,7 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 LAYERS = [  # lowest first: (level, packages at that level)
-    ("base", ["raycg", "raycg.checksums"]),
+    ("base", ["raycg", "raycg.checksums", "raycg.config"]),
     ("data", ["raycg.data"]),
     ("model", ["raycg.model"]),
     ("losses", ["raycg.losses"]),

@@ -77,9 +77,10 @@ def test_hashed_embedding_missing_id_is_zero():
 
 def _model_cfg(structure):
     return {
-        "cross": structure, "cross_layers": 2, "low_rank": None, "mlp_dims": [32, 16, 8],
-        "head_dims": [16], "embedding_dim": 8, "id_dim": 4, "temperature": 0.1,
-        "learn_temperature": True,
+        "cross": structure, "cross_layers": 2, "low_rank": None, "num_experts": 1, "mlp_dims": [32, 16, 8],
+        "head_dims": [16], "embedding_dim": 8, "id_dim": 4, "embedding_dropout": 0.0, "temperature": 0.1,
+        "learn_temperature": True, "heads": "unified", "serve_head": None, "sparse_tables": False,
+        "history": {"layers": 1, "heads": 2, "share_item_embedding": False},
         "buckets": {"user": 50, "surface": 8, "context_item": 50, "query": 10, "item": 50,
                     "advertiser": 10, "category": 10},
     }

@@ -11,7 +11,8 @@ from raycg.losses.objective import Candidates, mixed_log_q, training_loss
 from raycg.losses.softmax import in_batch_softmax_loss, sampled_softmax_loss
 
 CFG = {"conversion_weight": 2.0, "engagement_weight": 0.5, "t_max": 10.0, "duration_weighting": True,
-       "mask_accidental_hits": True, "log_q_correction": False, "advertiser_weight": 0.0}
+       "mask_accidental_hits": True, "log_q_correction": False, "cross_worker_negatives": False,
+       "advertiser_weight": 0.0}
 
 
 def _batch():

@@ -159,7 +159,8 @@ def raycg_train(tmp_path, *args, env=None, timeout=300) -> subprocess.CompletedP
 
 
 @pytest.mark.parametrize("args,message", [
-    (["model.cross=stakced"], "model.cross='stakced': expected one of"),
+    # Hydra's message, at composition (raycg.config.schema)
+    (["model.cross=stakced"], "Invalid value 'stakced', expected one of [parallel, stacked, cross_only, mlp_only]"),
     (["trainer.epochs=0"], "trainer.epochs=0: must be a number >= 1"),
     (["data=files", "data.dir=/nonexistent/logs"], "data.dir=/nonexistent/logs: no such directory"),
 ])

@@ -166,7 +166,7 @@ def test_cached_simulation_is_reused_only_for_the_same_knobs(tmp_path, capsys):
     first = json.loads((tmp_path / "meta.json").read_text())
     ensure_data(compose(base))
     assert "reusing simulated dataset" in capsys.readouterr().out
-    ensure_data(compose(base + ["+data.sim.click_bias=-4.0"]))  # knobs not in the yaml need "+"
+    ensure_data(compose(base + ["data.sim.click_bias=-4.0"]))  # every SimConfig knob is in the yaml
     assert "simulating again" in capsys.readouterr().out
     second = json.loads((tmp_path / "meta.json").read_text())
     assert second["config"]["click_bias"] == -4.0 and second["n_clicks"] > first["n_clicks"]

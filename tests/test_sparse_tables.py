@@ -113,7 +113,8 @@ def test_sparse_adagrad_equals_dense_adagrad_on_every_row_at_every_step():
 def test_optimizers_and_schedules_round_trip_and_refuse_a_dense_state():
     (dense, opt_d, _), (sparse, opt_s, _) = model_pair(lr_schedule={"decay": "linear", "warmup_steps": 0,
                                                                     "min_lr_ratio": 0.0, "total_steps": 4})
-    sched = build_scheduler(opt_s, {"decay": "linear", "warmup_steps": 0, "min_lr_ratio": 0.0}, total_steps=4)
+    sched = build_scheduler(opt_s, {"decay": "linear", "warmup_steps": 0, "min_lr_ratio": 0.0, "total_steps": None},
+                            total_steps=4)
     sched.step()
     lrs = sched.get_last_lr()
     assert len(lrs) == len(opt_s.param_groups) == 2 and lrs[0] == lrs[1] == pytest.approx(0.75 * opt_s.param_groups[0]["initial_lr"])

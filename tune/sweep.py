@@ -14,7 +14,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from raycg.tune.sweep import run_sweep  # importing it registers the primary config "sweep"
+from raycg.tune.sweep import run_sweep  # importing it registers the schemas (raycg.config); conf/sweep.yaml
 
 
 @hydra.main(config_path="../conf", config_name="sweep", version_base="1.3")

@@ -129,11 +129,11 @@ def feature_store_from_config(data_cfg: dict, history_length: int = 0,
                               before_ts: int | None = None, count_context_ids: bool = False) -> FeatureStore:
     """`quarantine_dir` (with data.on_bad_rows=quarantine): where bad users-table rows go;
     `before_ts`: stats from the training split's events before it (validation_cutoff)."""
-    quarantine = quarantine_dir if data_cfg.get("on_bad_rows") == "quarantine" else None
+    quarantine = quarantine_dir if data_cfg["on_bad_rows"] == "quarantine" else None
     return build_feature_store(
         data_cfg["train_path"], data_cfg["items_path"], history_length, history_paths,
-        item_categorical=data_cfg.get("item_categorical") or (), users_path=data_cfg.get("users_path"),
-        user_categorical=data_cfg.get("user_categorical") or (), users_quarantine_dir=quarantine,
+        item_categorical=data_cfg["item_categorical"], users_path=data_cfg["users_path"],
+        user_categorical=data_cfg["user_categorical"], users_quarantine_dir=quarantine,
         before_ts=before_ts, count_context_ids=count_context_ids)
 
 

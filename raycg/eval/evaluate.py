@@ -55,16 +55,16 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
     (events, row accounting) when the driver has checked it already. The accounting is
     written to the results as `eval_rows`."""
     ks = sorted(int(k) for k in eval_cfg["ks"])
-    embed_gpu, search_device = eval_devices(eval_cfg.get("device", "auto"))
-    baselines = list(eval_cfg.get("baselines", ["popularity"]))
+    embed_gpu, search_device = eval_devices(eval_cfg["device"])
+    baselines = list(eval_cfg["baselines"])
     t_start = time.perf_counter()
     if store is None:  # as the training run built it: stats from before its validation window
         store = feature_store_from_config(data_cfg, before_ts=validation_cutoff(
-            data_cfg["train_path"], data_cfg.get("validation_fraction", 0)))
+            data_cfg["train_path"], data_cfg["validation_fraction"]))
     if eval_split is None:
-        quarantine = quarantine_dir if data_cfg.get("on_bad_rows") == "quarantine" else None
+        quarantine = quarantine_dir if data_cfg["on_bad_rows"] == "quarantine" else None
         eval_split = checked_events(data_cfg["eval_path"], store, quarantine_dir=quarantine,
-                                    check_duplicates=data_cfg.get("check_duplicates", True))
+                                    check_duplicates=data_cfg["check_duplicates"])
     eval_events, eval_rows = eval_split
     # every action of the training split and the checked eval split: the history feature,
     # repeat/novel positives and the recent_engaged baseline (lookups only see the past)
@@ -79,7 +79,7 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
                                         eval_cfg["inference_batch_size"], use_gpu=embed_gpu)
     train_events = read_event_columns(data_cfg["train_path"], ["user_id", "item_id", "event_type", "surface"])
     known_items = None
-    if drop_cold(eval_cfg.get("cold_items", "auto"), data_cfg["items_path"]):
+    if drop_cold(eval_cfg["cold_items"], data_cfg["items_path"]):
         known_items = np.unique(train_events.column("item_id").to_numpy())
         log(f"[raycg] eval: the item table was derived from the log: positives on the "
             f"{len(corpus_ids) - len(known_items):,} items without a training-split event are left out "
@@ -92,7 +92,7 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
     def embed(queries):  # the query tower, Ray Data batch inference
         return embed_queries(queries, checkpoint_dir, store_ref, eval_cfg["query_batch_size"], use_gpu=embed_gpu)
 
-    model = ModelRetriever(corpus_ids, item_emb, embed, eval_cfg["query_batch_size"], eval_cfg.get("faiss_threads"),
+    model = ModelRetriever(corpus_ids, item_emb, embed, eval_cfg["query_batch_size"], eval_cfg["faiss_threads"],
                            search_device)
     adv_of = store.items.cat[:, 1][np.searchsorted(store.items.item_id, corpus_ids)]  # advertiser per corpus row
     results, seconds = score_retrievers([model, *retrievers], eval_events, ks, corpus_ids, adv_of, timeline,

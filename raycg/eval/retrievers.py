@@ -143,10 +143,10 @@ class ALSRetriever:
         self.name = f"als_{kind}"
         t0 = time.perf_counter()
         self.als = ALSBaseline.fit(window.events, kind, window.corpus_ids, seed=window.seed,
-                                   **{k: v for k, v in (window.eval_cfg.get("als") or {}).items()})
+                                   **window.eval_cfg["als"])
         window.log(f"[raycg] eval: {self.name}: ALS on {self.als.n_interactions:,} training user-item pairs, "
                    f"{len(self.als.user_ids):,} users ({time.perf_counter() - t0:.1f}s)")
-        self.batch_size, self.threads = window.eval_cfg["query_batch_size"], window.eval_cfg.get("faiss_threads")
+        self.batch_size, self.threads = window.eval_cfg["query_batch_size"], window.eval_cfg["faiss_threads"]
         self.device = window.device
 
     def retrieve(self, queries: Queries, k: int) -> np.ndarray:

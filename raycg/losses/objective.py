@@ -1,4 +1,4 @@
-"""The training objective, composed from `conf/loss/*.yaml`.
+"""The training objective, composed from `conf/loss/*.yaml` (every key required).
 
 Per head h (unified: one head, both tasks; multi_head: `conversion` and `engagement`),
 a weighted sampled softmax (raycg.losses.softmax) whose candidates are
@@ -73,11 +73,11 @@ def training_loss(
     weights = task_weights(batch["signals"], cfg)
     pos_ids = batch["item_cat"][:, 0]
     heads = {"unified": weights["conversion"] + weights["engagement"]} if "unified" in user_out else weights
-    pos_log_q = freq.log_q(pos_ids) if (freq is not None and cfg.get("log_q_correction", True)) else None
+    pos_log_q = freq.log_q(pos_ids) if (freq is not None and cfg["log_q_correction"]) else None
     parts = {}
     for head, w in heads.items():
         cand_emb, cand_ids, cand_log_q = None, None, None
-        if cfg.get("cross_worker_negatives", False):
+        if cfg["cross_worker_negatives"]:
             cand_emb, cand_ids, cand_log_q = gather_cross_worker_candidates(item_out[head], pos_ids, pos_log_q)
         if extra.mixed is not None:
             m_emb, m_ids = extra.mixed[head], extra.mixed_ids
@@ -96,7 +96,7 @@ def training_loss(
             hard_emb=extra.hard[head] if extra.hard is not None else None, hard_ids=extra.hard_ids,
             pos_log_q=pos_log_q, mask_accidental_hits=cfg["mask_accidental_hits"],
         )
-    if cfg.get("advertiser_weight", 0.0) > 0:
+    if cfg["advertiser_weight"] > 0:
         head = serve_head if serve_head in user_out else next(iter(user_out))
         parts["advertiser"] = cfg["advertiser_weight"] * kernels.advertiser(
             user_out[head], item_out[head], batch["item_cat"][:, 1], weights["conversion"], temperature)

@@ -46,7 +46,7 @@ def duration_weight(t: torch.Tensor, t_max: float) -> torch.Tensor:
 def task_weights(signals: torch.Tensor, cfg: dict) -> dict[str, torch.Tensor]:
     """{"conversion": [B], "engagement": [B]} weights; see `example_weights`."""
     is_conv, is_click, is_save, dur = signals.unbind(dim=1)
-    weighting = cfg.get("duration_weighting", True)
+    weighting = cfg["duration_weighting"]
     if not isinstance(weighting, bool):  # "auto" is resolved from the data by the driver
         raise ValueError(f"loss.duration_weighting={weighting!r}: expected true or false here (auto is resolved "
                          "from the training split by raycg.train.driver.resolve_duration_weighting)")

@@ -14,6 +14,7 @@ checkpoint of a run that verifies: resuming (raycg.train.loop) and evaluating a 
 """
 from __future__ import annotations
 
+import copy
 import glob
 import json
 import os
@@ -25,6 +26,19 @@ from raycg.data.spec import FeatureSpec
 from raycg.model.two_tower import TwoTowerModel
 
 CHECKPOINT_FILES = ["model.pt", "meta.json"]
+
+# Keys that a run config saved before every key was required (raycg.config.schema) may lack,
+# with the value the code that wrote it used for an absent key. Only configs read back from a
+# checkpoint get them (`stored_config`); a composed config has every key or fails to start.
+LEGACY_KEYS = {
+    "seed": 0,
+    "model": {"low_rank": None, "num_experts": 1, "embedding_dropout": 0.0, "sparse_tables": False,
+              "learn_temperature": False, "heads": "unified", "serve_head": None,
+              "history": {"length": 0, "layers": 1, "heads": 2, "share_item_embedding": False}},
+    "data": {"users_path": None, "item_categorical": [], "user_categorical": [], "on_bad_rows": "fail",
+             "validation_fraction": 0.0, "check_duplicates": True},
+    "eval": {"cold_items": "auto", "device": "auto", "baselines": ["popularity"], "faiss_threads": None, "als": {}},
+}
 
 
 class CheckpointError(DamagedFileError):
@@ -62,15 +76,28 @@ def load_state(directory: str) -> dict:
         raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {e})") from e
 
 
+def stored_config(config: dict, legacy: dict = LEGACY_KEYS) -> dict:
+    """A run config read from a checkpoint, with the keys an older raycg did not write filled
+    in as that version read them (LEGACY_KEYS); keys the config has are kept as they are."""
+    out = dict(config)
+    for key, value in legacy.items():
+        if key not in out:
+            out[key] = copy.deepcopy(value)
+        elif isinstance(value, dict) and value and isinstance(out[key], dict):
+            out[key] = stored_config(out[key], value)
+    return out
+
+
 def load_model(directory: str) -> tuple[TwoTowerModel, dict]:
-    """Model in eval mode + the run config it was trained with."""
+    """Model in eval mode + the run config it was trained with (`stored_config`)."""
     state = load_state(directory)  # verifies meta.json too
     with open(os.path.join(directory, "meta.json")) as f:
         meta = json.load(f)
-    model = TwoTowerModel(meta["config"]["model"], FeatureSpec.from_dict(meta["feature_spec"]))
+    config = stored_config(meta["config"])
+    model = TwoTowerModel(config["model"], FeatureSpec.from_dict(meta["feature_spec"]))
     model.load_state_dict(state["model"])
     model.eval()
-    return model, meta["config"]
+    return model, config
 
 
 def run_checkpoints(run_dir: str) -> list[str]:

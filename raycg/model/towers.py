@@ -135,8 +135,8 @@ class VocabEmbedding(nn.Module):
 def id_embedding(name: str, cfg: dict) -> nn.Module:
     """The table of one id feature: a vocabulary table when `cfg["vocab_sizes"]` names it
     (model.vocab.enabled), else hashed into `cfg["buckets"][name]` rows."""
-    sizes = cfg.get("vocab_sizes") or {}
-    sparse = bool(cfg.get("sparse_tables", False))
+    sizes = cfg.get("vocab_sizes") or {}  # not a setting: the driver adds it (model.vocab.enabled)
+    sparse = bool(cfg["sparse_tables"])
     if name in sizes:
         return VocabEmbedding(int(sizes[name]), int(cfg["vocab"]["oov_buckets"]), cfg["id_dim"], sparse=sparse)
     return HashedEmbedding(cfg["buckets"][name], cfg["id_dim"], sparse=sparse)
@@ -184,18 +184,18 @@ class Tower(nn.Module):
                  dense_mean: list[float] | None = None, dense_std: list[float] | None = None,
                  history: nn.Module | None = None):
         super().__init__()
-        heads = cfg.get("heads", "unified")
+        heads = cfg["heads"]
         if heads not in HEAD_SETS:
             raise ValueError(f"model.heads={heads!r}: expected one of {list(HEAD_SETS)}")
         self.names = list(names)
         self.embeddings = nn.ModuleList(id_embedding(n, {**cfg, "id_dim": id_dim}) for n in names)
         # regularises sparse id tables (rows seen a handful of times); identity in eval mode
-        self.embedding_dropout = nn.Dropout(cfg.get("embedding_dropout", 0.0))
+        self.embedding_dropout = nn.Dropout(cfg["embedding_dropout"])
         self.dense_norm = DenseNormalizer(dense_dim, dense_mean, dense_std) if dense_dim else None
         self.history = history
         in_dim = id_dim * len(names) + dense_dim + (history.out_dim if history is not None else 0)
-        self.body = TowerBody(in_dim, cfg["cross"], cfg["cross_layers"], cfg.get("low_rank"), list(cfg["mlp_dims"]),
-                              cfg.get("num_experts", 1))
+        self.body = TowerBody(in_dim, cfg["cross"], cfg["cross_layers"], cfg["low_rank"], list(cfg["mlp_dims"]),
+                              cfg["num_experts"])
         self.heads = nn.ModuleDict({
             name: EmbeddingHead(self.body.out_dim, list(cfg["head_dims"]), cfg["embedding_dim"])
             for name in HEAD_SETS[heads]

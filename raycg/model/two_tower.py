@@ -23,9 +23,10 @@ class TwoTowerModel(nn.Module):
     (+ `hist_items`/`hist_actions` [B, L] when spec.history_length > 0); item tower reads
     `item_cat` [B, len(spec.item_cat)] + `item_dense` [B, spec.item_dense].
 
-    Config keys (conf/model/*.yaml): cross, cross_layers, low_rank, num_experts, mlp_dims,
-    head_dims, embedding_dim, id_dim, buckets.<name>, temperature, learn_temperature, heads,
-    serve_head, history.{layers, heads}.
+    Config keys (conf/model/*.yaml, every one required: raycg.config.schema.ModelConfig): cross,
+    cross_layers, low_rank, num_experts, mlp_dims, head_dims, embedding_dim, id_dim,
+    embedding_dropout, buckets.<name>, vocab.oov_buckets, sparse_tables, temperature,
+    learn_temperature, heads, serve_head, history.{layers, heads, share_item_embedding}.
     """
 
     def __init__(self, cfg: dict, spec: FeatureSpec | int):
@@ -40,21 +41,21 @@ class TwoTowerModel(nn.Module):
         if spec.history_length > 0:
             from raycg.model.history import HistoryEncoder
 
-            h = cfg.get("history") or {}
-            share = h.get("share_item_embedding", False) and spec.item_cat and spec.item_cat[0] == "item"
+            h = cfg["history"]
+            share = h["share_item_embedding"] and spec.item_cat and spec.item_cat[0] == "item"
             item_rows = b["item"] if "item" in b else self.item_tower.embeddings[0].num_buckets
-            history = HistoryEncoder(item_rows, cfg["id_dim"], num_layers=h.get("layers", 1),
-                                     num_heads=h.get("heads", 2), max_len=spec.history_length,
+            history = HistoryEncoder(item_rows, cfg["id_dim"], num_layers=h["layers"],
+                                     num_heads=h["heads"], max_len=spec.history_length,
                                      item_embedding=self.item_tower.embeddings[0] if share else None,
-                                     sparse=bool(cfg.get("sparse_tables", False)))
+                                     sparse=bool(cfg["sparse_tables"]))
         self.user_tower = Tower(spec.user_cat, cfg["id_dim"], spec.user_dense, cfg,
                                 spec.user_dense_mean, spec.user_dense_std, history)
         heads = tuple(self.user_tower.heads)
-        self.serve_head = cfg.get("serve_head") or ("conversion" if "conversion" in heads else heads[0])
+        self.serve_head = cfg["serve_head"] or ("conversion" if "conversion" in heads else heads[0])
         if self.serve_head not in heads:
             raise ValueError(f"model.serve_head={self.serve_head!r}: the model has heads {heads}")
         log_t = torch.tensor(math.log(cfg["temperature"]))
-        if cfg.get("learn_temperature", False):
+        if cfg["learn_temperature"]:
             self.log_temperature = nn.Parameter(log_t)
         else:
             self.register_buffer("log_temperature", log_t)

@@ -7,32 +7,42 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from omegaconf import OmegaConf
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
+from raycg.config import CONF_DIR, compose
+from raycg.config.schema import GridConfig
 
 
 @dataclass
 class Grid:
+    """A grid file (conf/report/<name>.yaml, or any YAML path), checked against GridConfig."""
+
     name: str
     title: str
     base: list[str]
     variants: dict[str, list[str]]
     reference: str
-    claims: list[dict] = field(default_factory=list)
-    source_csv: str | None = None  # a real log converted at run time ($VARS expanded); absent: grid skipped
-    source_format: str | None = None  # its raycg.convert mapping (a preset or YAML); default: the grid name
+    claims: list[dict]
+    source_csv: str | None  # a real log converted at run time ($VARS expanded); absent: grid skipped
+    source_format: str | None  # its raycg.convert mapping (a preset or YAML); None: the grid name
 
     @classmethod
     def load(cls, name: str) -> "Grid":
-        path = os.path.join(CONF_DIR, "report", f"{name}.yaml")
-        if not os.path.exists(path):
-            choices = sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, "report")) if f.endswith(".yaml"))
-            raise SystemExit(f"report grid {name!r}: no {path}; choose from {choices}")
-        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-        grid = cls(**raw)
+        """A shipped grid by name, or a grid YAML file by path."""
+        if name.endswith((".yaml", ".yml")):
+            path = name
+            if not os.path.exists(path):
+                raise SystemExit(f"report grid file {path} does not exist")
+        else:
+            path = os.path.join(CONF_DIR, "report", f"{name}.yaml")
+            if not os.path.exists(path):
+                choices = sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, "report")) if f.endswith(".yaml"))
+                raise SystemExit(f"report grid {name!r}: no {path}; choose from {choices}")
+        # typed like every other config: unknown keys and wrong types fail here, naming the key
+        checked = OmegaConf.merge(OmegaConf.structured(GridConfig), OmegaConf.load(path))
+        grid = cls(**OmegaConf.to_container(checked, resolve=False, throw_on_missing=True))
         if grid.reference not in grid.variants:
             raise ValueError(f"{path}: reference {grid.reference!r} is not one of the variants {list(grid.variants)}")
         for claim in grid.claims:
@@ -62,10 +72,7 @@ def prepare_source(grid: Grid, out_dir: str, log=print) -> list[str] | None:
 
 def compose_run(overrides: list[str]):
     """The config `python -m raycg.train <overrides>` would run with."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+    return compose(overrides)
 
 
 def run_overrides(grid: Grid, variant: str, seed: int, runs_dir: str, extra: list[str]) -> list[str]:

@@ -1,12 +1,12 @@
-"""python -m raycg.train [hydra overrides]  -- simulate/train/evaluate one run."""
-import hydra
+"""python -m raycg.train [hydra overrides]  -- simulate/train/evaluate one run (raycg-train)."""
 from omegaconf import DictConfig
 
+from raycg.config import hydra_app
 from raycg.train.driver import run
 
 
-@hydra.main(config_path="../../conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+@hydra_app("config")
+def main(cfg: DictConfig, overrides: list[str]) -> None:
     run(cfg)
 
 

@@ -53,7 +53,7 @@ def log(msg: str) -> None:
 def resolve_paths(cfg: DictConfig) -> None:
     """Make data and run paths absolute (workers and Ray Train need absolute paths)."""
     for key in ("dir", "train_path", "eval_path", "items_path", "users_path"):
-        if cfg.data.get(key):
+        if cfg.data[key]:
             cfg.data[key] = os.path.abspath(str(cfg.data[key]))
     cfg.paths.runs_dir = os.path.abspath(str(cfg.paths.runs_dir))
     if not cfg.run_name:
@@ -182,7 +182,7 @@ def set_vocabularies(cfg: DictConfig, store) -> None:
 def fit_batch_size(cfg: DictConfig, rows_per_worker: int) -> None:
     """A small training split still gets trainer.min_steps_per_epoch steps per epoch: the batch
     size is halved (not below 16) until it does, and the change is printed."""
-    want, batch = int(cfg.trainer.get("min_steps_per_epoch") or 0), int(cfg.trainer.batch_size)
+    want, batch = int(cfg.trainer.min_steps_per_epoch), int(cfg.trainer.batch_size)
     if not want or rows_per_worker >= want * batch:
         return
     while batch > 16 and rows_per_worker < want * batch:
@@ -331,8 +331,8 @@ def build_trainer(cfg: DictConfig, callbacks: list | None = None):
 
 def run(cfg: DictConfig, callbacks: list | None = None) -> dict:
     """The main job: simulate (if needed) -> train -> evaluate. Returns eval results."""
-    resolve_paths(cfg)
     check_config(cfg)  # seconds: before Ray, data or a run directory exist
+    resolve_paths(cfg)
     check_data_dir(cfg)
     init_ray(cfg)
     check_resources(cfg, ray.cluster_resources, embedded(cfg), cfg.trainer.resources_wait_s, log)

@@ -122,7 +122,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     # -- model on the device, then the optimiser (its state follows the parameters) -----------
     model = TwoTowerModel(cfg_model, spec)
-    if cfg_model.get("vocab_sizes"):  # the driver's vocabularies; a checkpoint carries its own
+    if cfg_model.get("vocab_sizes"):  # the driver's vocabularies (not a setting); a checkpoint carries its own
         model.set_vocabularies(ray.get(config["store_ref"][0]).vocab)
     if state:
         model.load_state_dict(state["model"])
@@ -139,8 +139,8 @@ def train_loop_per_worker(config: dict) -> None:
     if world > 1 and not ddp:
         broadcast_parameters(core)
     optimizer = build_optimizer(core, cfg_train, device)
-    scheduler = build_scheduler(optimizer, cfg_train["lr_schedule"], config.get("total_steps"))
-    needs_corpus = cfg_loss.get("mixed_negatives", 0) > 0 or cfg_loss.get("hard_negatives", 0) > 0
+    scheduler = build_scheduler(optimizer, cfg_train["lr_schedule"], config["total_steps"])
+    needs_corpus = cfg_loss["mixed_negatives"] > 0 or cfg_loss["hard_negatives"] > 0
     step_ctx = StepContext(
         cfg_loss, ray.get(config["store_ref"][0]).items if needs_corpus else None, device=device,
         seed=config["seed"] + rank, freq_buckets=cfg_model["buckets"]["item"], precision=cfg_train["precision"],
@@ -174,7 +174,7 @@ def train_loop_per_worker(config: dict) -> None:
             + (f", gradients: {'DDP' if ddp else 'one all-reduce after backward'}" if world > 1 else ""))
 
     stopper = None  # validation-driven training: the best epoch, early stopping
-    if config.get("validation_ref"):
+    if config["validation_ref"]:
         es = cfg_train["early_stopping"]
         stopper = EarlyStopping(es["metric"], es["patience"], es["min_delta"])
         stopper.load_state_dict((state or {}).get("early_stopping"))
@@ -274,7 +274,7 @@ def run_epochs(config: dict, start_epoch: int, feed, forward, core, optimizer, s
         for sync in step_ctx.grad_syncs:  # bytes a step moved outside DDP (sparse tables: instead of an all-reduce)
             key = "table_sync_bytes_per_step" if isinstance(sync, SparseGradSync) else "dense_sync_bytes_per_step"
             metrics[key] = sync.bytes_per_step
-        data = config.get("data_stats") or {}
+        data = config["data_stats"]
         if "rows_used" in data:
             # rows read = trained + remainder (drop_last, equal shards) + impressions + quarantined
             metrics.update(rows_read=data["rows_read"], rows_remainder=data["rows_used"] - metrics["rows"],

@@ -105,8 +105,8 @@ def build_optimizer(model: nn.Module, cfg_train: dict, device: torch.device):
         return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd, fused=fused)
     table_ids = {id(p) for p in tables.values()}
     dense = [p for p in model.parameters() if id(p) not in table_ids]
-    kind = cfg_train.get("table_optimizer", "sparse_adam")
-    table_lr = cfg_train.get("table_lr") or lr
+    kind = cfg_train["table_optimizer"]
+    table_lr = cfg_train["table_lr"] or lr  # null: the dense learning rate
     if kind == "sparse_adam":
         table_opt = torch.optim.SparseAdam(list(tables.values()), lr=table_lr)
     elif kind == "adagrad":

@@ -35,24 +35,12 @@ def _at_least(cfg: DictConfig, key: str, low, allow_none: bool = False) -> None:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Enumerations and ranges of the settings the run reads (no I/O)."""
-    from raycg.eval.evaluate import DEVICES
-    from raycg.model.towers import HEAD_SETS, STRUCTURES
-    from raycg.train.optim import TABLE_OPTIMIZERS
-    from raycg.train.schedule import DECAYS
-    from raycg.train.step import PRECISIONS
+    """Ranges of the settings the run reads (no I/O). Types, keys and enumerations were checked
+    by Hydra when it composed the config (raycg.config.schema); every value must be given."""
+    from raycg.config import require_complete
 
-    _choice(cfg, "model.cross", STRUCTURES)
-    _choice(cfg, "model.heads", tuple(HEAD_SETS))
-    _choice(cfg, "trainer.precision", tuple(PRECISIONS))
-    _choice(cfg, "trainer.ingest", ("thread", "process"))
-    _choice(cfg, "trainer.table_optimizer", TABLE_OPTIMIZERS)
-    _choice(cfg, "model.sparse_tables", (True, False))
-    _choice(cfg, "trainer.lr_schedule.decay", DECAYS)
-    _choice(cfg, "trainer.compile_mode", (None, "default", "reduce-overhead", "max-autotune",
-                                          "max-autotune-no-cudagraphs"))
-    _choice(cfg, "data.on_bad_rows", ("fail", "quarantine"))
-    _choice(cfg, "eval.device", DEVICES)
+    require_complete(cfg)
+    _choice(cfg, "loss.duration_weighting", ("auto", True, False))  # a bool or a string: not a schema enum
     for key, low in (("trainer.epochs", 1), ("trainer.batch_size", 1), ("trainer.num_workers", 1),
                      ("trainer.transfer_batches", 1), ("trainer.prefetch_batches", 1),
                      ("trainer.log_every_steps", 1), ("trainer.lr", 0), ("trainer.cpus_per_worker", 0),
@@ -76,11 +64,11 @@ def check_data_dir(cfg: DictConfig) -> None:
     """The inputs of a `data=files` run exist (the simulator writes its own)."""
     if cfg.data.source == "simulator":
         return
-    if cfg.data.get("dir") and not os.path.isdir(cfg.data.dir):
+    if cfg.data.dir and not os.path.isdir(cfg.data.dir):
         raise PreflightError(f"data.dir={cfg.data.dir}: no such directory (expected items.parquet and "
                              "events/train/, events/eval/ inside; see the README's event schema)")
     for key, kind in (("items_path", "file"), ("train_path", "split"), ("eval_path", "split"), ("users_path", "file")):
-        path = cfg.data.get(key)
+        path = cfg.data[key]
         if not path:
             continue
         if not os.path.exists(path):

@@ -50,7 +50,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict, total_steps: in
     `Optimizers` (sparse tables), the same schedule for each of its optimisers."""
     from raycg.train.optim import Optimizers, Schedulers
 
-    factor = lr_factor(cfg["decay"], int(cfg["warmup_steps"]), cfg.get("total_steps") or total_steps,
+    factor = lr_factor(cfg["decay"], int(cfg["warmup_steps"]), cfg["total_steps"] or total_steps,
                        float(cfg["min_lr_ratio"]))
     if isinstance(optimizer, Optimizers):
         return Schedulers({k: torch.optim.lr_scheduler.LambdaLR(o, factor) for k, o in optimizer.optimizers.items()})

@@ -50,9 +50,9 @@ class StepContext:
             self.item_dense = torch.tensor(items.dense, device=self.device)
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
         self.freq = None
-        if cfg_loss.get("log_q_correction", False):
+        if cfg_loss["log_q_correction"]:
             self.freq = StreamingFrequencyEstimator(freq_buckets, alpha=cfg_loss["freq_alpha"]).to(self.device)
-        self.mixed = int(cfg_loss.get("mixed_negatives", 0))
+        self.mixed = int(cfg_loss["mixed_negatives"])
         self.mixed_log_q = mixed_log_q(self.mixed, len(self.item_cat)) if self.mixed and items is not None else None
         self.grad_syncs: list = []  # raycg.train.optim.SparseGradSync / DenseGradSync: after backward
         self.clip_params = None  # the parameters gradient clipping applies to (not sparse tables)

@@ -20,17 +20,13 @@ import os
 import time
 
 import ray
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from ray import tune
 from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
+from raycg.config.schema import RunConfig
 from raycg.train.driver import ensure_data, init_ray, log, resolve_paths, run
-
-# Primary config "sweep" = the main config (conf/config.yaml) plus the `tune` group, so that
-# every raycg override works unchanged and `tune: default` needs no `+tune=default`.
-ConfigStore.instance().store(name="sweep", node={"defaults": ["config", {"tune": "default"}, "_self_"]})
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
 SAMPLERS = {
@@ -117,7 +113,8 @@ def train_trial(config: dict, base_cfg: dict, runs_dir: str) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    cfg = OmegaConf.merge(OmegaConf.create(base_cfg), OmegaConf.create(_plain(config)))
+    # typed like a composed config (raycg.config.schema): a swept value of the wrong type fails here
+    cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), base_cfg, OmegaConf.create(_plain(config)))
     cfg.paths.runs_dir = runs_dir
     cfg.run_name = tune.get_context().get_trial_name()  # unique in the sweep
     # TuneReportCallback forwards each epoch's ray.train.report metrics (loss, rows/s) to Tune.

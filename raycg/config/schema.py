@@ -1,0 +1,363 @@
+"""Typed schemas of every config in raycg/conf/ (Hydra structured configs).
+
+The YAML files hold every value and document it; these dataclasses hold the types, the
+allowed values of every enumeration and the set of keys, and nothing else: no field has a
+default (each is `MISSING`), so there is exactly one place per default (the YAML), and a
+YAML that leaves a key out composes to a config with a missing value, which
+`raycg.config.require_complete` turns into an error naming the key. Hydra validates every
+override against these types when it composes the config, before anything runs:
+
+    model.cros=stacked        Could not override 'model.cros'. ... Key 'cros' is not in struct
+    model.cross=stakced       Invalid value 'stakced', expected one of [parallel, stacked, ...]
+    trainer.precision=fp16    Invalid value 'fp16', expected one of [fp32, bf16]
+    trainer.epochs=two        Value 'two' of type 'str' could not be converted to Integer
+
+Enumerations are `StrEnum`s whose member names are their values: a composed config holds
+members that compare, hash, format and JSON-encode as the plain strings (`"stacked"`).
+`raycg.config` stores these schemas in Hydra's ConfigStore; this module imports nothing from
+raycg.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+
+def _choices(name: str, *values: str) -> type[StrEnum]:
+    """A StrEnum whose members are named by their values (`reduce-overhead` included): Hydra
+    accepts an override by member name, so the name is what a user types."""
+    return StrEnum(name, [(v, v) for v in values], module=__name__, qualname=name)
+
+
+# -- enumerations (raycg/conf/*.yaml comments list them too) -------------------------------
+DataSource = _choices("DataSource", "simulator", "files")
+OnBadRows = _choices("OnBadRows", "fail", "quarantine")
+Cross = _choices("Cross", "parallel", "stacked", "cross_only", "mlp_only")  # raycg.model.towers.STRUCTURES
+Heads = _choices("Heads", "unified", "multi_head")  # raycg.model.towers.HEAD_SETS
+ServeHead = _choices("ServeHead", "unified", "engagement", "conversion")
+Precision = _choices("Precision", "fp32", "bf16")  # raycg.train.step.PRECISIONS
+Decay = _choices("Decay", "constant", "cosine", "linear")  # raycg.train.schedule.DECAYS
+TableOptimizer = _choices("TableOptimizer", "sparse_adam", "adagrad")  # raycg.train.optim.TABLE_OPTIMIZERS
+CompileMode = _choices("CompileMode", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+Ingest = _choices("Ingest", "thread", "process")
+GradSync = _choices("GradSync", "ddp", "allreduce")  # raycg.train.optim.GRAD_SYNCS
+EvalDevice = _choices("EvalDevice", "auto", "cpu", "cuda")  # raycg.eval.evaluate.DEVICES
+ColdItems = _choices("ColdItems", "auto", "keep", "drop")
+Baseline = _choices("Baseline", "popularity", "popularity_surface", "recent_engaged", "als_engagement",
+                    "als_conversion")  # raycg.eval.evaluate.BASELINES
+TuneMode = _choices("TuneMode", "max", "min")
+TuneScheduler = _choices("TuneScheduler", "fifo")
+
+
+# -- data (conf/data/*.yaml) ----------------------------------------------------------------
+@dataclass
+class SimConfigSchema:
+    """data.sim: every knob of raycg.data.simulate.SimConfig (tests/test_config.py keeps the two
+    in step); conf/data/sim_default.yaml gives each a value."""
+
+    seed: int = MISSING
+    n_users: int = MISSING
+    n_items: int = MISSING
+    n_advertisers: int = MISSING
+    n_categories: int = MISSING
+    latent_dim: int = MISSING
+    content_dim: int = MISSING
+    days: int = MISSING
+    eval_days: int = MISSING
+    requests_per_user: float = MISSING
+    impressions_per_request: int = MISSING
+    num_shards: int = MISSING
+    surface_probs: List[float] = MISSING
+    relevant_candidate_frac: float = MISSING
+    item_spread: float = MISSING
+    content_noise: float = MISSING
+    click_bias: float = MISSING
+    clickbait_frac: float = MISSING
+    clickbait_click_bonus: float = MISSING
+    genuine_duration_s: float = MISSING
+    accidental_duration_s: float = MISSING
+    save_rate: float = MISSING
+    conversion_bias: float = MISSING
+    advertiser_propensity_std: float = MISSING
+    cross_strength: float = MISSING
+    conversion_delay_mean_s: float = MISSING
+    parallel_min_impressions: int = MISSING
+    users_per_block: int = MISSING
+
+
+@dataclass
+class DataConfig:
+    source: DataSource = MISSING
+    dir: str = MISSING
+    train_path: str = MISSING
+    eval_path: str = MISSING
+    items_path: str = MISSING
+    users_path: Optional[str] = MISSING
+    item_categorical: List[str] = MISSING
+    user_categorical: List[str] = MISSING
+    materialize: bool = MISSING
+    pack_batch_size: int = MISSING
+    on_bad_rows: OnBadRows = MISSING
+    validation_fraction: float = MISSING
+    max_quarantined_fraction: float = MISSING
+    check_duplicates: bool = MISSING
+    sim: Optional[SimConfigSchema] = MISSING  # null for data=files
+
+
+# -- model (conf/model/*.yaml) ----------------------------------------------------------------
+@dataclass
+class VocabConfig:
+    enabled: bool = MISSING
+    min_count: int = MISSING
+    max_size: Optional[int] = MISSING
+    oov_buckets: int = MISSING
+
+
+@dataclass
+class HistoryConfig:
+    length: int = MISSING
+    layers: int = MISSING
+    heads: int = MISSING
+    share_item_embedding: bool = MISSING
+
+
+@dataclass
+class ModelConfig:
+    cross: Cross = MISSING
+    cross_layers: int = MISSING
+    low_rank: Optional[int] = MISSING
+    num_experts: int = MISSING
+    mlp_dims: List[int] = MISSING
+    head_dims: List[int] = MISSING
+    embedding_dim: int = MISSING
+    id_dim: int = MISSING
+    embedding_dropout: float = MISSING
+    temperature: float = MISSING
+    learn_temperature: bool = MISSING
+    sparse_tables: bool = MISSING
+    vocab: VocabConfig = MISSING
+    max_buckets: int = MISSING
+    # null = sized from the data; the driver adds one entry per extra categorical column
+    buckets: Dict[str, Optional[int]] = MISSING
+    heads: Heads = MISSING
+    serve_head: Optional[ServeHead] = MISSING
+    history: HistoryConfig = MISSING
+    # (the driver adds `vocab_sizes`, {feature: vocabulary size}, with model.vocab.enabled)
+
+
+# -- loss (conf/loss/*.yaml) ------------------------------------------------------------------
+@dataclass
+class LossConfig:
+    conversion_weight: float = MISSING
+    engagement_weight: float = MISSING
+    # auto | true | false (a bool or the string auto: raycg.train.preflight checks it before Ray starts)
+    duration_weighting: Any = MISSING
+    t_max: float = MISSING
+    mask_accidental_hits: bool = MISSING
+    log_q_correction: bool = MISSING
+    freq_alpha: float = MISSING
+    cross_worker_negatives: bool = MISSING
+    mixed_negatives: int = MISSING
+    hard_negatives: int = MISSING
+    advertiser_weight: float = MISSING
+
+
+# -- trainer (conf/trainer/*.yaml) ------------------------------------------------------------
+@dataclass
+class LrScheduleConfig:
+    decay: Decay = MISSING
+    warmup_steps: int = MISSING
+    min_lr_ratio: float = MISSING
+    total_steps: Optional[int] = MISSING
+
+
+@dataclass
+class EarlyStoppingConfig:
+    metric: str = MISSING  # val_mean_recall | val_<conversion|engagement>_recall@<K>: checked by the driver
+    patience: int = MISSING
+    min_delta: float = MISSING
+
+
+@dataclass
+class TrainerConfig:
+    num_workers: int = MISSING
+    cpus_per_worker: float = MISSING
+    use_gpu: bool = MISSING
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    min_steps_per_epoch: int = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    table_optimizer: TableOptimizer = MISSING
+    table_lr: Optional[float] = MISSING
+    lr_schedule: LrScheduleConfig = MISSING
+    grad_clip_norm: Optional[float] = MISSING
+    precision: Precision = MISSING
+    tf32: bool = MISSING
+    compile: bool = MISSING
+    compile_mode: Optional[CompileMode] = MISSING
+    ingest: Ingest = MISSING
+    transfer_batches: int = MISSING
+    prefetch_batches: int = MISSING
+    max_failures: int = MISSING
+    startup_retries: int = MISSING
+    resources_wait_s: float = MISSING
+    grad_sync: GradSync = MISSING
+    deterministic: bool = MISSING
+    early_stopping: EarlyStoppingConfig = MISSING
+    checkpoints_to_keep: int = MISSING
+    log_every_steps: int = MISSING
+    profile_steps: int = MISSING
+
+
+# -- eval (conf/eval/*.yaml) ------------------------------------------------------------------
+@dataclass
+class AlsConfig:
+    factors: int = MISSING
+    iterations: int = MISSING
+    regularization: float = MISSING
+    alpha: float = MISSING
+
+
+@dataclass
+class EvalConfig:
+    ks: List[int] = MISSING
+    cold_items: ColdItems = MISSING
+    query_batch_size: int = MISSING
+    inference_batch_size: int = MISSING
+    faiss_threads: Optional[int] = MISSING
+    device: EvalDevice = MISSING
+    baselines: List[Baseline] = MISSING
+    als: AlsConfig = MISSING
+
+
+# -- the run config (conf/config.yaml: python -m raycg.train) -------------------------------
+@dataclass
+class PathsConfig:
+    runs_dir: str = MISSING
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = MISSING
+    num_cpus: Optional[int] = MISSING
+    include_dashboard: Optional[bool] = MISSING
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = MISSING
+    model: ModelConfig = MISSING
+    loss: LossConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    eval: EvalConfig = MISSING
+    seed: int = MISSING
+    run_name: Optional[str] = MISSING
+    paths: PathsConfig = MISSING
+    ray: RayConfig = MISSING
+
+
+# -- tune (conf/tune/*.yaml; conf/sweep.yaml = the run config + tune) ------------------------
+@dataclass
+class TuneConfig:
+    name: Optional[str] = MISSING
+    num_samples: int = MISSING
+    seed: int = MISSING
+    metric: str = MISSING  # <conversion|engagement>_recall@<k in eval.ks>: checked by the sweep
+    mode: TuneMode = MISSING
+    scheduler: TuneScheduler = MISSING
+    max_concurrent_trials: int = MISSING
+    trial_resources: Dict[str, float] = MISSING
+    max_failures: int = MISSING
+    search_space: Dict[str, Any] = MISSING  # nested {key: {type, values}}: checked by the sweep
+
+
+@dataclass
+class SweepConfig(RunConfig):
+    tune: TuneConfig = MISSING
+
+
+# -- the other entry points (conf/<app>.yaml) ------------------------------------------------
+@dataclass
+class ReportConfig(RunConfig):
+    """python -m raycg.report: its own keys on top of the run config, so that every other
+    override (e.g. trainer.epochs=1) is checked here and then applied to every run."""
+
+    grids: List[str] = MISSING
+    seeds: int = MISSING
+    out: str = MISSING
+    publish: Optional[str] = MISSING
+
+
+@dataclass
+class EvaluateConfig:
+    run_dir: str = MISSING
+    eval: EvalConfig = MISSING
+
+
+@dataclass
+class ExportConfig:
+    run_dir: str = MISSING
+    out: Optional[str] = MISSING
+
+
+@dataclass
+class SimulateConfig:
+    out: str = MISSING
+    parallel: Optional[bool] = MISSING
+    num_cpus: Optional[int] = MISSING
+    data: DataConfig = MISSING
+
+
+@dataclass
+class ConvertConfig:
+    mapping: str = MISSING
+    input: str = MISSING
+    out_dir: str = MISSING
+    cutoff_ts: Optional[int] = MISSING
+    eval_fraction: float = MISSING
+    shards: int = MISSING
+    session_gap_cap: Optional[float] = MISSING
+    content_dim: Optional[int] = MISSING
+    seed: int = MISSING
+    overwrite: bool = MISSING
+    attribution_window_days: float = MISSING
+
+
+# -- report grids (conf/report/*.yaml; loaded by raycg.report.grid, not composed by Hydra) ----
+@dataclass
+class Claim:
+    a: str = MISSING
+    b: str = MISSING
+    task: str = MISSING
+    k: int = MISSING
+    seed: str = MISSING  # the seed paper's claim, quoted
+
+
+@dataclass
+class GridConfig:
+    name: str = MISSING
+    title: str = MISSING
+    base: List[str] = MISSING
+    variants: Dict[str, List[str]] = MISSING
+    reference: str = MISSING
+    # Optional keys of a grid file. A grid is an input file (like a raycg.convert mapping), not
+    # a composed config group: these three may be left out, meaning none / none / the grid name.
+    claims: List[Claim] = field(default_factory=list)
+    source_csv: Optional[str] = None  # a real log converted at run time ($VARS expanded)
+    source_format: Optional[str] = None  # its raycg.convert mapping; null: the grid name
+
+
+# ConfigStore name -> schema (raycg.config stores them; the YAMLs name them in their defaults)
+SCHEMAS = {
+    "config_schema": RunConfig,
+    "sweep_schema": SweepConfig,
+    "report_schema": ReportConfig,
+    "evaluate_schema": EvaluateConfig,
+    "export_schema": ExportConfig,
+    "simulate_schema": SimulateConfig,
+    "convert_schema": ConvertConfig,
+}
