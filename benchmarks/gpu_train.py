@@ -34,20 +34,13 @@ from omegaconf import OmegaConf, open_dict
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from raycg.config import compose  # noqa: E402,F401  (gpu_step_check.py imports it from here)
 from raycg.losses.objective import EAGER, LossKernels  # noqa: E402
 from raycg.model.two_tower import TwoTowerModel  # noqa: E402
 from raycg.train.driver import ensure_data, init_ray, make_trainer, prepare_run, resolve_paths  # noqa: E402
 from raycg.train.optim import build_optimizer  # noqa: E402
 from raycg.train.schedule import build_scheduler  # noqa: E402
 from raycg.train.step import StepContext, train_step  # noqa: E402
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
 
 
 def log(msg: str) -> None:

@@ -31,6 +31,7 @@ from omegaconf import OmegaConf
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from raycg.config import compose  # noqa: E402
 from raycg.data.batches import pack_events  # noqa: E402
 from raycg.data.spec import FeatureSpec  # noqa: E402
 from raycg.data.pipeline import auto_buckets, build_feature_store, packed_training_dataset, read_events  # noqa: E402
@@ -40,9 +41,8 @@ from raycg.train.step import StepContext, train_step  # noqa: E402
 
 
 def load_cfg():
-    model = OmegaConf.to_container(OmegaConf.load(os.path.join(ROOT, "conf/model/parallel_dcn.yaml")))
-    loss = OmegaConf.to_container(OmegaConf.load(os.path.join(ROOT, "conf/loss/unified.yaml")))
-    return model, loss
+    cfg = compose([])  # the default model and loss (conf/model/parallel_dcn.yaml, conf/loss/unified.yaml)
+    return (OmegaConf.to_container(c, resolve=True) for c in (cfg.model, cfg.loss))
 
 
 def fresh_model(model_cfg, spec, seed=0):

@@ -24,20 +24,13 @@ from omegaconf import OmegaConf
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from raycg.config import compose  # noqa: E402
 from raycg.data.spec import FeatureSpec  # noqa: E402
 from raycg.model.two_tower import TwoTowerModel  # noqa: E402
 from raycg.train.optim import build_optimizer  # noqa: E402
 from raycg.train.step import StepContext, train_step  # noqa: E402
 
 MODES = {"dense": (False, None), "sparse_adam": (True, "sparse_adam"), "adagrad": (True, "adagrad")}
-
-
-def compose(overrides):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
 
 
 def batches(rng, n: int, B: int, items: int, users: int, device) -> list[dict]:

@@ -11,16 +11,7 @@ The sweep itself is raycg.tune.sweep (`run_sweep`); this script is its Hydra ent
 """
 from __future__ import annotations
 
-import hydra
-from omegaconf import DictConfig
-
-from raycg.tune.sweep import run_sweep  # importing it registers the schemas (raycg.config); conf/sweep.yaml
-
-
-@hydra.main(config_path="../conf", config_name="sweep", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run_sweep(cfg)
-
+from raycg.tune.sweep import main
 
 if __name__ == "__main__":
     main()

@@ -25,10 +25,10 @@ from ray import tune
 from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
+from raycg.config import compose, hydra_app
 from raycg.config.schema import RunConfig
 from raycg.train.driver import ensure_data, init_ray, log, resolve_paths, run
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
 SAMPLERS = {
     "grid": tune.grid_search,
     "choice": tune.choice,
@@ -39,11 +39,8 @@ SAMPLERS = {
 
 
 def compose_sweep(overrides: list[str]) -> DictConfig:
-    """The config exactly as `python tune/sweep.py <overrides>` sees it."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="sweep", overrides=overrides)
+    """The config exactly as `python tune/sweep.py <overrides>` sees it (conf/sweep.yaml)."""
+    return compose(overrides, config_name="sweep")
 
 
 # -- search space --------------------------------------------------------------------------
@@ -256,3 +253,9 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4f}" if abs(v) < 10 else f"{v:.4g}"
     return str(v)
+
+
+@hydra_app("sweep")
+def main(cfg: DictConfig, overrides: list[str]) -> None:
+    """The command line (tune/sweep.py): compose conf/sweep.yaml with the overrides, run the sweep."""
+    run_sweep(cfg)
