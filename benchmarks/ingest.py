@@ -41,7 +41,7 @@ from raycg.train.step import StepContext, train_step  # noqa: E402
 
 
 def load_cfg():
-    cfg = compose([])  # the default model and loss (conf/model/parallel_dcn.yaml, conf/loss/unified.yaml)
+    cfg = compose([])  # the default model and loss (raycg/conf/model/parallel_dcn.yaml, raycg/conf/loss/unified.yaml)
     return (OmegaConf.to_container(c, resolve=True) for c in (cfg.model, cfg.loss))
 
 

@@ -2,7 +2,7 @@
 
     python -m raycg.convert MAPPING INPUT OUT_DIR [--cutoff-ts N] [--eval-fraction F] [--shards N] ...
 
-MAPPING is a preset (tmall, rees46, taobao_user_behavior: conf/convert/<name>.yaml) or your own
+MAPPING is a preset (tmall, rees46, taobao_user_behavior: raycg/conf/convert/<name>.yaml) or your own
 mapping YAML (column names or positions, event-type map, timestamp unit or format, surfaces,
 optional advertiser, click duration from the next event; see raycg/data/logmap.py). INPUT is
 CSV (with or without a header row) or Parquet. Then train with the default configuration:

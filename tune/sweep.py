@@ -2,7 +2,7 @@
 
 Each trial is one real raycg run (raycg.train.driver.run: TorchTrainer fit -> faiss recall@K)
 with the trial's values merged into the main config; the sweep settings are the `tune` config
-group (conf/tune/default.yaml, loaded by default, `tune=<name>` picks another). Examples:
+group (raycg/conf/tune/default.yaml, loaded by default, `tune=<name>` picks another). Examples:
 
     python tune/sweep.py experiment=smoke trainer.epochs=1
     python tune/sweep.py data=sim_small tune.num_samples=2 tune.metric=engagement_recall@1000

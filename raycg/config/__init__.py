@@ -21,7 +21,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from raycg.config.schema import SCHEMAS
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")  # raycg/conf
 
 for _name, _node in SCHEMAS.items():
     ConfigStore.instance().store(name=_name, node=_node)
@@ -32,7 +32,7 @@ class ConfigError(ValueError):
 
 
 def compose(overrides: Iterable[str] = (), config_name: str = "config") -> DictConfig:
-    """The config `config_name` (conf/<name>.yaml) with Hydra command-line overrides, exactly
+    """The config `config_name` (raycg/conf/<name>.yaml) with Hydra command-line overrides, exactly
     as the app sees it. Inside a running Hydra app of this tree (raycg.report composing its
     runs) the app's Hydra instance composes it."""
     from hydra import compose as hydra_compose

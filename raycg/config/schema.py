@@ -32,7 +32,7 @@ def _choices(name: str, *values: str) -> type[StrEnum]:
     return StrEnum(name, [(v, v) for v in values], module=__name__, qualname=name)
 
 
-# -- enumerations (raycg/conf/*.yaml comments list them too) -------------------------------
+# -- enumerations (raycg/conf/*.yaml comments list them too) -----------------------------------
 DataSource = _choices("DataSource", "simulator", "files")
 OnBadRows = _choices("OnBadRows", "fail", "quarantine")
 Cross = _choices("Cross", "parallel", "stacked", "cross_only", "mlp_only")  # raycg.model.towers.STRUCTURES
@@ -52,11 +52,11 @@ TuneMode = _choices("TuneMode", "max", "min")
 TuneScheduler = _choices("TuneScheduler", "fifo")
 
 
-# -- data (conf/data/*.yaml) ----------------------------------------------------------------
+# -- data (raycg/conf/data/*.yaml) -------------------------------------------------------------
 @dataclass
 class SimConfigSchema:
     """data.sim: every knob of raycg.data.simulate.SimConfig (tests/test_config.py keeps the two
-    in step); conf/data/sim_default.yaml gives each a value."""
+    in step); raycg/conf/data/sim_default.yaml gives each a value."""
 
     seed: int = MISSING
     n_users: int = MISSING
@@ -107,7 +107,7 @@ class DataConfig:
     sim: Optional[SimConfigSchema] = MISSING  # null for data=files
 
 
-# -- model (conf/model/*.yaml) ----------------------------------------------------------------
+# -- model (raycg/conf/model/*.yaml) -----------------------------------------------------------
 @dataclass
 class VocabConfig:
     enabled: bool = MISSING
@@ -148,7 +148,7 @@ class ModelConfig:
     # (the driver adds `vocab_sizes`, {feature: vocabulary size}, with model.vocab.enabled)
 
 
-# -- loss (conf/loss/*.yaml) ------------------------------------------------------------------
+# -- loss (raycg/conf/loss/*.yaml) -------------------------------------------------------------
 @dataclass
 class LossConfig:
     conversion_weight: float = MISSING
@@ -165,7 +165,7 @@ class LossConfig:
     advertiser_weight: float = MISSING
 
 
-# -- trainer (conf/trainer/*.yaml) ------------------------------------------------------------
+# -- trainer (raycg/conf/trainer/*.yaml) -------------------------------------------------------
 @dataclass
 class LrScheduleConfig:
     decay: Decay = MISSING
@@ -213,7 +213,7 @@ class TrainerConfig:
     profile_steps: int = MISSING
 
 
-# -- eval (conf/eval/*.yaml) ------------------------------------------------------------------
+# -- eval (raycg/conf/eval/*.yaml) -------------------------------------------------------------
 @dataclass
 class AlsConfig:
     factors: int = MISSING
@@ -234,7 +234,7 @@ class EvalConfig:
     als: AlsConfig = MISSING
 
 
-# -- the run config (conf/config.yaml: python -m raycg.train) -------------------------------
+# -- the run config (raycg/conf/config.yaml: python -m raycg.train) ----------------------------
 @dataclass
 class PathsConfig:
     runs_dir: str = MISSING
@@ -260,7 +260,7 @@ class RunConfig:
     ray: RayConfig = MISSING
 
 
-# -- tune (conf/tune/*.yaml; conf/sweep.yaml = the run config + tune) ------------------------
+# -- tune (raycg/conf/tune/*.yaml; raycg/conf/sweep.yaml = the run config + tune) --------------
 @dataclass
 class TuneConfig:
     name: Optional[str] = MISSING
@@ -280,7 +280,7 @@ class SweepConfig(RunConfig):
     tune: TuneConfig = MISSING
 
 
-# -- the other entry points (conf/<app>.yaml) ------------------------------------------------
+# -- the other entry points (raycg/conf/<app>.yaml) --------------------------------------------
 @dataclass
 class ReportConfig(RunConfig):
     """python -m raycg.report: its own keys on top of the run config, so that every other
@@ -327,7 +327,7 @@ class ConvertConfig:
     attribution_window_days: float = MISSING
 
 
-# -- report grids (conf/report/*.yaml; loaded by raycg.report.grid, not composed by Hydra) ----
+# -- report grids (raycg/conf/report/*.yaml; loaded by raycg.report.grid, not composed by Hydra) ---
 @dataclass
 class Claim:
     a: str = MISSING

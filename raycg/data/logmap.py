@@ -2,7 +2,7 @@
 
 A mapping says where each raycg field comes from in a CSV (with or without a header row) or
 Parquet file; the Tmall, REES46 and Taobao UserBehavior formats are mapping presets
-(`conf/convert/<name>.yaml`). A whole mapping, with every key it may have:
+(`raycg/conf/convert/<name>.yaml`). A whole mapping, with every key it may have:
 
     name: mylog                     # meta["source"]
     format: csv                     # csv | parquet (default: from the file name)
@@ -69,13 +69,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
+from raycg.config import CONF_DIR
 from raycg.data.hashing import add_proxy_field, emb_column, price_bucket, unit_rows
 from raycg.data.schema import EVENT_SCHEMA, EVENT_TYPES, SURFACES
 from raycg.data.source import ConversionError, SourceFile, _Column
 
 CONTENT_DIM = 16
-PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                          "conf", "convert")
+PRESET_DIR = os.path.join(CONF_DIR, "convert")
 MAPPING_KEYS = {"name", "format", "header", "delimiter", "columns", "ids", "event_types", "duplicates",
                 "lowercase_event_types", "timestamp", "category", "advertiser", "surface",
                 "click_duration", "item_attributes", "user_attributes", "content", "description"}
@@ -170,7 +170,7 @@ def type_counts(event_type: np.ndarray) -> dict[str, int]:
 
 
 def load_mapping(spec) -> dict:
-    """A mapping dict, a YAML file, or a preset name (conf/convert/<name>.yaml) -> checked dict."""
+    """A mapping dict, a YAML file, or a preset name (raycg/conf/convert/<name>.yaml) -> checked dict."""
     if isinstance(spec, dict):
         mapping = dict(spec)
     else:

@@ -1,4 +1,4 @@
-"""The training objective, composed from `conf/loss/*.yaml` (every key required).
+"""The training objective, composed from `raycg/conf/loss/*.yaml` (every key required).
 
 Per head h (unified: one head, both tasks; multi_head: `conversion` and `engagement`),
 a weighted sampled softmax (raycg.losses.softmax) whose candidates are

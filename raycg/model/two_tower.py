@@ -23,7 +23,7 @@ class TwoTowerModel(nn.Module):
     (+ `hist_items`/`hist_actions` [B, L] when spec.history_length > 0); item tower reads
     `item_cat` [B, len(spec.item_cat)] + `item_dense` [B, spec.item_dense].
 
-    Config keys (conf/model/*.yaml, every one required: raycg.config.schema.ModelConfig): cross,
+    Config keys (raycg/conf/model/*.yaml, every one required: raycg.config.schema.ModelConfig): cross,
     cross_layers, low_rank, num_experts, mlp_dims, head_dims, embedding_dim, id_dim,
     embedding_dropout, buckets.<name>, vocab.oov_buckets, sparse_tables, temperature,
     learn_temperature, heads, serve_head, history.{layers, heads, share_item_embedding}.

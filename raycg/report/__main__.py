@@ -1,6 +1,6 @@
 """python -m raycg.report [grids=sim,tmall] [seeds=3] [out=report] [publish=docs/results.md] [HYDRA_OVERRIDE ...]
 
-Runs every grid in `conf/report/<grid>.yaml` (variants x seeds, each a full train + eval run
+Runs every grid in `raycg/conf/report/<grid>.yaml` (variants x seeds, each a full train + eval run
 with the baselines), then writes into `out`:
     README.md                 the report: recall tables with 95% intervals over seeds, paired
                               ablation deltas, the seed paper's claims, per-surface recall

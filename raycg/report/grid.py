@@ -17,7 +17,7 @@ from raycg.config.schema import GridConfig
 
 @dataclass
 class Grid:
-    """A grid file (conf/report/<name>.yaml, or any YAML path), checked against GridConfig."""
+    """A grid file (raycg/conf/report/<name>.yaml, or any YAML path), checked against GridConfig."""
 
     name: str
     title: str

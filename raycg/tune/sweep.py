@@ -2,7 +2,7 @@
 
 Each trial is one real raycg run (raycg.train.driver.run: TorchTrainer fit -> faiss recall@K)
 with the trial's values merged into the main config; the sweep settings are the `tune` config
-group (conf/tune/default.yaml, loaded by default, `tune=<name>` picks another). Examples:
+group (raycg/conf/tune/default.yaml, loaded by default, `tune=<name>` picks another). Examples:
 
     python tune/sweep.py experiment=smoke trainer.epochs=1
     python tune/sweep.py data=sim_small tune.num_samples=2 tune.metric=engagement_recall@1000
@@ -39,7 +39,7 @@ SAMPLERS = {
 
 
 def compose_sweep(overrides: list[str]) -> DictConfig:
-    """The config exactly as `python tune/sweep.py <overrides>` sees it (conf/sweep.yaml)."""
+    """The config exactly as `python tune/sweep.py <overrides>` sees it (raycg/conf/sweep.yaml)."""
     return compose(overrides, config_name="sweep")
 
 
@@ -126,7 +126,7 @@ def run_sweep(cfg: DictConfig) -> tuple[tune.ResultGrid, dict]:
     """Simulate the data once, run the trials, print/write the table. Returns (grid, summary)."""
     ts = cfg.tune
     if ts.scheduler != "fifo":
-        raise ValueError(f"tune.scheduler={ts.scheduler!r}: only 'fifo' is supported (see conf/tune/default.yaml)")
+        raise ValueError(f"tune.scheduler={ts.scheduler!r}: only 'fifo' is supported (see raycg/conf/tune/default.yaml)")
     if ts.mode not in ("max", "min"):
         raise ValueError(f"tune.mode must be max or min, got {ts.mode!r}")
     valid = [f"{task}_recall@{int(k)}" for task in ("conversion", "engagement") for k in cfg.eval.ks]
@@ -257,5 +257,5 @@ def _fmt(v) -> str:
 
 @hydra_app("sweep")
 def main(cfg: DictConfig, overrides: list[str]) -> None:
-    """The command line (tune/sweep.py): compose conf/sweep.yaml with the overrides, run the sweep."""
+    """The command line (tune/sweep.py): compose raycg/conf/sweep.yaml with the overrides, run the sweep."""
     run_sweep(cfg)
