@@ -1,23 +1,24 @@
 """Convert an event log into a raycg data directory (docs/adapters.md).
 
-    python -m raycg.convert MAPPING INPUT OUT_DIR [--cutoff-ts N] [--eval-fraction F] [--shards N] ...
+    raycg-convert mapping=MAPPING input=INPUT out_dir=OUT_DIR [cutoff_ts=N] [eval_fraction=F] [shards=N] ...
+    (or python -m raycg.convert ...; every option: raycg/conf/convert.yaml)
 
 MAPPING is a preset (tmall, rees46, taobao_user_behavior: raycg/conf/convert/<name>.yaml) or your own
 mapping YAML (column names or positions, event-type map, timestamp unit or format, surfaces,
 optional advertiser, click duration from the next event; see raycg/data/logmap.py). INPUT is
 CSV (with or without a header row) or Parquet. Then train with the default configuration:
 
-    python -m raycg.train data=files data.dir=OUT_DIR
+    raycg-train data=files data.dir=OUT_DIR
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
-import os
+from omegaconf import DictConfig
 
+from raycg.config import hydra_app, require_complete
 from raycg.data.adapters import CONTENT_DIM, ConversionError, write_data_dir
-from raycg.data.logmap import PRESET_DIR, convert_log, load_mapping
+from raycg.data.logmap import convert_log, load_mapping
 
 
 def _fmt(x, spec=".3f") -> str:
@@ -83,41 +84,26 @@ def summary(meta: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m raycg.convert", description=__doc__.split("\n\n")[0])
-    presets = sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml"))
-    ap.add_argument("mapping", help=f"a preset ({', '.join(presets)}) or a mapping YAML file")
-    ap.add_argument("input", help="input CSV or Parquet file")
-    ap.add_argument("out_dir", help="output data directory (data=files data.dir=OUT_DIR)")
-    ap.add_argument("--cutoff-ts", type=int, default=None,
-                    help="train/eval cutoff, unix seconds (default: quantile leaving --eval-fraction in eval)")
-    ap.add_argument("--eval-fraction", type=float, default=0.2, help="share of events in eval (default 0.2)")
-    ap.add_argument("--shards", type=int, default=2, help="Parquet shards per split (default 2)")
-    ap.add_argument("--session-gap-cap", type=float, default=None,
-                    help="mappings with click_duration from next_event: cap on a click's duration, seconds "
-                         "(default: the mapping's cap_s, 300 in the presets)")
-    ap.add_argument("--content-dim", type=int, default=CONTENT_DIM,
-                    help=f"length of the proxy content embedding (default {CONTENT_DIM})")
-    ap.add_argument("--seed", type=int, default=0, help="shard shuffle seed (default 0)")
-    ap.add_argument("--overwrite", action="store_true", help="replace existing shards in OUT_DIR")
-    ap.add_argument("--attribution-window-days", type=float, default=7.0,
-                    help="last-click attribution of conversions to the same user's click of the item at most "
-                         "this many days earlier (request_ts); 0 = off (default 7)")
-    args = ap.parse_args(argv)
+@hydra_app("convert")
+def main(cfg: DictConfig, overrides: list[str]) -> int:
+    """0 after writing the data directory and printing its summary; 2 (with the error on stderr)
+    when the log or the mapping cannot be converted."""
+    require_complete(cfg)  # mapping=, input=, out_dir=
+    content_dim = CONTENT_DIM if cfg.content_dim is None else cfg.content_dim
     try:
-        mapping = load_mapping(args.mapping)
-        if args.session_gap_cap is not None:
+        mapping = load_mapping(cfg.mapping)
+        if cfg.session_gap_cap is not None:
             if (mapping.get("click_duration") or {}).get("from") != "next_event":
-                raise ConversionError(f"--session-gap-cap: mapping {mapping['name']!r} does not derive click "
+                raise ConversionError(f"session_gap_cap: mapping {mapping['name']!r} does not derive click "
                                       "durations from the next event")
-            if not args.session_gap_cap > 0:
-                raise ValueError(f"--session-gap-cap must be > 0, got {args.session_gap_cap}")
-            mapping["click_duration"] = dict(mapping["click_duration"], cap_s=args.session_gap_cap)
-        result = convert_log(args.input, mapping, content_dim=args.content_dim)
-        meta = write_data_dir(result, args.out_dir, cutoff_ts=args.cutoff_ts,
-                              eval_fraction=args.eval_fraction, num_shards=args.shards,
-                              seed=args.seed, overwrite=args.overwrite,
-                              attribution_window_s=args.attribution_window_days * 86_400 or None)
+            if not cfg.session_gap_cap > 0:
+                raise ValueError(f"session_gap_cap must be > 0, got {cfg.session_gap_cap}")
+            mapping["click_duration"] = dict(mapping["click_duration"], cap_s=cfg.session_gap_cap)
+        result = convert_log(cfg.input, mapping, content_dim=content_dim)
+        meta = write_data_dir(result, cfg.out_dir, cutoff_ts=cfg.cutoff_ts,
+                              eval_fraction=cfg.eval_fraction, num_shards=cfg.shards,
+                              seed=cfg.seed, overwrite=cfg.overwrite,
+                              attribution_window_s=cfg.attribution_window_days * 86_400 or None)
     except (ConversionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -126,4 +112,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

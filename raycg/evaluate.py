@@ -1,37 +1,52 @@
-"""python -m raycg.evaluate run_dir=runs/<name> [eval.KEY=VALUE ...]  -- evaluate a run's latest checkpoint.
+"""raycg-evaluate / python -m raycg.evaluate run_dir=runs/<name> [eval.KEY=VALUE ...]  -- evaluate a run's
+best (else newest intact) checkpoint.
 
-Uses the data paths and eval settings stored with the checkpoint (override any `eval.` key,
-e.g. `eval.ks=[10,100,1000] eval.baselines=[popularity]`); prints the recall table and
-writes <run_dir>/eval.json.
+Uses the data paths and eval settings stored with the checkpoint; the `eval.` keys given on the
+command line replace the stored ones (e.g. `eval.ks=[10,100,1000] eval.baselines=[popularity]`;
+checked against the eval schema when Hydra composes raycg/conf/evaluate.yaml). Prints the recall
+table and writes <run_dir>/eval.json.
 """
 import os
-import sys
 
-from omegaconf import OmegaConf
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
 
+from raycg.config import hydra_app, require_complete
 from raycg.eval.evaluate import evaluate_checkpoint, format_table, timing_line, write_results
 from raycg.model.checkpoint import load_model, evaluation_checkpoint
 from raycg.train.driver import init_ray
-from raycg.train.runs import parse_overrides
 
 
-def main(argv: list[str]) -> None:
-    eval_args = [a for a in argv if a.startswith("eval.")]
-    args = parse_overrides([a for a in argv if not a.startswith("eval.")], {"run_dir": None})
-    ckpt = evaluation_checkpoint(args["run_dir"])  # <run>/best, else the newest intact one
+def given_keys(cfg: DictConfig, overrides: list[str], group: str) -> dict:
+    """The values of `group` that the command line set (as composed, so typed and checked):
+    `eval.ks=[10,100]` -> {"ks": [10, 100]}; the group itself (`eval=default`) -> all of it."""
+    picked = OmegaConf.create({group: {}})
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        if key == group:
+            return OmegaConf.to_container(cfg[group], resolve=True)
+        if key.startswith(group + "."):
+            OmegaConf.update(picked, key, OmegaConf.select(cfg, key), force_add=True)
+    return OmegaConf.to_container(picked, resolve=True)[group]
+
+
+@hydra_app("evaluate")
+def main(cfg: DictConfig, overrides: list[str]) -> None:
+    require_complete(cfg)  # run_dir=...
+    ckpt = evaluation_checkpoint(cfg.run_dir)  # <run>/best, else the newest intact one
     _, config = load_model(ckpt)
-    eval_cfg = OmegaConf.to_container(OmegaConf.merge(
-        {"eval": config["eval"]}, OmegaConf.from_dotlist(eval_args)), resolve=True)["eval"]
+    eval_cfg = OmegaConf.to_container(OmegaConf.merge(config["eval"], given_keys(cfg, overrides, "eval")),
+                                      resolve=True)
     init_ray(OmegaConf.create(config))  # the run's own Ray settings (embedded: loopback only)
     results = evaluate_checkpoint(ckpt, config["data"], eval_cfg,
                                   history_length=config["model"]["history"]["length"],
                                   seed=config["seed"],
-                                  quarantine_dir=os.path.join(args["run_dir"], "quarantine", "eval"))
+                                  quarantine_dir=os.path.join(cfg.run_dir, "quarantine", "eval"))
     results["checkpoint"] = ckpt
-    path = write_results(args["run_dir"], results)
+    path = write_results(cfg.run_dir, results)
     print("\n" + format_table(results))
     print(timing_line(results, path))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

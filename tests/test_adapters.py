@@ -163,14 +163,14 @@ def test_rees46_real_sample(rees46):
 def test_cli_real_sample(tmp_path, capsys):
     _need(TMALL_CSV)
     out = tmp_path / "t"
-    assert convert_main(["tmall", TMALL_CSV, str(out), "--shards", "3", "--eval-fraction", "0.3"]) == 0
+    assert convert_main(["mapping=tmall", f"input={TMALL_CSV}", f"out_dir={out}", "shards=3", "eval_fraction=0.3"]) == 0
     text = capsys.readouterr().out
     assert "read 9,999 rows" in text and "loss.duration_weighting=auto" in text
     assert len(glob.glob(str(out / "events" / "train" / "*.parquet"))) == 3
-    # a second run into the same directory refuses unless --overwrite
-    assert convert_main(["tmall", TMALL_CSV, str(out)]) == 2
+    # a second run into the same directory refuses unless overwrite=true
+    assert convert_main(["mapping=tmall", f"input={TMALL_CSV}", f"out_dir={out}"]) == 2
     assert "already holds" in capsys.readouterr().err
-    assert convert_main(["tmall", TMALL_CSV, str(out), "--overwrite"]) == 0
+    assert convert_main(["mapping=tmall", f"input={TMALL_CSV}", f"out_dir={out}", "overwrite=true"]) == 0
     assert len(glob.glob(str(out / "events" / "train" / "*.parquet"))) == 2
 
 

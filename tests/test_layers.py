@@ -9,7 +9,7 @@ or packages below it.
     eval      raycg.eval      queries, recall, baselines and the model as retrievers
     train     raycg.train     the Ray Train loop and the driver (train -> evaluate -> export)
     top       raycg.report, raycg.tune (neither imports the other)
-    entry     raycg.convert, raycg.evaluate, raycg.export (command lines; import anything)
+    entry     raycg.convert, raycg.evaluate, raycg.export, raycg.simulate (command lines; import anything)
 
 Inside raycg.data the two data sources (the simulator; the log converters) import the shared
 data modules and never each other, and the shared modules import neither source.
@@ -33,7 +33,7 @@ LAYERS = [  # lowest first: (level, packages at that level)
     ("eval", ["raycg.eval"]),
     ("train", ["raycg.train"]),
     ("top", ["raycg.report", "raycg.tune"]),
-    ("entry", ["raycg.convert", "raycg.evaluate", "raycg.export"]),
+    ("entry", ["raycg.convert", "raycg.evaluate", "raycg.export", "raycg.simulate"]),
 ]
 # the data sources of raycg.data (each a family of modules); everything else in raycg.data is shared
 DATA_SOURCES = {

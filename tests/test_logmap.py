@@ -145,15 +145,16 @@ def test_taobao_preset_through_the_cli(tmp_path, capsys):
     # the Taobao UserBehavior layout: user, item, category, behaviour, unix seconds; no header
     rows = [(7, 100 + k % 5, 3, ("pv", "fav", "cart", "buy")[k % 4], T0 + 3600 * k) for k in range(40)]
     out = tmp_path / "data"
-    assert convert_main(["taobao_user_behavior", _csv(tmp_path, rows), str(out)]) == 0
+    assert convert_main(["mapping=taobao_user_behavior", f"input={_csv(tmp_path, rows)}", f"out_dir={out}"]) == 0
     text = capsys.readouterr().out
     assert "read 40 rows" in text and "content_emb: none" in text and "every item's advertiser is 0" in text
     meta = json.loads((out / "meta.json").read_text())
     assert meta["event_types"] == {"impression": 0, "click": 10, "save": 10, "add_to_cart": 10, "checkout": 10}
     assert "content_emb" not in pq.read_schema(out / "items.parquet").names
     assert meta["n_train_events"] + meta["n_eval_events"] == 40
-    # a mapping that derives no durations cannot take --session-gap-cap
-    assert convert_main(["tmall", _csv(tmp_path, rows), str(tmp_path / "x"), "--session-gap-cap", "60"]) == 2
+    # a mapping that derives no durations cannot take session_gap_cap
+    assert convert_main(["mapping=tmall", f"input={_csv(tmp_path, rows)}", f"out_dir={tmp_path / 'x'}",
+                         "session_gap_cap=60"]) == 2
     assert "does not derive click durations" in capsys.readouterr().err
 
 

@@ -73,7 +73,7 @@ claims:
     out, doc = tmp_path / "report", tmp_path / "docs" / "results.md"
     doc.parent.mkdir()
     doc.write_text("old\n<!-- discussion -->\nOur reading.\n<!-- /discussion -->\nold tail\n")
-    main([f"grids={grid}", "seeds=2", f"out={out}", f"publish={doc}"])
+    main([f"grids=[{grid}]", "seeds=2", f"out={out}", f"publish={doc}"])
 
     records = json.loads((out / "results.json").read_text())
     assert sorted((r["variant"], r["seed"]) for r in records) == [("ref", 0), ("ref", 1), ("stacked", 0), ("stacked", 1)]
@@ -97,19 +97,26 @@ claims:
 
     # a second invocation reuses all four runs
     capsys.readouterr()
-    main([f"grids={grid}", "seeds=2", f"out={out}"])
+    main([f"grids=[{grid}]", "seeds=2", f"out={out}"])
     assert capsys.readouterr().out.count("done earlier, reusing") == 4
 
 
 def test_report_arguments_are_checked():
-    from raycg.report.__main__ import main
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
+    from raycg.report.__main__ import main, run_overrides_given
 
     with pytest.raises(SystemExit, match="no .*nope.yaml"):
-        main(["grids=nope"])
+        main(["grids=[nope]"])
     with pytest.raises(SystemExit, match="positive number of seeds"):
         main(["seeds=0"])
-    with pytest.raises(SystemExit, match="expected key=value"):
+    with pytest.raises(OverrideParseException, match="stacked"):
         main(["stacked"])
+    # run overrides are checked when the report starts, not after an hour of runs
+    with pytest.raises(ConfigCompositionException, match="model.cross=stakced"):
+        main(["grids=[sim]", "model.cross=stakced"])
+    assert run_overrides_given(["grids=[sim]", "seeds=1", "trainer.epochs=1", "out=x", "publish=y.md",
+                                "model.cross=stacked"]) == ["trainer.epochs=1", "model.cross=stacked"]
 
 
 def test_shipped_grids_compose():

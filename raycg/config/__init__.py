@@ -78,7 +78,10 @@ def hydra_app(config_name: str) -> Callable:
         def run_cli(cfg: DictConfig) -> None:
             from hydra.core.hydra_config import HydraConfig
 
-            status = task(cfg, list(HydraConfig.get().overrides.task))
+            try:
+                status = task(cfg, list(HydraConfig.get().overrides.task))
+            except ConfigError as e:  # a required value not given: the message, no traceback
+                sys.exit(f"error: {e}")
             if isinstance(status, int) and not isinstance(status, bool) and status:
                 sys.exit(status)
 

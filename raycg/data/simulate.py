@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
-from dataclasses import fields
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -48,7 +46,7 @@ import pyarrow.parquet as pq
 from raycg.data.datadir import clear_shards, time_split, write_shards
 from raycg.data.sim.config import SimConfig
 from raycg.data.sim.events import _simulate_events
-from raycg.data.sim.parallel import _peak_rss_mb, _write_dataset_parallel
+from raycg.data.sim.parallel import _write_dataset_parallel
 from raycg.data.sim.world import _base_meta, _item_user_tables, _make_world
 
 
@@ -91,48 +89,3 @@ def write_dataset(cfg: SimConfig, out_dir: str, parallel: bool | None = None) ->
         json.dump(meta, f, indent=2)
     return meta
 
-
-def main(argv: list[str] | None = None) -> dict:
-    """python -m raycg.data.simulate --out DIR [--users N ...]: write a simulated dataset."""
-    import argparse
-
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=None,
-                    help="force the Ray scale-out path (default: by size)")
-    ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray this starts")
-    for f in fields(SimConfig):
-        if f.type in ("int", "float"):
-            ap.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                            type=int if f.type == "int" else float)
-    args = ap.parse_args(argv)
-    cfg = SimConfig(**{f.name: getattr(args, f.name) for f in fields(SimConfig)
-                       if getattr(args, f.name, None) is not None})
-    own_ray = args.num_cpus is not None and use_parallel(cfg, args.parallel)
-    if own_ray:
-        import ray
-
-        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
-    try:
-        t0 = time.perf_counter()
-        meta = write_dataset(cfg, args.out, parallel=args.parallel)
-        wall = time.perf_counter() - t0
-    finally:
-        if own_ray:
-            ray.shutdown()
-    size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(args.out) for f in fs)
-    print(json.dumps({
-        "wall_s": round(wall, 1), "n_impressions_shown": meta["n_impressions_shown"], "n_events": meta["n_events"],
-        "n_train_events": meta["n_train_events"], "n_eval_events": meta["n_eval_events"],
-        "ctr": round(meta["n_clicks"] / meta["n_impressions_shown"], 4),
-        "conversion_per_click": round(meta["conversion_per_click"], 4),
-        "shards": meta.get("shards", {"train": cfg.num_shards, "eval": max(1, cfg.num_shards // 2)}),
-        "bytes_on_disk": size, "driver_peak_rss_mb": round(_peak_rss_mb()),
-    }, indent=2), flush=True)
-    return meta
-
-
-if __name__ == "__main__":
-    from raycg.data import simulate as _module  # run as raycg.data.simulate so Ray tasks pickle by reference
-
-    _module.main()

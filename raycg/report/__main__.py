@@ -1,4 +1,4 @@
-"""python -m raycg.report [grids=sim,tmall] [seeds=3] [out=report] [publish=docs/results.md] [HYDRA_OVERRIDE ...]
+"""raycg-report / python -m raycg.report [grids=[sim,tmall]] [seeds=3] [out=report] [publish=docs/results.md] [HYDRA_OVERRIDE ...]
 
 Runs every grid in `raycg/conf/report/<grid>.yaml` (variants x seeds, each a full train + eval run
 with the baselines), then writes into `out`:
@@ -9,52 +9,53 @@ with the baselines), then writes into `out`:
     configs/<grid>/*.yaml     the exact composed config of every run
     runs/<grid>/<variant>-s<seed>/   the run directories (checkpoint, eval.json, ...)
 `publish=PATH` also writes the report to PATH with plots and configs beside it (PATH minus
-.md), keeping its hand-written discussion section. Other key=value arguments are Hydra
-overrides applied to every run (e.g. `trainer.epochs=1` for a quick look). A grid may also be
-given as a path to a grid YAML file. Finished runs are reused, so a stopped report resumes.
+.md), keeping its hand-written discussion section. The options are the keys of
+raycg/conf/report.yaml; every other override is a `raycg-train` override (the run config is
+composed with the report's, so it is checked at once), applied to every run (e.g.
+`trainer.epochs=1` for a quick look). A grid may also be given as a path to a grid YAML file
+(`grids=[my_grid.yaml]`). Finished runs are reused, so a stopped report resumes.
 """
 from __future__ import annotations
 
 import os
-import sys
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig
+
+from raycg.config import hydra_app
+from raycg.config.schema import ReportConfig, RunConfig
 from raycg.report.document import write_report
 from raycg.report.grid import Grid
 
-REPORT_KEYS = {"grids": "sim,tmall", "seeds": "3", "out": "report", "publish": ""}
+# the report's own keys (raycg/conf/report.yaml); every other override goes to the runs
+REPORT_KEYS = {f for f in ReportConfig.__dataclass_fields__ if f not in RunConfig.__dataclass_fields__}
 
 
 def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
-    opts, overrides = dict(REPORT_KEYS), []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            raise SystemExit(f"unknown argument {arg!r}; expected key=value ({sorted(REPORT_KEYS)} or a Hydra override)")
-        if key in REPORT_KEYS:
-            opts[key] = value
-        else:
-            overrides.append(arg)
-    if not opts["seeds"].isdigit() or int(opts["seeds"]) < 1:
-        raise SystemExit(f"seeds={opts['seeds']!r}: expected a positive number of seeds")
-    return opts, overrides
+def run_overrides_given(overrides: list[str]) -> list[str]:
+    """The command-line overrides that are not the report's own keys: applied to every run."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [text for text, o in zip(overrides, parsed) if o.key_or_group not in REPORT_KEYS]
 
 
 def load_grid(spec: str) -> Grid:
     return Grid.load(spec)  # a shipped grid's name or a grid YAML's path
 
 
-def main(argv: list[str]) -> None:
-    opts, overrides = parse_args(argv)
-    seeds = list(range(int(opts["seeds"])))
-    grids = [load_grid(g) for g in opts["grids"].split(",") if g]
-    out_dir = os.path.abspath(opts["out"])
+@hydra_app("report")
+def main(cfg: DictConfig, argv: list[str]) -> None:
+    if cfg.seeds < 1:
+        raise SystemExit(f"seeds={cfg.seeds}: expected a positive number of seeds")
+    overrides = run_overrides_given(argv)
+    seeds = list(range(cfg.seeds))
+    grids = [load_grid(g) for g in cfg.grids]
+    out_dir = os.path.abspath(cfg.out)
     command = "python -m raycg.report " + " ".join(argv) if argv else "python -m raycg.report"
-    write_report(grids, seeds, out_dir, overrides, opts["publish"], command, log)
+    write_report(grids, seeds, out_dir, overrides, cfg.publish or "", command, log)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -1,2 +1,2 @@
-"""Ray Tune sweeps over raycg runs (raycg.tune.sweep); the command is `python tune/sweep.py`
-(tune/README.md)."""
+"""Ray Tune sweeps over raycg runs (raycg.tune.sweep); the command is `raycg-tune` or
+`python tune/sweep.py` (tune/README.md)."""
