@@ -32,4 +32,4 @@ def test_structure_and_heads(ray_session, tiny_data_dir, tmp_path, structure, he
     assert len(metrics) == 1 and math.isfinite(metrics[0]["loss"])
     for task in ("conversion", "engagement"):
         assert 0.0 <= results["model"][task][10] <= results["model"][task][100] <= 1.0
-    assert (tmp_path / "v" / "export" / "user_tower.pt").exists()
+    assert (tmp_path / "v" / "export" / "user_tower.pt2").exists()
