@@ -37,7 +37,7 @@ def column_matrix(table: pa.Table, name: str, width: int, dtype) -> np.ndarray:
     """A list column of `width` values per row -> [N, width]."""
     col = table.column(name).combine_chunks()
     values = col.flatten().to_numpy(zero_copy_only=False) if table.num_rows else np.zeros(0)
-    return np.asarray(values, dtype=dtype).reshape(table.num_rows, width)
+    return np.array(values, dtype=dtype).reshape(table.num_rows, width)  # a writable copy (torch.from_numpy)
 
 
 def write_tables(store: FeatureStore, out_dir: str) -> dict:
