@@ -53,6 +53,10 @@ def check_config(cfg: DictConfig) -> None:
                                           "max-autotune-no-cudagraphs"))
     _choice(cfg, "data.on_bad_rows", ("fail", "quarantine"))
     _choice(cfg, "eval.device", DEVICES)
+    if cfg.get("index") is not None:  # the export's item index: fail now, not after training
+        from raycg.retrieve.index import KINDS
+
+        _choice(cfg, "index.kind", KINDS)
     for key, low in (("trainer.epochs", 1), ("trainer.batch_size", 1), ("trainer.num_workers", 1),
                      ("trainer.transfer_batches", 1), ("trainer.prefetch_batches", 1),
                      ("trainer.log_every_steps", 1), ("trainer.lr", 0), ("trainer.cpus_per_worker", 0),
