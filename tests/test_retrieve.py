@@ -67,7 +67,8 @@ def _world(seed: int = 0):
 def world(tmp_path_factory):
     model, store, events, history = _world()
     out = str(tmp_path_factory.mktemp("run") / "export")
-    export_run(model, store, out, {"recall_k": 20}, eval_events=events, history=history, use_ray=False,
+    training_store = dataclasses.replace(store, history=history, history_length=L)  # as the driver's
+    export_run(model, training_store, out, {"recall_k": 20}, eval_events=events, history=history, use_ray=False,
                log=lambda *_: None)
     return model, store, events, history, out
 

@@ -35,7 +35,10 @@ RETRIEVAL_FILES = (ITEMS_FILE, USERS_FILE, EMBEDDINGS_FILE, INDEX_FILE, INDEX_ME
 
 def pack_requests(store: FeatureStore, history_length: int, requests: pa.Table) -> dict[str, np.ndarray]:
     """User-tower inputs of checked requests: `FeatureStore.pack_users` (as training and
-    evaluation rows) with the history from the requests' recent actions."""
+    evaluation rows) with the history from the requests' recent actions (never from a history
+    index the store may hold: a training run's store has one)."""
+    if store.history is not None:
+        store = FeatureStore(items=store.items, users=store.users)
     out = store.pack_users(requests)
     if history_length:
         out["hist_items"], out["hist_actions"] = recent_actions(requests, history_length)
