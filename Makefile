@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER = 0
 export PYTHONUNBUFFERED = 1
 
-.PHONY: env demo test test-fast bench bench-eval bench-tables report clean
+.PHONY: env demo test test-fast bench bench-eval bench-tables bench-retrieve report clean
 
 env: $(STAMP)
 
@@ -38,6 +38,10 @@ bench-eval: $(STAMP)
 # step time vs id-table size: dense tables + Adam vs sparse tables (10k vs 1M items)
 bench-tables: $(STAMP)
 	$(PY) benchmarks/table_scale.py
+
+# retrieval from an export: single-request p50/p99 and batch throughput (100k items, random-init model)
+bench-retrieve: $(STAMP)
+	$(PY) benchmarks/retrieve_latency.py --ray
 
 # ablation grids x 3 seeds + baselines -> report/ and docs/results.md (about 1 h on 2 cores)
 report: $(STAMP)

@@ -1,20 +1,34 @@
-"""raycg-export / python -m raycg.export run_dir=runs/<name> [out=<dir>]  -- TorchScript towers + feature spec."""
-from omegaconf import DictConfig
+"""raycg-export / python -m raycg.export run_dir=runs/<name> [out=<dir>]  -- torch.export towers, feature
+tables, item embeddings and the faiss item index (raycg.retrieve.build), from the run's best (else newest
+intact) checkpoint."""
+import os
+
+from omegaconf import DictConfig, OmegaConf
 
 from raycg.config import hydra_app, require_complete
+from raycg.data.pipeline import checked_events, feature_store_from_config, validation_cutoff
 from raycg.model.checkpoint import evaluation_checkpoint, load_model
-from raycg.model.export import export_towers
+from raycg.retrieve.build import export_run
+from raycg.train.driver import init_ray
 
 
 @hydra_app("export")
 def main(cfg: DictConfig, overrides: list[str]) -> None:
     require_complete(cfg)  # run_dir=...
     ckpt = evaluation_checkpoint(cfg.run_dir)  # <run>/best, else the newest intact one
-    model, _ = load_model(ckpt)
-    paths = export_towers(model, cfg.out or f"{cfg.run_dir.rstrip('/')}/export")
-    print(f"[raycg] exported {ckpt}:")
-    for name, path in paths.items():
-        print(f"  {name:<13} {path}")
+    model, config = load_model(ckpt)
+    out = cfg.out or f"{cfg.run_dir.rstrip('/')}/export"
+    init_ray(OmegaConf.create(config))  # the run's own Ray settings (embedded: loopback only)
+    data = config["data"]  # features as the run built them: stats from before its validation window
+    store = feature_store_from_config(data, before_ts=validation_cutoff(data["train_path"],
+                                                                        data["validation_fraction"]))
+    quarantine = os.path.join(cfg.run_dir, "quarantine", "eval") if data["on_bad_rows"] == "quarantine" else None
+    eval_events = checked_events(data["eval_path"], store, quarantine_dir=quarantine)[0]
+    export_run(model, store, out, config["index"], eval_events=eval_events, train_path=data["train_path"],
+               seed=config["seed"])
+    print(f"[raycg] exported {ckpt} -> {out}")
+    for name in sorted(os.listdir(out)):
+        print(f"  {name}")
 
 
 if __name__ == "__main__":

@@ -87,10 +87,10 @@ def test_newest_intact_skips_damaged_checkpoints(tmp_path):
 def test_export_carries_checksums(tmp_path):
     export_towers(TwoTowerModel(CFG, FeatureSpec(user_dense=2, item_dense=3)), str(tmp_path))
     assert set(json.loads((tmp_path / "checksums.json").read_text())) == {
-        "user_tower.pt", "item_tower.pt", "feature_spec.json"}
+        "user_tower.pt2", "item_tower.pt2", "feature_spec.json"}
     verify_checksums(str(tmp_path))
-    damage(str(tmp_path / "item_tower.pt"), nbytes=64)
-    with pytest.raises(DamagedFileError, match=r"item_tower\.pt: damaged"):
+    damage(str(tmp_path / "item_tower.pt2"), nbytes=64)
+    with pytest.raises(DamagedFileError, match=r"item_tower\.pt2: damaged"):
         verify_checksums(str(tmp_path))
 
 

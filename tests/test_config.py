@@ -90,7 +90,7 @@ def test_the_conf_tree_has_no_group_these_tests_skip():
     dirs = {d for d in os.listdir(CONF_DIR) if os.path.isdir(os.path.join(CONF_DIR, d))}
     assert dirs == covered
     apps = sorted(f[:-5] for f in os.listdir(CONF_DIR) if f.endswith(".yaml"))
-    assert set(apps) <= {"config", "sweep", "report", "evaluate", "export", "simulate", "convert"}
+    assert set(apps) <= {"config", "sweep", "report", "evaluate", "export", "simulate", "convert", "retrieve"}
 
 
 def test_tune_options_compose_against_the_sweep_schema():

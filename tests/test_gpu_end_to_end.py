@@ -46,4 +46,4 @@ def test_gpu_training_every_loss_option_resume_evaluate_export(ray_gpu, small_da
     assert results["search_backend"].startswith("torch")
     model_r, pop_r = results["model"]["conversion"][100], results["popularity"]["conversion"][100]
     assert model_r > pop_r + 0.1, (model_r, pop_r)
-    assert (run_dir / "export" / "user_tower.pt").exists() and (run_dir / "export" / "item_tower.pt").exists()
+    assert (run_dir / "export" / "user_tower.pt2").exists() and (run_dir / "export" / "item_tower.pt2").exists()

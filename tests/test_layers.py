@@ -7,6 +7,7 @@ or packages below it.
     model     raycg.model     towers, the two-tower model, its checkpoint format and export
     losses    raycg.losses
     eval      raycg.eval      queries, recall, baselines and the model as retrievers
+    serve     raycg.retrieve  the export's item index and retrieval API (raw request -> top-K)
     train     raycg.train     the Ray Train loop and the driver (train -> evaluate -> export)
     top       raycg.report, raycg.tune (neither imports the other)
     entry     raycg.convert, raycg.evaluate, raycg.export, raycg.simulate (command lines; import anything)
@@ -31,6 +32,7 @@ LAYERS = [  # lowest first: (level, packages at that level)
     ("model", ["raycg.model"]),
     ("losses", ["raycg.losses"]),
     ("eval", ["raycg.eval"]),
+    ("serve", ["raycg.retrieve"]),
     ("train", ["raycg.train"]),
     ("top", ["raycg.report", "raycg.tune"]),
     ("entry", ["raycg.convert", "raycg.evaluate", "raycg.export", "raycg.simulate"]),
@@ -139,7 +141,7 @@ def test_the_checker_sees_upward_imports(tmp_path):
     known = {"raycg.train.checkpoint", "raycg.train.loop", "raycg.report.grid", "raycg.data.simulate"}
     assert imports("raycg.eval.m", str(p), known) == known
     assert place("raycg.eval.m") == (4, "raycg.eval")
-    assert place("raycg.convert") == (7, "raycg.convert")
+    assert place("raycg.convert") == (8, "raycg.convert")
     assert data_source("raycg.data.sim.world") == "simulator" and data_source("raycg.data.io") is None
 
 

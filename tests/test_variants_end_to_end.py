@@ -32,4 +32,9 @@ def test_structure_and_heads(ray_session, tiny_data_dir, tmp_path, structure, he
     assert len(metrics) == 1 and math.isfinite(metrics[0]["loss"])
     for task in ("conversion", "engagement"):
         assert 0.0 <= results["model"][task][10] <= results["model"][task][100] <= 1.0
-    assert (tmp_path / "v" / "export" / "user_tower.pt").exists()
+    export = tmp_path / "v" / "export"  # the driver's export: towers, item index, its measured recall
+    index = json.loads((export / "index.json").read_text())
+    assert index["kind"] == "flat" and index["recall"]["n_queries"] > 0 and index["recall"]["value"] == 1.0
+    from raycg.retrieve import Retriever
+
+    assert len(Retriever(str(export)).retrieve(user_id=1, surface="home", k=5)[0]) == 5

@@ -50,6 +50,7 @@ Baseline = _choices("Baseline", "popularity", "popularity_surface", "recent_enga
                     "als_conversion")  # raycg.eval.evaluate.BASELINES
 TuneMode = _choices("TuneMode", "max", "min")
 TuneScheduler = _choices("TuneScheduler", "fifo")
+IndexKind = _choices("IndexKind", "ivf", "hnsw")  # raycg.retrieve.index.KINDS
 
 
 # -- data (raycg/conf/data/*.yaml) -------------------------------------------------------------
@@ -248,6 +249,21 @@ class RayConfig:
 
 
 @dataclass
+class IndexConfig:
+    """The item index written to <run>/export/ after training (raycg/retrieve/index.py)."""
+
+    exact_max_items: int = MISSING
+    kind: IndexKind = MISSING
+    nlist: Optional[int] = MISSING
+    nprobe: int = MISSING
+    hnsw_m: int = MISSING
+    ef_search: int = MISSING
+    recall_k: int = MISSING
+    recall_queries: int = MISSING
+    batch_size: int = MISSING
+
+
+@dataclass
 class RunConfig:
     data: DataConfig = MISSING
     model: ModelConfig = MISSING
@@ -258,6 +274,7 @@ class RunConfig:
     run_name: Optional[str] = MISSING
     paths: PathsConfig = MISSING
     ray: RayConfig = MISSING
+    index: IndexConfig = MISSING
 
 
 # -- tune (raycg/conf/tune/*.yaml; raycg/conf/sweep.yaml = the run config + tune) --------------
@@ -302,6 +319,30 @@ class EvaluateConfig:
 class ExportConfig:
     run_dir: str = MISSING
     out: Optional[str] = MISSING
+
+
+@dataclass
+class RetrieveRayConfig:
+    address: Optional[str] = MISSING
+    num_cpus: Optional[int] = MISSING
+
+
+@dataclass
+class RetrieveConfig:
+    export_dir: str = MISSING
+    k: int = MISSING
+    user_id: Optional[int] = MISSING
+    surface: str = MISSING  # checked against the export's surfaces by raycg.retrieve.requests
+    context_item_id: int = MISSING
+    query_id: int = MISSING
+    recent_item_ids: List[int] = MISSING
+    recent_event_types: List[str] = MISSING
+    threads: int = MISSING
+    input: Optional[str] = MISSING
+    output: Optional[str] = MISSING
+    batch_size: int = MISSING
+    actors: int = MISSING
+    ray: RetrieveRayConfig = MISSING
 
 
 @dataclass
@@ -358,6 +399,7 @@ SCHEMAS = {
     "report_schema": ReportConfig,
     "evaluate_schema": EvaluateConfig,
     "export_schema": ExportConfig,
+    "retrieve_schema": RetrieveConfig,
     "simulate_schema": SimulateConfig,
     "convert_schema": ConvertConfig,
 }

@@ -6,7 +6,8 @@ Run directory (<paths.runs_dir>/<run_name>/):
     metrics.jsonl     one line per epoch (loss, rows/s, ...)
     checkpoint_*/     Ray Train checkpoints (model.pt + meta.json)
     eval.json         recall@K, model vs popularity
-    export/           TorchScript user/item towers + feature_spec.json (serving)
+    export/           torch.export user/item towers, feature tables, item embeddings + faiss
+                      index (raycg.retrieve.build)
 """
 from __future__ import annotations
 
@@ -35,11 +36,11 @@ from raycg.data.simulate import SimConfig, write_dataset
 from raycg.data.spec import FeatureSpec
 from raycg.data.vocab import build_vocabularies, store_counts
 from raycg.model.card import model_card, training_bytes
-from raycg.model.export import export_towers
 from raycg.model.checkpoint import load_model
 from raycg.model.two_tower import TwoTowerModel
 from raycg.eval.evaluate import evaluate_checkpoint, format_table, timing_line, write_results
 from raycg.eval.queries import drop_cold
+from raycg.retrieve.build import export_run
 from raycg.train.loop import train_loop_per_worker
 from raycg.train.preflight import PreflightError, check_config, check_data_dir, check_model_memory, check_resources
 from raycg.train.schedule import lr_factor
@@ -367,7 +368,8 @@ def run(cfg: DictConfig, callbacks: list | None = None) -> dict:
                                   eval_split=prep.eval_split)
     results["checkpoint"] = ckpt_dir
     model, _ = load_model(ckpt_dir)
-    export_towers(model, os.path.join(run_dir, "export"))
+    export_run(model, prep.store, os.path.join(run_dir, "export"), OmegaConf.to_container(cfg.index, resolve=True),
+               eval_events=prep.eval_split[0], train_path=cfg.data.train_path, seed=cfg.seed, log=log)
     results["train_metrics"] = result.metrics
     path = write_results(run_dir, results)
     log("\n" + format_table(results))
