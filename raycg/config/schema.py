@@ -50,6 +50,7 @@ Baseline = _choices("Baseline", "popularity", "popularity_surface", "recent_enga
                     "als_conversion")  # raycg.eval.evaluate.BASELINES
 TuneMode = _choices("TuneMode", "max", "min")
 TuneScheduler = _choices("TuneScheduler", "fifo")
+LogLevel = _choices("LogLevel", "DEBUG", "INFO", "WARNING", "ERROR")  # raycg.logs.LEVELS
 
 
 # -- data (raycg/conf/data/*.yaml) -------------------------------------------------------------
@@ -258,6 +259,7 @@ class RunConfig:
     run_name: Optional[str] = MISSING
     paths: PathsConfig = MISSING
     ray: RayConfig = MISSING
+    log_level: LogLevel = MISSING  # raycg/conf/common/hydra.yaml, shared by every app
 
 
 # -- tune (raycg/conf/tune/*.yaml; raycg/conf/sweep.yaml = the run config + tune) --------------
@@ -296,12 +298,14 @@ class ReportConfig(RunConfig):
 class EvaluateConfig:
     run_dir: str = MISSING
     eval: EvalConfig = MISSING
+    log_level: LogLevel = MISSING
 
 
 @dataclass
 class ExportConfig:
     run_dir: str = MISSING
     out: Optional[str] = MISSING
+    log_level: LogLevel = MISSING
 
 
 @dataclass
@@ -310,6 +314,7 @@ class SimulateConfig:
     parallel: Optional[bool] = MISSING
     num_cpus: Optional[int] = MISSING
     data: DataConfig = MISSING
+    log_level: LogLevel = MISSING
 
 
 @dataclass
@@ -325,6 +330,7 @@ class ConvertConfig:
     seed: int = MISSING
     overwrite: bool = MISSING
     attribution_window_days: float = MISSING
+    log_level: LogLevel = MISSING
 
 
 # -- report grids (raycg/conf/report/*.yaml; loaded by raycg.report.grid, not composed by Hydra) ---
