@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from raycg.config import hydra_app, require_complete
 from raycg.data.adapters import CONTENT_DIM, ConversionError, write_data_dir
 from raycg.data.logmap import convert_log, load_mapping
+from raycg.logs import set_level
 
 
 def _fmt(x, spec=".3f") -> str:
@@ -89,6 +90,7 @@ def main(cfg: DictConfig, overrides: list[str]) -> int:
     """0 after writing the data directory and printing its summary; 2 (with the error on stderr)
     when the log or the mapping cannot be converted."""
     require_complete(cfg)  # mapping=, input=, out_dir=
+    set_level(cfg.log_level)
     content_dim = CONTENT_DIM if cfg.content_dim is None else cfg.content_dim
     try:
         mapping = load_mapping(cfg.mapping)
@@ -107,7 +109,7 @@ def main(cfg: DictConfig, overrides: list[str]) -> int:
     except (ConversionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(summary(meta))
+    print(summary(meta))  # the command's output
     return 0
 
 

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from raycg.config import hydra_app, require_complete
 from raycg.eval.evaluate import evaluate_checkpoint, format_table, timing_line, write_results
+from raycg.logs import set_level
 from raycg.model.checkpoint import load_model, evaluation_checkpoint
 from raycg.train.driver import init_ray
 
@@ -33,6 +34,7 @@ def given_keys(cfg: DictConfig, overrides: list[str], group: str) -> dict:
 @hydra_app("evaluate")
 def main(cfg: DictConfig, overrides: list[str]) -> None:
     require_complete(cfg)  # run_dir=...
+    set_level(cfg.log_level)
     ckpt = evaluation_checkpoint(cfg.run_dir)  # <run>/best, else the newest intact one
     _, config = load_model(ckpt)
     eval_cfg = OmegaConf.to_container(OmegaConf.merge(config["eval"], given_keys(cfg, overrides, "eval")),
@@ -44,7 +46,7 @@ def main(cfg: DictConfig, overrides: list[str]) -> None:
                                   quarantine_dir=os.path.join(cfg.run_dir, "quarantine", "eval"))
     results["checkpoint"] = ckpt
     path = write_results(cfg.run_dir, results)
-    print("\n" + format_table(results))
+    print("\n" + format_table(results))  # the command's output (progress goes through raycg.logs)
     print(timing_line(results, path))
 
 

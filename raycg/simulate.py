@@ -15,11 +15,13 @@ from omegaconf import DictConfig, OmegaConf
 from raycg.config import hydra_app, require_complete
 from raycg.data.sim.parallel import _peak_rss_mb
 from raycg.data.simulate import SimConfig, use_parallel, write_dataset
+from raycg.logs import set_level
 
 
 @hydra_app("simulate")
 def main(cfg: DictConfig, overrides: list[str]) -> dict:
     require_complete(cfg)  # out=...
+    set_level(cfg.log_level)
     sim = SimConfig(**OmegaConf.to_container(cfg.data.sim, resolve=True))
     own_ray = cfg.num_cpus is not None and use_parallel(sim, cfg.parallel)
     if own_ray:
@@ -34,7 +36,7 @@ def main(cfg: DictConfig, overrides: list[str]) -> dict:
         if own_ray:
             ray.shutdown()
     size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(cfg.out) for f in fs)
-    print(json.dumps({
+    print(json.dumps({  # the command's output; progress goes through raycg.logs
         "wall_s": round(wall, 1), "n_impressions_shown": meta["n_impressions_shown"], "n_events": meta["n_events"],
         "n_train_events": meta["n_train_events"], "n_eval_events": meta["n_eval_events"],
         "ctr": round(meta["n_clicks"] / meta["n_impressions_shown"], 4),

@@ -1,7 +1,8 @@
 """The import rule of docs/architecture.md: every raycg module imports only its own package
 or packages below it.
 
-    base      raycg (the package), raycg.checksums, raycg.config (the config schemas and compose)
+    base      raycg (the package), raycg.checksums, raycg.config (the config schemas and compose),
+              raycg.logs (the log: one format, the rank-zero logger, progress bars)
     data      raycg.data      schema, feature spec, id lookup, data-dir I/O, pipeline; the
                               simulator and the log converters on top of those
     model     raycg.model     towers, the two-tower model, its checkpoint format and export
@@ -27,7 +28,7 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 LAYERS = [  # lowest first: (level, packages at that level)
-    ("base", ["raycg", "raycg.checksums", "raycg.config"]),
+    ("base", ["raycg", "raycg.checksums", "raycg.config", "raycg.logs"]),
     ("data", ["raycg.data"]),
     ("model", ["raycg.model"]),
     ("losses", ["raycg.losses"]),

@@ -211,7 +211,7 @@ def test_worker_progress_line_is_printed_once(capfd):
 
     from ray.train.v2._internal.logging.patch_print import redirected_print
 
-    from raycg.train.loop import say
+    from raycg.train.loop import worker_logger
 
     records = []
     handler = logging.Handler()
@@ -220,7 +220,7 @@ def test_worker_progress_line_is_printed_once(capfd):
     original = builtins.print
     builtins.print = redirected_print
     try:
-        say("[raycg] epoch 0 done")
+        worker_logger(0).info("epoch 0 done")
     finally:
         builtins.print = original
         logging.getLogger().removeHandler(handler)

@@ -51,6 +51,7 @@ Baseline = _choices("Baseline", "popularity", "popularity_surface", "recent_enga
 TuneMode = _choices("TuneMode", "max", "min")
 TuneScheduler = _choices("TuneScheduler", "fifo")
 IndexKind = _choices("IndexKind", "ivf", "hnsw")  # raycg.retrieve.index.KINDS
+LogLevel = _choices("LogLevel", "DEBUG", "INFO", "WARNING", "ERROR")  # raycg.logs.LEVELS
 
 
 # -- data (raycg/conf/data/*.yaml) -------------------------------------------------------------
@@ -275,6 +276,7 @@ class RunConfig:
     paths: PathsConfig = MISSING
     ray: RayConfig = MISSING
     index: IndexConfig = MISSING
+    log_level: LogLevel = MISSING  # raycg/conf/common/hydra.yaml, shared by every app
 
 
 # -- tune (raycg/conf/tune/*.yaml; raycg/conf/sweep.yaml = the run config + tune) --------------
@@ -313,12 +315,14 @@ class ReportConfig(RunConfig):
 class EvaluateConfig:
     run_dir: str = MISSING
     eval: EvalConfig = MISSING
+    log_level: LogLevel = MISSING
 
 
 @dataclass
 class ExportConfig:
     run_dir: str = MISSING
     out: Optional[str] = MISSING
+    log_level: LogLevel = MISSING
 
 
 @dataclass
@@ -343,6 +347,7 @@ class RetrieveConfig:
     batch_size: int = MISSING
     actors: int = MISSING
     ray: RetrieveRayConfig = MISSING
+    log_level: LogLevel = MISSING
 
 
 @dataclass
@@ -351,6 +356,7 @@ class SimulateConfig:
     parallel: Optional[bool] = MISSING
     num_cpus: Optional[int] = MISSING
     data: DataConfig = MISSING
+    log_level: LogLevel = MISSING
 
 
 @dataclass
@@ -366,6 +372,7 @@ class ConvertConfig:
     seed: int = MISSING
     overwrite: bool = MISSING
     attribution_window_days: float = MISSING
+    log_level: LogLevel = MISSING
 
 
 # -- report grids (raycg/conf/report/*.yaml; loaded by raycg.report.grid, not composed by Hydra) ---

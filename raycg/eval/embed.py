@@ -2,15 +2,19 @@
 
 Both run as `map_batches` over an actor that loads the checkpoint once; features come from
 the same `FeatureStore` the training rows were packed with (shipped via the object store).
-With `use_gpu` the actor asks Ray for a GPU and runs the tower there.
+With `use_gpu` the actor asks Ray for a GPU and runs the tower there. Progress: a tqdm bar over
+the rows collected on the driver (raycg.logs.progress: on a terminal only); Ray Data's own
+progress bars stay off (raycg.train.driver.init_ray), one line per operator is too much here.
 """
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as pads
 import ray
 import torch
 
+from raycg.logs import progress
 from raycg.model.checkpoint import load_model
 
 
@@ -47,12 +51,22 @@ class QueryEmbedder(_Embedder):
                 "embedding": self.embed(self.model.embed_users, self.store.pack_users(batch))}
 
 
-def _collect(ds: ray.data.Dataset, key: str) -> tuple[np.ndarray, np.ndarray]:
+def _collect(ds: ray.data.Dataset, key: str, total: int | None, desc: str) -> tuple[np.ndarray, np.ndarray]:
     keys, embs = [], []
-    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        keys.append(b[key])
-        embs.append(b["embedding"])
+    with progress(total=total, desc=desc, unit="rows") as bar:
+        for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            keys.append(b[key])
+            embs.append(b["embedding"])
+            bar.update(len(b[key]))
     return np.concatenate(keys), np.concatenate(embs).astype(np.float32)
+
+
+def _row_count(path: str) -> int | None:
+    """Rows of a Parquet file or directory from its footers; None (a bar without ETA) if unknown."""
+    try:
+        return pads.dataset(path, format="parquet").count_rows()
+    except (OSError, ValueError, pa.ArrowException):  # the bar is cosmetic: never fail evaluation for it
+        return None
 
 
 def _map_kwargs(checkpoint_dir: str, store_ref: list, batch_size: int, use_gpu: bool) -> dict:
@@ -66,7 +80,7 @@ def embed_corpus(items_path: str, checkpoint_dir: str, store_ref: list, batch_si
     """(item ids sorted ascending, embeddings [N, d]) for the whole item table."""
     ds = ray.data.read_parquet(items_path, columns=["item_id"]).map_batches(
         ItemEmbedder, **_map_kwargs(checkpoint_dir, store_ref, batch_size, use_gpu))
-    ids, emb = _collect(ds, "item_id")
+    ids, emb = _collect(ds, "item_id", _row_count(items_path), "embedding the item corpus")
     order = np.argsort(ids)
     return ids[order], emb[order]
 
@@ -77,7 +91,7 @@ def embed_queries(queries: pa.Table, checkpoint_dir: str, store_ref: list, batch
     table = queries.append_column("row", pa.array(np.arange(queries.num_rows, dtype=np.int64)))
     ds = ray.data.from_arrow(table).map_batches(
         QueryEmbedder, **_map_kwargs(checkpoint_dir, store_ref, batch_size, use_gpu))
-    rows, emb = _collect(ds, "row")
+    rows, emb = _collect(ds, "row", queries.num_rows, "embedding queries")
     out = np.empty_like(emb)
     out[rows] = emb
     return out

@@ -21,6 +21,7 @@ from raycg.eval.queries import TASKS, build_queries, drop_cold, drop_cold_positi
 from raycg.eval.recall import recall_report
 from raycg.eval.reengagement import EngagementTimeline
 from raycg.eval.retrievers import ModelRetriever, Queries, Retriever, TrainingWindow, build_baselines
+from raycg.logs import get_logger
 
 
 PARTS = ("repeat", "novel")  # positives the user acted on before the query time, and the others
@@ -41,7 +42,7 @@ def eval_devices(setting: str) -> tuple[bool, str]:
     return ray.cluster_resources().get("GPU", 0) > 0, "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log=print,
+def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log=get_logger("eval").info,
                         history_length: int = 0, store=None, seed: int = 0, eval_split=None,
                         quarantine_dir: str | None = None) -> dict:
     """Features come from the training split exactly as for training (`store`, the training
@@ -73,7 +74,7 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
     if history_length > 0:
         store = dataclasses.replace(store, history_length=history_length, history=actions)
     store_ref = [ray.put(store)]
-    log(f"[raycg] eval: embedding the item corpus {data_cfg['items_path']} (Ray Data, "
+    log(f"eval: embedding the item corpus {data_cfg['items_path']} (Ray Data, "
         f"{'GPU' if embed_gpu else 'CPU'} actors; exact top-K on {search_device})")
     corpus_ids, item_emb = embed_corpus(data_cfg["items_path"], checkpoint_dir, store_ref,
                                         eval_cfg["inference_batch_size"], use_gpu=embed_gpu)
@@ -81,7 +82,7 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
     known_items = None
     if drop_cold(eval_cfg["cold_items"], data_cfg["items_path"]):
         known_items = np.unique(train_events.column("item_id").to_numpy())
-        log(f"[raycg] eval: the item table was derived from the log: positives on the "
+        log(f"eval: the item table was derived from the log: positives on the "
             f"{len(corpus_ids) - len(known_items):,} items without a training-split event are left out "
             "(eval.cold_items=auto; they are in the corpus only because they are engaged later)")
     t_base = time.perf_counter()
@@ -108,7 +109,7 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
 
 def score_retrievers(retrievers: list[Retriever], eval_events, ks: list[int], corpus_ids: np.ndarray,
                      adv_of: np.ndarray, timeline: EngagementTimeline, known_items: np.ndarray | None = None,
-                     log=print) -> tuple[dict, dict]:
+                     log=get_logger("eval").info) -> tuple[dict, dict]:
     """Every retriever on the same queries of each task (raycg.eval.queries.build_queries):
     recall@K with bootstrap intervals and per surface, for repeat and novel positives apart
     (`timeline`), and for conversions at the advertiser level (`adv_of`: the advertiser of
@@ -129,9 +130,9 @@ def score_retrievers(retrievers: list[Retriever], eval_events, ks: list[int], co
             queries, positives, results["cold_dropped"][task] = drop_cold_positives(queries, positives, known_items)
         results["n_queries"][task] = len(positives)
         if not positives:
-            log(f"[raycg] eval: no {task} queries in the eval split")
+            log(f"eval: no {task} queries in the eval split")
             continue
-        log(f"[raycg] eval: {task}: {len(positives):,} queries over {len(corpus_ids):,} items, {len(methods)} methods")
+        log(f"eval: {task}: {len(positives):,} queries over {len(corpus_ids):,} items, {len(methods)} methods")
         batch = Queries.of(task, queries)
         surfaces, users, times = batch.surfaces, batch.users, batch.times
         adv_pos = [np.unique(adv_of[np.searchsorted(corpus_ids, p)]) for p in positives]
@@ -144,7 +145,7 @@ def score_retrievers(retrievers: list[Retriever], eval_events, ks: list[int], co
             idx = np.array([q for q, k in enumerate(keep) if k.any()], dtype=np.int64)
             parts[part] = (idx, [positives[q][keep[q]] for q in idx])
             results["n_queries"][f"{task}_{part}"] = len(idx)
-        log(f"[raycg] eval: {task}: {100 * results['repeat_share'][task]:.1f}% of positives are repeat (the user "
+        log(f"eval: {task}: {100 * results['repeat_share'][task]:.1f}% of positives are repeat (the user "
             f"acted on the item before the query time)")
         t_task = time.perf_counter()
         for retriever in retrievers:

@@ -28,6 +28,7 @@ import pyarrow as pa
 from raycg.eval.baselines import ALSBaseline, popularity_ranking, surface_popularity_rankings
 from raycg.eval.recall import exact_top_k
 from raycg.eval.reengagement import EngagementTimeline
+from raycg.logs import get_logger
 
 
 @dataclass
@@ -70,7 +71,7 @@ class TrainingWindow:
     eval_cfg: dict
     seed: int = 0
     device: str = "cpu"  # of exact top-K searches (raycg.eval.recall.exact_top_k)
-    log: Callable[[str], None] = print
+    log: Callable[[str], None] = get_logger("eval").info
 
 
 class ModelRetriever:
@@ -144,7 +145,7 @@ class ALSRetriever:
         t0 = time.perf_counter()
         self.als = ALSBaseline.fit(window.events, kind, window.corpus_ids, seed=window.seed,
                                    **window.eval_cfg["als"])
-        window.log(f"[raycg] eval: {self.name}: ALS on {self.als.n_interactions:,} training user-item pairs, "
+        window.log(f"eval: {self.name}: ALS on {self.als.n_interactions:,} training user-item pairs, "
                    f"{len(self.als.user_ids):,} users ({time.perf_counter() - t0:.1f}s)")
         self.batch_size, self.threads = window.eval_cfg["query_batch_size"], window.eval_cfg["faiss_threads"]
         self.device = window.device

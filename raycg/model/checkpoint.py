@@ -23,6 +23,7 @@ import torch
 
 from raycg.checksums import DamagedFileError, verify_checksums, write_checksums
 from raycg.data.spec import FeatureSpec
+from raycg.logs import get_logger
 from raycg.model.two_tower import TwoTowerModel
 
 CHECKPOINT_FILES = ["model.pt", "meta.json"]
@@ -107,7 +108,7 @@ def run_checkpoints(run_dir: str) -> list[str]:
     return sorted((d for d in glob.glob(os.path.join(run_dir, "checkpoint_*")) if os.path.isdir(d)), reverse=True)
 
 
-def newest_intact(run_dir: str, log=print) -> str:
+def newest_intact(run_dir: str, log=get_logger("model").info) -> str:
     """The newest checkpoint of `run_dir` that verifies and loads; each newer damaged one is
     reported through `log`. Raises `CheckpointError` when there is none."""
     found = run_checkpoints(run_dir)
@@ -119,13 +120,13 @@ def newest_intact(run_dir: str, log=print) -> str:
             load_state(d)
         except CheckpointError as e:
             problems.append(str(e))
-            log(f"[raycg] checkpoint {d} is damaged, skipped: {e}")
+            log(f"checkpoint {d} is damaged, skipped: {e}")
             continue
         return d
     raise CheckpointError(f"{run_dir}: no intact checkpoint among {len(found)}: " + "; ".join(problems))
 
 
-def evaluation_checkpoint(run_dir: str, log=print) -> str:
+def evaluation_checkpoint(run_dir: str, log=get_logger("model").info) -> str:
     """The checkpoint a run is evaluated and exported from: <run>/best (the best validation
     epoch, when the run validated) if it verifies, else the newest intact checkpoint."""
     best = os.path.join(run_dir, "best")
@@ -134,5 +135,5 @@ def evaluation_checkpoint(run_dir: str, log=print) -> str:
             load_state(best)
             return best
         except CheckpointError as e:
-            log(f"[raycg] the best checkpoint is damaged, using the newest intact one instead: {e}")
+            log(f"the best checkpoint is damaged, using the newest intact one instead: {e}")
     return newest_intact(run_dir, log=log)

@@ -24,15 +24,12 @@ from omegaconf import DictConfig
 
 from raycg.config import hydra_app
 from raycg.config.schema import ReportConfig, RunConfig
+from raycg.logs import set_level
 from raycg.report.document import write_report
 from raycg.report.grid import Grid
 
 # the report's own keys (raycg/conf/report.yaml); every other override goes to the runs
 REPORT_KEYS = {f for f in ReportConfig.__dataclass_fields__ if f not in RunConfig.__dataclass_fields__}
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def run_overrides_given(overrides: list[str]) -> list[str]:
@@ -47,6 +44,7 @@ def load_grid(spec: str) -> Grid:
 
 @hydra_app("report")
 def main(cfg: DictConfig, argv: list[str]) -> None:
+    set_level(cfg.log_level)
     if cfg.seeds < 1:
         raise SystemExit(f"seeds={cfg.seeds}: expected a positive number of seeds")
     overrides = run_overrides_given(argv)
@@ -54,7 +52,7 @@ def main(cfg: DictConfig, argv: list[str]) -> None:
     grids = [load_grid(g) for g in cfg.grids]
     out_dir = os.path.abspath(cfg.out)
     command = "python -m raycg.report " + " ".join(argv) if argv else "python -m raycg.report"
-    write_report(grids, seeds, out_dir, overrides, cfg.publish or "", command, log)
+    write_report(grids, seeds, out_dir, overrides, cfg.publish or "", command)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,12 @@ import platform
 import shutil
 import time
 
+from raycg.logs import get_logger
 from raycg.report.grid import Grid, prepare_source, run_grid
 from raycg.report.plots import save_plots
 from raycg.report.summary import claims_table, delta_table, recall_table, surface_table
+
+log_info = get_logger("report").info
 
 DISCUSSION = ("<!-- discussion -->", "<!-- /discussion -->")
 
@@ -116,7 +119,7 @@ def write_markdown(path: str, body: str) -> None:
 
 
 def write_report(grids: list[Grid], seeds: list[int], out_dir: str, overrides: list[str], publish: str,
-                 command: str, log=print) -> None:
+                 command: str, log=log_info) -> None:
     """Run every grid (`run_grid`) and write `out_dir`/README.md, results.json, plots/ and
     configs/; with `publish` (a path, or "") also the report at that path with its plots and
     configs beside it. `command` is quoted in the header."""
@@ -127,7 +130,7 @@ def write_report(grids: list[Grid], seeds: list[int], out_dir: str, overrides: l
     for grid in grids:
         extra = prepare_source(grid, out_dir, log)
         if extra is None:
-            log(f"[raycg.report] {grid.name}: source {grid.source_csv} not found; skipping this grid")
+            log(f"report: {grid.name}: source {grid.source_csv} not found; skipping this grid")
             skipped.append(f"{grid.name} (source {grid.source_csv} not found)")
             continue
         records = run_grid(grid, seeds, out_dir, extra + overrides, log)
@@ -165,7 +168,7 @@ def write_report(grids: list[Grid], seeds: list[int], out_dir: str, overrides: l
         return "\n".join(body)
 
     write_markdown(os.path.join(out_dir, "README.md"), render(".", os.path.join(out_dir, "plots")))
-    log(f"[raycg.report] report -> {os.path.join(out_dir, 'README.md')}")
+    log(f"report: written -> {os.path.join(out_dir, 'README.md')}")
     if publish:
         path = os.path.abspath(publish)
         side = os.path.splitext(path)[0]
@@ -175,4 +178,4 @@ def write_report(grids: list[Grid], seeds: list[int], out_dir: str, overrides: l
             shutil.rmtree(dst, ignore_errors=True)
             shutil.copytree(os.path.join(out_dir, "configs", grid.name), dst)
         write_markdown(path, render(os.path.basename(side), os.path.join(side, "plots")))
-        log(f"[raycg.report] published -> {path} (+ {side}/plots, {side}/configs)")
+        log(f"report: published -> {path} (+ {side}/plots, {side}/configs)")

@@ -13,6 +13,9 @@ from omegaconf import OmegaConf
 
 from raycg.config import CONF_DIR, compose
 from raycg.config.schema import GridConfig
+from raycg.logs import get_logger
+
+log_info = get_logger("report").info
 
 
 @dataclass
@@ -52,7 +55,7 @@ class Grid:
         return grid
 
 
-def prepare_source(grid: Grid, out_dir: str, log=print) -> list[str] | None:
+def prepare_source(grid: Grid, out_dir: str, log=log_info) -> list[str] | None:
     """Extra overrides for a grid on a converted real log; None when the source is absent."""
     if not grid.source_csv:
         return []
@@ -65,7 +68,7 @@ def prepare_source(grid: Grid, out_dir: str, log=print) -> list[str] | None:
         from raycg.data.logmap import convert_log
 
         mapping = grid.source_format or grid.name
-        log(f"[raycg.report] {grid.name}: converting {csv} ({mapping}) -> {data_dir}")
+        log(f"report: {grid.name}: converting {csv} ({mapping}) -> {data_dir}")
         write_data_dir(convert_log(csv, mapping), data_dir)
     return [f"data.dir={data_dir}"]
 
@@ -80,7 +83,7 @@ def run_overrides(grid: Grid, variant: str, seed: int, runs_dir: str, extra: lis
             f"run_name={variant}-s{seed}", f"paths.runs_dir={runs_dir}"]
 
 
-def run_grid(grid: Grid, seeds: list[int], out_dir: str, extra: list[str], log=print) -> list[dict]:
+def run_grid(grid: Grid, seeds: list[int], out_dir: str, extra: list[str], log=log_info) -> list[dict]:
     """Train + evaluate every (variant, seed); returns one record per run (eval.json + timing)."""
     from raycg.train.driver import run
 
@@ -89,18 +92,18 @@ def run_grid(grid: Grid, seeds: list[int], out_dir: str, extra: list[str], log=p
     os.makedirs(config_dir, exist_ok=True)
     records = []
     todo = [(v, s) for v in grid.variants for s in seeds]
-    t_grid = time.perf_counter()
+    t_grid, trained, t_trained = time.perf_counter(), 0, 0.0  # runs trained here and their time: the ETA
     for i, (variant, seed) in enumerate(todo):
         run_dir = os.path.join(runs_dir, f"{variant}-s{seed}")
         eval_path = os.path.join(run_dir, "eval.json")
         timing_path = os.path.join(run_dir, "report_timing.json")
         overrides = run_overrides(grid, variant, seed, runs_dir, extra)
         if os.path.exists(eval_path) and os.path.exists(timing_path):
-            log(f"[raycg.report] {grid.name} {i + 1}/{len(todo)} {variant} seed {seed}: done earlier, reusing {eval_path}")
+            log(f"report: {grid.name} {i + 1}/{len(todo)} {variant} seed {seed}: done earlier, reusing {eval_path}")
         else:
             if os.path.exists(run_dir):
                 shutil.rmtree(run_dir)  # a run stopped mid-way: start it again from scratch
-            log(f"[raycg.report] {grid.name} {i + 1}/{len(todo)} {variant} seed {seed}: "
+            log(f"report: {grid.name} {i + 1}/{len(todo)} {variant} seed {seed}: "
                 f"python -m raycg.train {' '.join(overrides)}")
             t0 = time.perf_counter()
             run(compose_run(overrides))
@@ -108,7 +111,9 @@ def run_grid(grid: Grid, seeds: list[int], out_dir: str, extra: list[str], log=p
                 json.dump({"seconds": time.perf_counter() - t0, "overrides": overrides}, f)
             done = i + 1
             elapsed = time.perf_counter() - t_grid
-            log(f"[raycg.report] {grid.name}: {done}/{len(todo)} runs, {elapsed / 60:.1f} min so far")
+            trained, t_trained = trained + 1, t_trained + time.perf_counter() - t0
+            eta = f", ETA {t_trained / trained * (len(todo) - done) / 60:.1f} min" if done < len(todo) else ""
+            log(f"report: {grid.name}: {done}/{len(todo)} runs, {elapsed / 60:.1f} min so far{eta}")
         shutil.copyfile(os.path.join(run_dir, "config.yaml"), os.path.join(config_dir, f"{variant}-s{seed}.yaml"))
         with open(eval_path) as f:
             results = json.load(f)

@@ -18,7 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from raycg.checksums import DamagedFileError
 from raycg.config import hydra_app, require_complete
+from raycg.logs import get_logger, set_level
 from raycg.retrieve.requests import FIELDS, RequestError
+
+logger = get_logger("retrieve")
 
 
 def init_ray(cfg: DictConfig) -> None:
@@ -49,24 +52,25 @@ def run(cfg: DictConfig) -> dict:
         rows = retrieve_parquet(cfg.export_dir, cfg.input, cfg.output, int(cfg.k), int(cfg.batch_size),
                                 int(cfg.actors))
         secs = time.perf_counter() - t0
-        print(f"[raycg] retrieve: {rows:,} requests -> {cfg.output} (top-{cfg.k}) in {secs:.1f}s", flush=True)
+        logger.info(f"retrieve: {rows:,} requests -> {cfg.output} (top-{cfg.k}) in {secs:.1f}s")
         return {"rows": rows, "output": cfg.output}
     if cfg.user_id is None:
         raise RequestError("give user_id=<id> (one request) or input=<requests.parquet> output=<file> (a batch)")
     request = {f: OmegaConf.to_container(cfg[f]) if OmegaConf.is_list(cfg[f]) else cfg[f] for f in FIELDS}
     ids, scores = Retriever(cfg.export_dir, threads=cfg.threads).retrieve(k=int(cfg.k), **request)
     out = {"item_ids": ids.tolist(), "scores": [round(float(s), 6) for s in scores]}
-    print(json.dumps(out), flush=True)
+    print(json.dumps(out), flush=True)  # the command's output: one request's top-K
     return out
 
 
 @hydra_app("retrieve")
 def main(cfg: DictConfig, overrides: list[str]) -> int:
     require_complete(cfg)  # export_dir=...
+    set_level(cfg.log_level)
     try:
         run(cfg)
     except (RequestError, DamagedFileError) as e:  # a clear message, not a traceback
-        print(f"[raycg] retrieve: error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {e}", file=sys.stderr, flush=True)  # the command's output: why it refused
         return 2
     return 0
 

@@ -29,6 +29,7 @@ import torch
 from raycg.checksums import write_checksums
 from raycg.data.batches import FeatureStore
 from raycg.data.history import ACTION_CODES, HistoryIndex
+from raycg.logs import get_logger
 from raycg.model.export import FORMAT_VERSION, SPEC_FILE, TOWER_FILES, export_towers, item_inputs, load_tower
 from raycg.retrieve.index import build_index, index_recall, settings
 from raycg.retrieve.requests import check_requests
@@ -51,6 +52,9 @@ class ItemTowerEmbedder:
         with torch.no_grad():
             emb = self.tower(*item_inputs({"item_cat": torch.from_numpy(cat), "item_dense": torch.from_numpy(dense)}))
         return {"item_id": batch.column("item_id").to_numpy().astype(np.int64), "embedding": emb.numpy()}
+
+
+logger = get_logger("export")
 
 
 def embed_items(export_dir: str, layout: dict, batch_size: int = 4096, use_ray: bool = True,
@@ -109,7 +113,7 @@ def evaluation_requests(eval_events: pa.Table, history: HistoryIndex | None, his
 
 
 def write_index(export_dir: str, store: FeatureStore, layout: dict, history_length: int, index_cfg: dict | None,
-                requests: pa.Table | None = None, use_ray: bool = True, log=print) -> dict:
+                requests: pa.Table | None = None, use_ray: bool = True, log=None) -> dict:
     """Item embeddings -> item_embeddings.parquet, the faiss index -> items.faiss, index.json
     (recall against exact search on `requests`, when given); returns index.json's content."""
     import faiss
@@ -136,7 +140,7 @@ def write_index(export_dir: str, store: FeatureStore, layout: dict, history_leng
     with open(os.path.join(export_dir, INDEX_META), "w") as f:
         json.dump(meta, f, indent=2)
     r = meta["recall"]
-    log(f"[raycg] export: {len(ids):,} item embeddings ({embed_s:.1f}s), {desc['kind']} index "
+    (log or logger.info)(f"export: {len(ids):,} item embeddings ({embed_s:.1f}s), {desc['kind']} index "
         f"({desc['build_s']:.1f}s); recall@{r['k']} vs exact search "
         + (f"{r['value']:.4f} on {r['n_queries']:,} evaluation queries" if r["n_queries"] else "not measured"))
     return meta
@@ -144,7 +148,7 @@ def write_index(export_dir: str, store: FeatureStore, layout: dict, history_leng
 
 def export_run(model, store: FeatureStore, export_dir: str, index_cfg: dict | None = None,
                eval_events: pa.Table | None = None, history: HistoryIndex | None = None,
-               train_path: str | None = None, use_ray: bool = True, seed: int = 0, log=print) -> str:
+               train_path: str | None = None, use_ray: bool = True, seed: int = 0, log=None) -> str:
     """Towers (torch.export), feature tables, item embeddings, item index and checksums ->
     `export_dir`. With `eval_events`, the index's recall is measured on the evaluation
     queries; their histories come from `history`, else from `train_path` + `eval_events`."""

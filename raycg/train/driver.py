@@ -41,14 +41,15 @@ from raycg.model.two_tower import TwoTowerModel
 from raycg.eval.evaluate import evaluate_checkpoint, format_table, timing_line, write_results
 from raycg.eval.queries import drop_cold
 from raycg.retrieve.build import export_run
+from raycg.logs import get_logger, set_level
 from raycg.train.loop import train_loop_per_worker
 from raycg.train.preflight import PreflightError, check_config, check_data_dir, check_model_memory, check_resources
 from raycg.train.schedule import lr_factor
 from raycg.train.validation import ValidationSet
 
 
-def log(msg: str) -> None:
-    print(msg, flush=True)
+logger = get_logger("train")  # "[raycg] ..." lines (raycg.logs)
+log = logger.info
 
 
 def resolve_paths(cfg: DictConfig) -> None:
@@ -100,13 +101,13 @@ def ensure_data(cfg: DictConfig) -> None:
         with open(meta_path) as f:
             meta = json.load(f)
         if meta.get("config") == json.loads(json.dumps(asdict(sim))) and meta.get("format") == DATA_FORMAT:
-            log(f"[raycg] data: reusing simulated dataset {cfg.data.dir}")
+            log(f"data: reusing simulated dataset {cfg.data.dir}")
             return
-        log(f"[raycg] data: {cfg.data.dir} was simulated with other data.sim settings or by an older "
+        log(f"data: {cfg.data.dir} was simulated with other data.sim settings or by an older "
             "simulator; simulating again")
     t0 = time.perf_counter()
     meta = write_dataset(sim, cfg.data.dir)
-    log(f"[raycg] data: simulated {meta['n_events']:,} events ({meta['n_clicks']:,} clicks, "
+    log(f"data: simulated {meta['n_events']:,} events ({meta['n_clicks']:,} clicks, "
         f"{meta['n_conversions']:,} conversions) in {time.perf_counter() - t0:.1f}s -> {cfg.data.dir}")
 
 
@@ -147,9 +148,9 @@ def quarantine_dir(cfg: DictConfig, run_dir: str, split: str) -> str | None:
 def check_quarantine_share(cfg: DictConfig, what: str, quarantined: int, read: int) -> None:
     """Warn loudly when more than data.max_quarantined_fraction of a split was set aside."""
     if read and quarantined / read > cfg.data.max_quarantined_fraction:
-        log(f"[raycg] WARNING: {quarantined:,} of {read:,} {what} rows ({100 * quarantined / read:.1f}%) were "
-            f"quarantined, more than data.max_quarantined_fraction={cfg.data.max_quarantined_fraction}: look at "
-            f"the quarantine_reason column of the quarantined files before trusting this run")
+        logger.warning(f"{quarantined:,} of {read:,} {what} rows ({100 * quarantined / read:.1f}%) were "
+                       f"quarantined, more than data.max_quarantined_fraction={cfg.data.max_quarantined_fraction}: "
+                       "look at the quarantine_reason column of the quarantined files before trusting this run")
 
 
 def resolve_duration_weighting(cfg: DictConfig) -> None:
@@ -161,7 +162,7 @@ def resolve_duration_weighting(cfg: DictConfig) -> None:
     with open_dict(cfg.loss):
         cfg.loss.duration_weighting = bool(longest > 0)
     if not cfg.loss.duration_weighting:
-        log("[raycg] data: no click in the training split has a duration: clicks weigh 1 "
+        log("data: no click in the training split has a duration: clicks weigh 1 "
             "(loss.duration_weighting=auto -> false)")
 
 
@@ -176,7 +177,7 @@ def set_vocabularies(cfg: DictConfig, store) -> None:
     cfg.model.vocab_sizes = {name: len(ids) for name, ids in store.vocab.items()}
     for name, ids in store.vocab.items():
         cfg.model.buckets[name] = 1 + int(v.oov_buckets) + len(ids)
-    log("[raycg] data: vocabularies (ids seen >= " + f"{v.min_count} times in the training window; others share "
+    log("data: vocabularies (ids seen >= " + f"{v.min_count} times in the training window; others share "
         f"{v.oov_buckets} OOV rows): " + ", ".join(f"{k} {len(ids):,}" for k, ids in store.vocab.items()))
 
 
@@ -188,7 +189,7 @@ def fit_batch_size(cfg: DictConfig, rows_per_worker: int) -> None:
         return
     while batch > 16 and rows_per_worker < want * batch:
         batch //= 2
-    log(f"[raycg] train: {rows_per_worker:,} training rows per worker: trainer.batch_size {cfg.trainer.batch_size} -> "
+    log(f"train: {rows_per_worker:,} training rows per worker: trainer.batch_size {cfg.trainer.batch_size} -> "
         f"{batch} ({rows_per_worker // batch} steps per epoch; trainer.min_steps_per_epoch={want}, 0 = keep the "
         "batch size)")
     cfg.trainer.batch_size = batch
@@ -227,13 +228,13 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
         stats["validation"] = {"cutoff_ts": before_ts, "rows": vset.rows,
                                **{f"{t}_queries": len(p) for t, (_, p) in vset.queries.items()}}
         check_validation_metric(cfg, vset)
-        log(f"[raycg] data: validation window from {time.strftime('%Y-%m-%d %H:%M', time.gmtime(before_ts))} UTC "
+        log(f"data: validation window from {time.strftime('%Y-%m-%d %H:%M', time.gmtime(before_ts))} UTC "
             f"(the last {cfg.data.validation_fraction:.0%} of the training split, not trained on): {vset.rows:,} "
             f"events, {vset.describe()}")
         validation_ref = [ray.put(vset)]
     stats.update(eval=eval_split[1], users_rows_quarantined=store.users.rows_quarantined)
     if stats.get("files_empty"):
-        log(f"[raycg] data: skipped {stats['files_empty']} empty Parquet file(s) of the training split")
+        log(f"data: skipped {stats['files_empty']} empty Parquet file(s) of the training split")
     if "rows_quarantined" in stats:
         check_quarantine_share(cfg, "training", stats["rows_quarantined"], stats["rows_read"])
     check_quarantine_share(cfg, "evaluation", eval_split[1]["rows_quarantined"], eval_split[1]["rows_read"])
@@ -253,7 +254,7 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
         item_dense_mean=moments["item_dense"][0], item_dense_std=moments["item_dense"][1],
         history_length=cfg.model.history.length,
     )
-    log(f"[raycg] data: {stats} ({time.perf_counter() - t0:.1f}s)")
+    log(f"data: {stats} ({time.perf_counter() - t0:.1f}s)")
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         f.write(OmegaConf.to_yaml(cfg))
@@ -261,7 +262,7 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
         json.dump(stats, f)
     table_optimizer = cfg.trainer.table_optimizer if cfg.model.sparse_tables else "adam"
     model = TwoTowerModel(OmegaConf.to_container(cfg.model, resolve=True), spec)
-    print(model_card(model, table_optimizer), flush=True)
+    log(model_card(model, table_optimizer))
     check_model_memory(cfg, training_bytes(model, table_optimizer), embedded(cfg))
     del model
     return PreparedRun(run_dir, train_ds, stats, store, [ray.put(store)], spec, eval_split, validation_ref)
@@ -332,6 +333,7 @@ def build_trainer(cfg: DictConfig, callbacks: list | None = None):
 
 def run(cfg: DictConfig, callbacks: list | None = None) -> dict:
     """The main job: simulate (if needed) -> train -> evaluate. Returns eval results."""
+    set_level(cfg.log_level)
     check_config(cfg)  # seconds: before Ray, data or a run directory exist
     resolve_paths(cfg)
     check_data_dir(cfg)
@@ -341,26 +343,26 @@ def run(cfg: DictConfig, callbacks: list | None = None) -> dict:
     prep = prepare_run(cfg)
     trainer = make_trainer(cfg, prep, callbacks)
     run_dir = prep.run_dir
-    log(f"[raycg] train: run {cfg.run_name} ({cfg.trainer.num_workers} workers, model.cross={cfg.model.cross}) "
+    log(f"train: run {cfg.run_name} ({cfg.trainer.num_workers} workers, model.cross={cfg.model.cross}) "
         f"-> {run_dir}")
     t0 = time.perf_counter()
     try:
         result = trainer.fit()
     except Exception:  # Ray Train raises a worker's own error when a single worker failed
-        log(f"[raycg] train: run {cfg.run_name} failed (trainer.max_failures={cfg.trainer.max_failures} restarts "
-            f"allowed). Running the same command again (run_name={cfg.run_name}) resumes from its last "
-            "checkpoint; trainer.max_failures=N restarts failed workers automatically.")
+        logger.error(f"train: run {cfg.run_name} failed (trainer.max_failures={cfg.trainer.max_failures} "
+                     f"restarts allowed). Running the same command again (run_name={cfg.run_name}) resumes from "
+                     "its last checkpoint; trainer.max_failures=N restarts failed workers automatically.")
         raise
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint in {run_dir}")
-    log(f"[raycg] train: done in {time.perf_counter() - t0:.1f}s; checkpoint {result.checkpoint.path}")
+    log(f"train: done in {time.perf_counter() - t0:.1f}s; checkpoint {result.checkpoint.path}")
     ckpt_dir = result.checkpoint.path
     best_dir = os.path.join(run_dir, "best")
     if prep.validation_ref is not None and os.path.isdir(best_dir):
         ckpt_dir = best_dir  # the epoch with the best validation recall, not the last one
         with open(os.path.join(best_dir, "meta.json")) as f:
             best_epoch = json.load(f)["epoch"]
-        log(f"[raycg] eval: the best checkpoint by {cfg.trainer.early_stopping.metric} is epoch {best_epoch} "
+        log(f"eval: the best checkpoint by {cfg.trainer.early_stopping.metric} is epoch {best_epoch} "
             f"({best_dir})")
     results = evaluate_checkpoint(ckpt_dir, OmegaConf.to_container(cfg.data, resolve=True),
                                   OmegaConf.to_container(cfg.eval, resolve=True), log,
@@ -372,6 +374,6 @@ def run(cfg: DictConfig, callbacks: list | None = None) -> dict:
                eval_events=prep.eval_split[0], train_path=cfg.data.train_path, seed=cfg.seed, log=log)
     results["train_metrics"] = result.metrics
     path = write_results(run_dir, results)
-    log("\n" + format_table(results))
-    log(timing_line(results, path))
+    print("\n" + format_table(results), flush=True)  # the run's result table: output, not a log line
+    print(timing_line(results, path), flush=True)
     return results

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 
@@ -20,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from raycg.data.spec import FeatureSpec
+from raycg.logs import EVERY_RANK, rank_zero_logger, set_level
 from raycg.losses.objective import EAGER, LossKernels
 from raycg.model.two_tower import TwoTowerModel
 from raycg.model import checkpoint as ckpt_io
@@ -32,10 +32,11 @@ from raycg.train.step import StepContext, train_step
 from raycg.train.validation import EarlyStopping, validation_recall
 
 
-def say(msg: str) -> None:
-    """A worker's progress line. Ray Train patches `print` in workers to log AND print (every
-    line appeared twice); the process's own stdout reaches the driver once."""
-    print(msg, file=sys.__stdout__, flush=True)
+def worker_logger(rank: int):
+    """A worker's progress lines ("[raycg] ..."): rank 0's only, but for those logged with
+    extra=EVERY_RANK (raycg.logs writes to stdout without `print`, which Ray Train patches in
+    workers to print AND log: every line appeared twice)."""
+    return rank_zero_logger("train", rank)
 
 
 def resume_state(checkpoint, run_dir: str, rank: int) -> dict | None:
@@ -48,10 +49,10 @@ def resume_state(checkpoint, run_dir: str, rank: int) -> dict | None:
             return ckpt_io.load_state(d)
         except ckpt_io.CheckpointError as e:
             damaged = e
-    log = say if rank == 0 else (lambda msg: None)
-    log(f"[raycg] the latest checkpoint is damaged: {damaged}")
+    log = worker_logger(rank).info
+    log(f"the latest checkpoint is damaged: {damaged}")
     fallback = ckpt_io.newest_intact(run_dir, log=log)
-    log(f"[raycg] resuming from the newest intact checkpoint instead: {fallback}")
+    log(f"resuming from the newest intact checkpoint instead: {fallback}")
     return ckpt_io.load_state(fallback)
 
 
@@ -103,6 +104,8 @@ def train_loop_per_worker(config: dict) -> None:
     saved_config = {k: v for k, v in config.items() if not k.endswith("_ref")}  # object refs are not JSON
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    set_level(config["log_level"])
+    say = worker_logger(rank).info
     B = cfg_train["batch_size"]
 
     # -- device, precision, compilation: set once ------------------------------------------
@@ -160,15 +163,15 @@ def train_loop_per_worker(config: dict) -> None:
         step_ctx.load_state_dict(state)
         start_epoch = state["epoch"] + 1
         if rank == 0:
-            say(f"[raycg] resuming from checkpoint after epoch {state['epoch']}")
+            say(f"resuming from checkpoint after epoch {state['epoch']}")
             forget_epochs_from(os.path.join(config["run_dir"], "metrics.jsonl"), start_epoch)
     forward = torch.compile(model, dynamic=False, mode=compile_mode) if compile_model else model
     feed = open_feed(ray.train.get_dataset_shard("train"), cfg_train, device, rank)
     if world > 1 and device.type == "cuda":  # one GPU per worker: say which
-        say(f"[raycg] rank {rank}: {device} (current {torch.cuda.current_device()}), "
-            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}")
+        say(f"rank {rank}: {device} (current {torch.cuda.current_device()}), "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}", extra=EVERY_RANK)
     if rank == 0:
-        say(f"[raycg] worker: {world} x {device.type}, precision {cfg_train['precision']}, compile "
+        say(f"worker: {world} x {device.type}, precision {cfg_train['precision']}, compile "
               f"{(compile_mode or 'default') if compile_model else 'off'}, batch {B} x {world} ranks, host->device "
               f"transfers of {B * cfg_train['transfer_batches']:,} rows, ingest {cfg_train['ingest']}"
             + (f", gradients: {'DDP' if ddp else 'one all-reduce after backward'}" if world > 1 else ""))
@@ -213,7 +216,7 @@ class StepProfiler:
         with open(self.path, "w") as f:
             f.write(f"torch.profiler: {steps} training steps (from step {self.first} of the epoch)\n")
             f.write(self.prof.key_averages().table(sort_by=sort, row_limit=60))
-        say(f"[raycg] profile of {steps} steps -> {self.path}")
+        worker_logger(0).info(f"profile of {steps} steps -> {self.path}")  # rank 0 profiles
         self.prof = None
 
 
@@ -224,6 +227,7 @@ def run_epochs(config: dict, start_epoch: int, feed, forward, core, optimizer, s
     cfg_train = config["trainer"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    say = worker_logger(rank).info
     B, device = cfg_train["batch_size"], step_ctx.device
     vset = ray.get(config["validation_ref"][0]) if stopper is not None and rank == 0 else None
     ks = [int(k) for k in config["eval"]["ks"]]
@@ -255,7 +259,7 @@ def run_epochs(config: dict, start_epoch: int, feed, forward, core, optimizer, s
             steps += 1
             if rank == 0 and steps % cfg_train["log_every_steps"] == 0:
                 mean = finite(loss_sum.item() / steps, epoch, steps)  # the only host sync inside an epoch
-                say(f"[raycg] epoch {epoch} step {steps} loss {mean:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
+                say(f"epoch {epoch} step {steps} loss {mean:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
                     f"({steps * B * world / (time.perf_counter() - t0):,.0f} rows/s)")
         if profiler is not None and epoch == profile_epoch:
             profiler.finish()
@@ -292,15 +296,15 @@ def run_epochs(config: dict, start_epoch: int, feed, forward, core, optimizer, s
             dist.broadcast(flag, src=0)
             stop = bool(flag.item())
         if rank == 0:
-            say(f"[raycg] epoch {epoch} done: loss {metrics['loss']:.4f}, {metrics['rows']:,} rows, "
+            say(f"epoch {epoch} done: loss {metrics['loss']:.4f}, {metrics['rows']:,} rows, "
                 f"{metrics['rows_per_s']:,.0f} rows/s, {elapsed:.1f}s (waiting for data {data_wait:.1f}s)")
             if vset is not None:
                 val = ", ".join(f"{k[4:]} {v:.4f}" for k, v in metrics.items() if k.startswith("val_"))
-                say(f"[raycg] epoch {epoch} validation: {val}"
+                say(f"epoch {epoch} validation: {val}"
                     + (" (best so far)" if improved else f" (best: epoch {stopper.best_epoch}, "
                                                           f"{stopper.metric} {stopper.best:.4f})"))
             if "rows_read" in metrics:
-                say(f"[raycg] epoch {epoch} rows: read {metrics['rows_read']:,} = trained {metrics['rows']:,} "
+                say(f"epoch {epoch} rows: read {metrics['rows_read']:,} = trained {metrics['rows']:,} "
                     f"+ batch remainder {metrics['rows_remainder']:,} + not positive "
                     f"{metrics['rows_not_positive']:,} + rejected {metrics['rows_rejected']:,} + validation window "
                     f"{metrics['rows_validation']:,}")
@@ -318,6 +322,6 @@ def run_epochs(config: dict, start_epoch: int, feed, forward, core, optimizer, s
             ray.train.report(metrics, checkpoint=None)
         if stop:
             if rank == 0:
-                say(f"[raycg] early stopping after epoch {epoch}: {stopper.metric} has not improved for "
+                say(f"early stopping after epoch {epoch}: {stopper.metric} has not improved for "
                     f"{stopper.patience} epochs; the best epoch is {stopper.best_epoch} ({stopper.best:.4f})")
             break

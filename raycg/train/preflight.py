@@ -11,6 +11,8 @@ import time
 
 from omegaconf import DictConfig
 
+from raycg.logs import get_logger
+
 
 class PreflightError(ValueError):
     """A setting or an input that would make the run fail later; says what to change."""
@@ -83,7 +85,8 @@ def required_resources(cfg: DictConfig) -> dict[str, float]:
     return need
 
 
-def check_resources(cfg: DictConfig, cluster_resources, embedded: bool, wait_s: float, log=print) -> None:
+def check_resources(cfg: DictConfig, cluster_resources, embedded: bool, wait_s: float,
+                    log=get_logger("train").info) -> None:
     """The trainer's workers fit the cluster: at once for an embedded Ray (its size is fixed),
     within `wait_s` seconds for a cluster (an autoscaler may be adding nodes)."""
     need = required_resources(cfg)
@@ -102,7 +105,7 @@ def check_resources(cfg: DictConfig, cluster_resources, embedded: bool, wait_s: 
                 f"the {'embedded Ray' if embedded else 'cluster'} ({what}): lower trainer.num_workers or "
                 f"trainer.cpus_per_worker{'' if embedded else ', or add nodes'}")
         if not announced:
-            log(f"[raycg] waiting up to {wait_s:.0f}s for the cluster to offer {need} (trainer.resources_wait_s)")
+            log(f"waiting up to {wait_s:.0f}s for the cluster to offer {need} (trainer.resources_wait_s)")
             announced = True
         time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
 

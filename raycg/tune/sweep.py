@@ -27,8 +27,10 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from raycg.config import compose, hydra_app
 from raycg.config.schema import RunConfig
-from raycg.train.driver import ensure_data, init_ray, log, resolve_paths, run
+from raycg.logs import get_logger, set_level
+from raycg.train.driver import ensure_data, init_ray, resolve_paths, run
 
+log = get_logger("tune").info
 SAMPLERS = {
     "grid": tune.grid_search,
     "choice": tune.choice,
@@ -156,18 +158,18 @@ def run_sweep(cfg: DictConfig) -> tuple[tune.ResultGrid, dict]:
         tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
         reused = [r.metrics.get("trial_id") for r in tuner.get_results()
                   if r.error is None and r.metrics and "run_dir" in r.metrics]
-        log(f"[raycg] tune: resuming sweep {name} from {sweep_dir}: {len(reused)} finished trial(s) reused "
+        log(f"tune: resuming sweep {name} from {sweep_dir}: {len(reused)} finished trial(s) reused "
             f"({', '.join(map(str, reused)) or 'none'}); the others run (again)")
     else:
         tuner = new_tuner(trainable, space, ts, name, cfg.paths.runs_dir)
-    log(f"[raycg] tune: sweep {name}: {keys} -> {ts.metric} ({ts.mode}); dir {sweep_dir}")
+    log(f"tune: sweep {name}: {keys} -> {ts.metric} ({ts.mode}); dir {sweep_dir}")
     t0 = time.perf_counter()
     grid = tuner.fit()
     summary = summarize(grid, keys, ts.metric, ts.mode)
     summary.update(name=name, dir=sweep_dir, seconds=time.perf_counter() - t0, reused=reused)
     with open(os.path.join(sweep_dir, "sweep.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
-    log("\n" + format_summary(summary))
+    print("\n" + format_summary(summary), flush=True)  # the sweep's result table: output, not a log line
     return grid, summary
 
 
@@ -258,4 +260,5 @@ def _fmt(v) -> str:
 @hydra_app("sweep")
 def main(cfg: DictConfig, overrides: list[str]) -> None:
     """The command line (tune/sweep.py): compose raycg/conf/sweep.yaml with the overrides, run the sweep."""
+    set_level(cfg.log_level)
     run_sweep(cfg)

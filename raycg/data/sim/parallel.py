@@ -18,6 +18,7 @@ from raycg.data.datadir import clear_shards, time_split, write_atomic
 from raycg.data.sim.config import SimConfig
 from raycg.data.sim.events import _simulate_events
 from raycg.data.sim.world import _base_meta, _item_user_tables, _make_world
+from raycg.logs import get_logger, progress
 
 
 def block_seed(seed: int, block: int) -> np.random.SeedSequence:
@@ -72,7 +73,7 @@ def _remote_block():
 
 
 def _log(msg: str) -> None:
-    print(f"[raycg.sim] {msg}", flush=True)
+    get_logger("sim").info(f"sim: {msg}")
 
 
 def _rate(n: int, seconds: float) -> str:
@@ -114,16 +115,21 @@ def _write_dataset_parallel(cfg: SimConfig, out_dir: str, progress_every_s: floa
                    for b, (lo, hi) in enumerate(bounds)}
         results: dict[int, dict] = {}
         t_gen, last = time.perf_counter(), 0.0
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=progress_every_s)
-            for ref in done:
-                results[pending.pop(ref)] = ray.get(ref)
-            now = time.perf_counter()
-            if done and (not pending or now - last >= progress_every_s):
-                last = now
-                ev = sum(r["n_events"] for r in results.values())
-                el = now - t_gen
-                _log(f"blocks {len(results)}/{n_blocks}  events {ev:,}  {_rate(ev, el)}  elapsed {el:.1f}s")
+        # a bar on a terminal (blocks done, ETA); a log line every progress_every_s seconds either way
+        with progress(total=n_blocks, desc="simulating", unit="blocks") as bar:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=progress_every_s)
+                for ref in done:
+                    results[pending.pop(ref)] = ray.get(ref)
+                bar.update(len(done))
+                now = time.perf_counter()
+                if done and (not pending or now - last >= progress_every_s):
+                    last = now
+                    ev = sum(r["n_events"] for r in results.values())
+                    el = now - t_gen
+                    eta = f"  ETA {el / len(results) * len(pending):.0f}s" if pending else ""
+                    _log(f"blocks {len(results)}/{n_blocks}  events {ev:,}  {_rate(ev, el)}  elapsed {el:.1f}s"
+                         + eta)
         del world_ref
         t_tasks = time.perf_counter() - t_gen
         missing = [p for b in range(n_blocks) for split in ("train", "eval")
