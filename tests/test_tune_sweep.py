@@ -1,4 +1,4 @@
-"""A real Ray Tune sweep (tune/sweep.py): 2 trials of 1 epoch on the small simulated dataset."""
+"""A real Ray Tune sweep (tune/sweep.py): 2 trials of 1 epoch on the tiny simulated dataset."""
 from __future__ import annotations
 
 import importlib.util
@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, tiny_overrides
 
 SWEEP_PY = os.path.join(ROOT, "tune", "sweep.py")
 
@@ -40,11 +40,12 @@ def test_search_space_parsing():
         sweep.run_sweep(bad)  # fails before Ray starts
 
 
-def test_sweep_two_trials(ray_session, small_data_dir, tmp_path):
+def test_sweep_two_trials(ray_session, tiny_data_dir, tmp_path):
     sweep = load_sweep_module()
-    cfg = sweep.compose_sweep([
-        "data=sim_small", f"data.dir={small_data_dir}", f"paths.runs_dir={tmp_path}",
-        "trainer.epochs=1", "trainer.batch_size=512",
+    cfg = sweep.compose_sweep([  # each trial: 1 worker, 1 epoch on the tiny dataset, one baseline
+        *tiny_overrides(tiny_data_dir), f"paths.runs_dir={tmp_path}",
+        "trainer.epochs=1", "trainer.num_workers=1", "trainer.batch_size=256", "eval.ks=[10,100]",
+        "eval.baselines=[popularity]",
         "tune.name=test-sweep", "tune.num_samples=1",  # grid of 2 conversion weights -> 2 trials
     ])
     grid, summary = sweep.run_sweep(cfg)

@@ -10,6 +10,7 @@ import os
 import time
 
 import numpy as np
+import pyarrow as pa
 import ray
 import torch
 
@@ -17,7 +18,7 @@ from raycg.data.history import HistoryIndex
 from raycg.data.pipeline import checked_events, event_files, feature_store_from_config, validation_cutoff
 
 from raycg.eval.baselines import ALSBaseline, popularity_ranking, surface_popularity_rankings
-from raycg.eval.embed import embed_corpus, embed_queries
+from raycg.eval.embed import embed_corpus_and_queries
 from raycg.eval.queries import TASKS, build_queries, drop_cold, drop_cold_positives, read_event_columns
 from raycg.eval.recall import exact_top_k, recall_report
 from raycg.eval.reengagement import EngagementTimeline
@@ -90,36 +91,44 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
     if history_length > 0:
         store = dataclasses.replace(store, history_length=history_length, history=actions)
     store_ref = [ray.put(store)]
-    log(f"[raycg] eval: embedding the item corpus {data_cfg['items_path']} (Ray Data, "
-        f"{'GPU' if embed_gpu else 'CPU'} actors; exact top-K on {search_device})")
-    corpus_ids, item_emb = embed_corpus(data_cfg["items_path"], checkpoint_dir, store_ref,
-                                        eval_cfg["inference_batch_size"], use_gpu=embed_gpu)
     train_events = read_event_columns(data_cfg["train_path"], ["user_id", "item_id", "event_type", "surface"])
     known_items = None
     if drop_cold(eval_cfg.get("cold_items", "auto"), data_cfg["items_path"]):
         known_items = np.unique(train_events.column("item_id").to_numpy())
         log(f"[raycg] eval: the item table was derived from the log: positives on the "
-            f"{len(corpus_ids) - len(known_items):,} items without a training-split event are left out "
+            f"{len(store.items.item_id) - len(known_items):,} items without a training-split event are left out "
             "(eval.cold_items=auto; they are in the corpus only because they are engaged later)")
+    task_queries, cold_dropped = {}, {}
+    for task in TASKS:
+        queries, positives = build_queries(eval_events, task)
+        if known_items is not None:
+            queries, positives, cold_dropped[task] = drop_cold_positives(queries, positives, known_items)
+        task_queries[task] = (queries, positives)
+    log(f"[raycg] eval: embedding the item corpus {data_cfg['items_path']} and the queries (one Ray Data pipeline, "
+        f"{'GPU' if embed_gpu else 'CPU'} actors; exact top-K on {search_device})")
+    corpus_ids, item_emb, all_q_emb = embed_corpus_and_queries(
+        store.items.item_id, pa.concat_tables([q for q, _ in task_queries.values()], promote_options="default"),
+        checkpoint_dir, store_ref, eval_cfg["inference_batch_size"], use_gpu=embed_gpu)
+    q_embs, start = {}, 0
+    for task, (queries, _) in task_queries.items():
+        q_embs[task], start = all_q_emb[start:start + queries.num_rows], start + queries.num_rows
     t_base = time.perf_counter()
     fitted = _fit_baselines(baselines, train_events, corpus_ids, eval_cfg, seed, log)
     baseline_s = time.perf_counter() - t_base
     results: dict = {"ks": ks, "n_items": int(len(corpus_ids)), "methods": methods, "n_queries": {},
-                     "eval_rows": eval_rows, "repeat_share": {}, "cold_dropped": {},
+                     "eval_rows": eval_rows, "repeat_share": {}, "cold_dropped": cold_dropped,
                      "detail": {m: {} for m in methods}, "als_coverage": {}, **{m: {} for m in methods}}
     adv_of = store.items.cat[:, 1][np.searchsorted(store.items.item_id, corpus_ids)]  # advertiser per corpus row
     search_s = 0.0
     K = max(ks)
     for task in TASKS:
-        queries, positives = build_queries(eval_events, task)
-        if known_items is not None:
-            queries, positives, results["cold_dropped"][task] = drop_cold_positives(queries, positives, known_items)
+        queries, positives = task_queries[task]
         results["n_queries"][task] = len(positives)
         if not positives:
             log(f"[raycg] eval: no {task} queries in the eval split")
             continue
         log(f"[raycg] eval: {task}: {len(positives):,} queries, exact search over {len(corpus_ids):,} items")
-        q_emb = embed_queries(queries, checkpoint_dir, store_ref, eval_cfg["query_batch_size"], use_gpu=embed_gpu)
+        q_emb = q_embs[task]
         top_rows, secs = exact_top_k(item_emb, q_emb, K, eval_cfg["query_batch_size"], eval_cfg.get("faiss_threads"),
                                      search_device)
         search_s += secs

@@ -16,13 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import compose, tiny_overrides
+from conftest import compose
 from raycg.model.export import export_towers, user_inputs
 from raycg.model.towers import HEAD_SETS, STRUCTURES
 from raycg.model.two_tower import TwoTowerModel
 from raycg.train import checkpoint as ckpt_io
 from raycg.train.optim import build_optimizer
-from raycg.train.driver import run
 from raycg.train.step import StepContext, train_step
 from test_train_step import N_ITEMS, L, corpus, packed_batch, spec
 
@@ -78,23 +77,3 @@ def test_structure_and_heads_train_checkpoint_and_export(structure, heads, tmp_p
         assert (item(batch["item_cat"], batch["item_dense"]) - want_i).abs().max() < 1e-5
     serve = json.loads((tmp_path / "export" / "feature_spec.json").read_text())["serve_head"]
     assert serve == ("conversion" if heads == "multi_head" else "unified")
-
-
-def test_multi_head_cross_only_end_to_end(ray_session, tiny_data_dir, tmp_path):
-    """Ray Train (1 worker, history on) -> evaluation with the conversion head -> export."""
-    cfg = compose([*tiny_overrides(tiny_data_dir), f"paths.runs_dir={tmp_path}", "run_name=v",
-                   "model.cross=cross_only", "model.heads=multi_head", "model.history.length=4", "trainer.epochs=1",
-                   "trainer.num_workers=1", "trainer.batch_size=256", "eval.ks=[10,100]", "eval.baselines=[popularity]"])
-    results = run(cfg)
-    run_dir = tmp_path / "v"
-    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 1 and math.isfinite(metrics[0]["loss"]) and metrics[0]["steps"] > 0
-    for task in ("conversion", "engagement"):
-        assert results["n_queries"][task] > 0
-        assert 0.0 <= results["model"][task][10] <= results["model"][task][100] <= 1.0
-    # the workers trained the configured design, and evaluation/export read it back from the checkpoint
-    model, config = ckpt_io.load_model(results["checkpoint"])
-    assert config["model"]["cross"] == "cross_only" and config["model"]["heads"] == "multi_head"
-    assert model.serve_head == "conversion" and model.user_tower.body.structure == "cross_only"
-    assert json.loads((run_dir / "export" / "feature_spec.json").read_text())["serve_head"] == "conversion"
-    assert (run_dir / "export" / "user_tower.pt").exists() and (run_dir / "export" / "item_tower.pt").exists()
