@@ -6,6 +6,13 @@ import os
 import pytest
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Ray Train's controller polls its workers every 2 s by default (start, every report, the end):
+# each fit waited ~4 s of that on the 2-core box (a trivial fit: 13-17 s -> 9-13 s). Tests run
+# many short fits; polling every 0.1 s changes nothing else. The preemption watcher (one more
+# actor per fit, for cloud spot nodes) has nothing to watch on a local test Ray. Ray's processes
+# (and a head node started by a test) inherit these from this process's environment.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 # Tests on a real Ray (these fixtures start one) are the `slow` tier: `make test-fast` skips them.
 RAY_FIXTURES = {"ray_session", "ray_gpu", "head_node"}
@@ -68,5 +75,30 @@ def small_data_dir(tmp_path_factory):
 
     cfg = compose(["data=sim_small"])
     out = str(tmp_path_factory.mktemp("sim_small"))
+    write_dataset(SimConfig(**OmegaConf.to_container(cfg.data.sim, resolve=True)), out)
+    return out
+
+
+# A tiny simulated dataset (~48k events, 400 users, 300 items) for tests that check wiring, not
+# quality. The data.sim overrides match it, so the driver's ensure_data reuses it instead of
+# simulating sim_small into the same directory.
+TINY_SIM = {"n_users": 400, "n_items": 300, "n_advertisers": 20, "n_categories": 10, "requests_per_user": 12,
+            "num_shards": 2}
+
+
+def tiny_overrides(data_dir: str) -> list[str]:
+    """`python -m raycg.train` overrides for the tiny dataset in `data_dir`."""
+    return ["data=sim_small", f"data.dir={data_dir}", *(f"data.sim.{k}={v}" for k, v in TINY_SIM.items())]
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory):
+    """The tiny dataset, simulated once per session."""
+    from omegaconf import OmegaConf
+
+    from raycg.data.simulate import SimConfig, write_dataset
+
+    out = str(tmp_path_factory.mktemp("sim_tiny"))
+    cfg = compose(tiny_overrides(out))
     write_dataset(SimConfig(**OmegaConf.to_container(cfg.data.sim, resolve=True)), out)
     return out

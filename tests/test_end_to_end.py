@@ -2,6 +2,7 @@
 import json
 import math
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -31,20 +32,32 @@ def test_pipeline_row_accounting_and_batch_format(ray_session, small_data_dir):
     assert tuple(batch["user_dense"].shape) == (256, 6 + 16) and tuple(batch["hist_items"].shape) == (256, 5)
 
 
-def test_two_workers_beat_popularity_and_resume(ray_session, small_data_dir, tmp_path):
+@pytest.fixture(scope="module")
+def trained(ray_session, small_data_dir, tmp_path_factory):
+    """One run on 2 DDP workers with every loss option on (logQ, cross-worker, mixed and hard
+    negatives, advertiser loss), trained for 1 epoch and then resumed to 4 by the same command
+    with more epochs. The tests below inspect it; eval.json is read here, before the evaluate
+    CLI test writes it again."""
+    runs = tmp_path_factory.mktemp("e2e")
     overrides = [
-        "data=sim_small", f"data.dir={small_data_dir}", f"paths.runs_dir={tmp_path}",
-        "run_name=e2e", "trainer.num_workers=2", "trainer.batch_size=512",
+        "data=sim_small", f"data.dir={small_data_dir}", f"paths.runs_dir={runs}",
+        "run_name=e2e", "trainer.num_workers=2", "trainer.batch_size=512", "loss=full",
     ]
     first = run(compose(overrides + ["trainer.epochs=1"]))
-    run_dir = tmp_path / "e2e"
-    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1
-
+    run_dir = runs / "e2e"
+    first_lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     # the same run name again, with more epochs: resumes after epoch 0 instead of restarting
     results = run(compose(overrides + ["trainer.epochs=4"]))
-    epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [0, 1, 2, 3]
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return SimpleNamespace(run_dir=run_dir, first=first, first_lines=first_lines, results=results,
+                           lines=[json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()],
+                           saved=json.loads((run_dir / "eval.json").read_text()))
+
+
+def test_two_workers_resume_and_validate_every_epoch(trained):
+    assert len(trained.first_lines) == 1 and json.loads(trained.first_lines[0])["epoch"] == 0
+    lines = trained.lines
+    assert [m["epoch"] for m in lines] == [0, 1, 2, 3]  # epoch 0 once: resumed, not restarted
+    assert lines[0] == json.loads(trained.first_lines[0])
     losses = [m["loss"] for m in lines]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     # validation-driven: recall on the validation window every epoch; the best epoch is evaluated
@@ -53,16 +66,18 @@ def test_two_workers_beat_popularity_and_resume(ray_session, small_data_dir, tmp
     assert all(v == pytest.approx(np.mean([m[k] for k in m if k.startswith("val_") and "recall@" in k]))
                for v, m in zip(val, lines))
     assert lines[-1]["best_epoch"] == int(np.argmax(val))
+    assert trained.saved["checkpoint"] == str(trained.run_dir / "best")
+    assert trained.first["model"]["conversion"][1000] <= 1.0
 
-    saved = json.loads((run_dir / "eval.json").read_text())
-    assert saved["checkpoint"] == str(run_dir / "best")
+
+def test_two_workers_beat_popularity(trained):
+    results, saved = trained.results, trained.saved
     assert saved["n_queries"]["conversion"] > 50
     model_r, pop_r = results["model"]["conversion"][100], results["popularity"]["conversion"][100]
     assert saved["model"]["conversion"]["100"] == model_r
     # a clear margin over popularity on held-out conversions
     assert model_r > 1.3 * pop_r and model_r - pop_r > 0.1, (model_r, pop_r)
     assert results["model"]["engagement"][100] > results["popularity"]["engagement"][100]
-    assert first["model"]["conversion"][1000] <= 1.0
     # the baselines are scored on the same queries; ALS learns user taste that popularity lacks
     assert saved["methods"] == ["model", "popularity", "popularity_surface", "recent_engaged", "als_engagement",
                                 "als_conversion"]
@@ -80,39 +95,79 @@ def test_two_workers_beat_popularity_and_resume(ray_session, small_data_dir, tmp
     by_surface = saved["detail"]["popularity_surface"]["engagement"]["100"]["by_group"]
     assert sorted(by_surface) == ["home", "related", "search"]
 
-    # python -m raycg.evaluate on the same run, other eval settings: same checkpoint, same recall
-    from hydra.errors import ConfigCompositionException
 
-    from raycg.evaluate import main as evaluate_main
-
-    evaluate_main([f"run_dir={run_dir}", "eval.ks=[10,100]", "eval.baselines=[popularity]"])
-    again = json.loads((run_dir / "eval.json").read_text())
-    assert again["ks"] == [10, 100] and again["methods"] == ["model", "popularity"]
-    assert again["model"]["conversion"]["100"] == pytest.approx(model_r, abs=1e-9)
-    with pytest.raises(ConfigCompositionException, match="Could not override 'ks'"):
-        evaluate_main([f"run_dir={run_dir}", "ks=[10]"])
-
-
-def test_full_objective_two_workers(ray_session, small_data_dir, tmp_path):
-    """logQ + cross-worker + mixed + hard negatives + advertiser loss, 2 DDP workers."""
+def test_full_objective_state_is_checkpointed_across_the_resume(trained):
+    """logQ + cross-worker + mixed + hard negatives + advertiser loss: every part is trained, and
+    the step counter and the logQ estimator survive the resume."""
     import torch
 
-    overrides = [
-        "data=sim_small", f"data.dir={small_data_dir}", f"paths.runs_dir={tmp_path}", "run_name=full",
-        "loss=full", "trainer.epochs=2", "trainer.batch_size=512",
-    ]
-    results = run(compose(overrides))
-    lines = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-    assert [x["epoch"] for x in lines] == [0, 1] and all(math.isfinite(x["loss"]) for x in lines)
-    assert results["model"]["conversion"][100] > 1.3 * results["popularity"]["conversion"][100]
-    state = torch.load(os.path.join(results["checkpoint"], "model.pt"), weights_only=True)
-    assert state["step"] == sum(x["steps"] for x in lines)
+    lines = trained.lines
+    for m in lines:
+        assert all(math.isfinite(m[k]) for k in m if isinstance(m[k], float))
+    state = torch.load(os.path.join(trained.results["checkpoint"], "model.pt"), weights_only=True)
+    assert state["epoch"] == lines[-1]["best_epoch"]
+    assert state["step"] == sum(m["steps"] for m in lines[:state["epoch"] + 1])  # counted on after the resume
     freq = state["freq"]  # the logQ estimator is checkpointed
     assert (freq["A"] >= 0).sum() > 100 and freq["A"].max() == state["step"] - 1
 
 
-def test_eval_window_cannot_change_training_features(ray_session, small_data_dir, tmp_path):
-    """User/item stats and training histories come from the training split only."""
+def test_evaluate_cli_reevaluates_the_same_checkpoint(trained):
+    # python -m raycg.evaluate on the same run, other eval settings: same checkpoint, same recall
+    from raycg.evaluate import main as evaluate_main
+
+    run_dir = trained.run_dir
+    evaluate_main([f"run_dir={run_dir}", "eval.ks=[10,100]", "eval.baselines=[popularity]"])
+    again = json.loads((run_dir / "eval.json").read_text())
+    assert again["ks"] == [10, 100] and again["methods"] == ["model", "popularity"]
+    assert again["checkpoint"] == trained.saved["checkpoint"]
+    assert again["model"]["conversion"]["100"] == pytest.approx(trained.results["model"]["conversion"][100], abs=1e-9)
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="Could not override 'ks'"):
+        evaluate_main([f"run_dir={run_dir}", "ks=[10]"])
+
+
+def test_export_cli_writes_a_complete_export_elsewhere(trained, tmp_path):
+    # python -m raycg.export on the same run: towers, feature tables, item embeddings and index
+    from raycg.checksums import verify_checksums
+    from raycg.export import main as export_main
+    from raycg.model.export import FORMAT_VERSION
+
+    out = tmp_path / "export"
+    export_main([f"run_dir={trained.run_dir}", f"out={out}"])
+    assert {"user_tower.pt2", "item_tower.pt2", "feature_spec.json", "items.parquet", "users.parquet",
+            "item_embeddings.parquet", "items.faiss", "index.json", "checksums.json"} <= set(os.listdir(out))
+    verify_checksums(str(out))
+    assert json.loads((out / "feature_spec.json").read_text())["format_version"] == FORMAT_VERSION
+    assert json.loads((out / "index.json").read_text())["recall"]["value"] == 1.0  # exact index: small corpus
+
+
+class _Captured(Exception):
+    """Raised by the stand-in TorchTrainer: the driver got as far as handing data to Ray Train."""
+
+
+def training_inputs(monkeypatch, cfg) -> dict:
+    """What `raycg.train.driver.run(cfg)` hands to Ray Train (train_loop_config, datasets), from
+    the driver's own composition (paths, data checks, feature store, packing); stops there."""
+    from raycg.train import driver
+
+    captured = {}
+
+    def capture(*args, **kwargs):
+        captured.update(kwargs)
+        raise _Captured
+
+    with monkeypatch.context() as m:
+        m.setattr(driver, "TorchTrainer", capture)
+        with pytest.raises(_Captured):
+            driver.run(cfg)
+    return captured
+
+
+def test_eval_window_cannot_change_training_features(ray_session, small_data_dir, tmp_path, monkeypatch):
+    """User/item stats and training histories come from the training split only: a dataset whose
+    eval split has extra conversions for existing users/items gives the workers exactly the same
+    training rows and feature store, through the driver's own paths (data.dir -> train/eval)."""
     import shutil
 
     import pyarrow.parquet as pq
@@ -126,23 +181,28 @@ def test_eval_window_cannot_change_training_features(ray_session, small_data_dir
     extra = ev.slice(0, 500).set_column(4, "event_type", pa.array(["checkout"] * 500)).cast(SIM_EVENT_SCHEMA)
     pq.write_table(extra, other / "events" / "eval" / "part-extra.parquet")
 
-    def packed(root):
-        train = os.path.join(root, "events", "train")
-        store = build_feature_store(train, os.path.join(root, "items.parquet"), history_length=5)
-        ds, _ = packed_training_dataset(train, store, batch_size=100_000)
-        return store, ds.to_pandas()
+    def inputs(data_dir, name):
+        # deterministic: rows in file order, so the two runs compare row by row
+        cfg = compose(["data=sim_small", f"data.dir={data_dir}", f"paths.runs_dir={tmp_path / 'runs'}",
+                       f"run_name={name}", "trainer.deterministic=true"])
+        got = training_inputs(monkeypatch, cfg)
+        config = got["train_loop_config"]
+        return ray_session.get(config["store_ref"][0]), got["datasets"]["train"].to_pandas(), config
 
-    ctx = ray_session.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # compare row by row
-    try:
-        store_a, rows_a = packed(small_data_dir)
-        store_b, rows_b = packed(str(other))
-    finally:
-        ctx.execution_options.preserve_order = False
+    store_a, rows_a, config_a = inputs(small_data_dir, "a")
+    store_b, rows_b, config_b = inputs(str(other), "b")
+    assert config_b["data"]["eval_path"] == str(other / "events" / "eval")  # the copy, not the original
+    assert config_a["model"]["history"]["length"] > 0 and len(rows_a) > 1000
     assert np.array_equal(store_a.items.dense, store_b.items.dense)
     assert np.array_equal(store_a.users.dense, store_b.users.dense)
-    for col in ("user_dense", "item_dense", "hist_items", "hist_actions"):
+    assert store_a.vocab.keys() == store_b.vocab.keys()
+    assert all(np.array_equal(store_a.vocab[k], store_b.vocab[k]) for k in store_a.vocab)
+    assert config_a["feature_spec"] == config_b["feature_spec"]  # normalisation statistics too
+    assert config_a["data_stats"]["rows_used"] == config_b["data_stats"]["rows_used"]
+    for col in ("user_cat", "item_cat", "user_dense", "item_dense", "hist_items", "hist_actions"):
         assert np.array_equal(np.stack(rows_a[col]), np.stack(rows_b[col])), col
+    # and the eval split did change: the extra conversions are there for the evaluation to see
+    assert config_b["data_stats"]["eval"]["rows_read"] == config_a["data_stats"]["eval"]["rows_read"] + 500
 
 
 def test_bad_shard_fails_clearly_or_is_quarantined_and_counted(ray_session, small_data_dir, tmp_path):

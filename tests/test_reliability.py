@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -12,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, compose
+from conftest import ROOT, compose, tiny_overrides
 from raycg.data.schema import EventSchemaError
 from raycg.train.driver import run
 from raycg.train.preflight import PreflightError
@@ -99,42 +100,63 @@ def damage(path, nbytes=512):
     open(path, "wb").write(bytes(data))
 
 
-def test_damaged_newest_checkpoint_resumes_from_an_intact_one(ray_session, small_data_dir, tmp_path):
-    args = ["data=sim_small", f"data.dir={small_data_dir}", f"paths.runs_dir={tmp_path}", "run_name=r",
-            "trainer.num_workers=1", "trainer.batch_size=512", "trainer.checkpoints_to_keep=3",
-            "eval.baselines=[popularity]"]
-    run(compose(args + ["trainer.epochs=2"]))
-    run_dir = tmp_path / "r"
+@pytest.fixture(scope="module")
+def deterministic_pair(ray_session, small_data_dir, tmp_path_factory):
+    """Two runs of the same deterministic config under different names (2 workers, 2 epochs,
+    3 checkpoints kept). Their metrics and results are read here: the damaged-checkpoint test
+    below goes on with run b."""
+    runs = tmp_path_factory.mktemp("det")
+
+    def args(name):
+        return ["data=sim_small", f"data.dir={small_data_dir}", f"paths.runs_dir={runs}", f"run_name={name}",
+                "trainer.batch_size=512", "trainer.deterministic=true", "trainer.checkpoints_to_keep=3",
+                "eval.baselines=[popularity]"]
+
+    results = {name: run(compose(args(name) + ["trainer.epochs=2"])) for name in ("a", "b")}
+    metrics = {name: [json.loads(x) for x in (runs / name / "metrics.jsonl").read_text().splitlines()]
+               for name in results}
+    return SimpleNamespace(runs=runs, args=args, results=results, metrics=metrics)
+
+
+TIMINGS = {"epoch_s", "rows_per_s", "data_wait_s", "validation_s"}
+
+
+def test_deterministic_runs_are_bit_identical(deterministic_pair):
+    a, b = (deterministic_pair.metrics[n] for n in ("a", "b"))
+    assert [m["epoch"] for m in a] == [m["epoch"] for m in b] == [0, 1]
+    for ma, mb in zip(a, b):  # every loss part and validation recall of every epoch, exactly
+        assert {k: v for k, v in ma.items() if k not in TIMINGS} == {k: v for k, v in mb.items() if k not in TIMINGS}
+    assert a[0]["loss"] != a[1]["loss"]  # (and the model did train)
+    ra, rb = (deterministic_pair.results[n] for n in ("a", "b"))
+    assert ra["model"] == rb["model"]  # the same weights: the same recall
+
+
+def test_damaged_newest_checkpoint_resumes_from_an_intact_one(deterministic_pair):
+    from raycg.train.checkpoint import evaluation_checkpoint, load_model
+
+    run_dir = deterministic_pair.runs / "b"
     newest = sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint_2"))[-1]  # checkpoint_<time>
     damage(run_dir / newest / "model.pt")
     # and a line written for an epoch whose checkpoint Ray never committed (worker killed)
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"epoch": 2, "loss": 0.0}) + "\n")
-    run(compose(args + ["trainer.epochs=3"]))  # the same command again: resumes after epoch 0
+    # the same command again with one more epoch: resumes after epoch 0 (the newest intact checkpoint)
+    results = run(compose(deterministic_pair.args("b") + ["trainer.epochs=3"]))
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 1, 2]
-    from raycg.evaluate import main as evaluate_main
-
-    evaluate_main([f"run_dir={run_dir}", "eval.baselines=[popularity]"])  # the new, intact checkpoint
-    assert json.loads((run_dir / "eval.json").read_text())["checkpoint"] != str(run_dir / newest)
-
-
-def test_deterministic_runs_are_bit_identical(ray_session, small_data_dir, tmp_path):
-    losses = []
-    for name in ("a", "b"):
-        run(compose(["data=sim_small", f"data.dir={small_data_dir}", f"paths.runs_dir={tmp_path}",
-                     f"run_name={name}", "trainer.epochs=1", "trainer.batch_size=512", "trainer.deterministic=true",
-                     "eval.baselines=[popularity]"]))
-        losses.append(json.loads((tmp_path / name / "metrics.jsonl").read_text())["loss"])
-    assert losses[0] == losses[1]
+    # evaluated from an intact checkpoint, and `python -m raycg.evaluate` picks one too
+    assert results["checkpoint"] != str(run_dir / newest)
+    chosen = evaluation_checkpoint(str(run_dir))
+    assert chosen != str(run_dir / newest)
+    load_model(chosen)
 
 
-def test_batch_larger_than_the_split_is_one_clear_error(ray_session, small_data_dir, tmp_path):
+def test_batch_larger_than_the_split_is_one_clear_error(ray_session, tiny_data_dir, tmp_path):
     # with the batch size kept as given (min_steps_per_epoch=0), a batch larger than a worker's
     # share of the split stops the run before any worker starts
     with pytest.raises(PreflightError, match=r"trainer.batch_size=20000 x trainer.num_workers=2: the training "
                                              r"split has [\d,]+ positive rows, [\d,]+ per worker"):
-        run(compose(["data=sim_small", f"data.dir={small_data_dir}", f"paths.runs_dir={tmp_path}",
+        run(compose([*tiny_overrides(tiny_data_dir), f"paths.runs_dir={tmp_path}",
                      "trainer.batch_size=20000", "trainer.min_steps_per_epoch=0"]))
 
 
@@ -227,9 +249,9 @@ def test_worker_progress_line_is_printed_once(capfd):
     assert capfd.readouterr().out.count("[raycg] epoch 0 done") == 1 and records == []
 
 
-def test_failed_run_says_how_to_resume(ray_session, small_data_dir, tmp_path, capsys):
+def test_failed_run_says_how_to_resume(ray_session, tiny_data_dir, tmp_path, capsys):
     with pytest.raises(Exception, match="training loss is nan"):  # lr 1e30: the loss explodes
-        run(compose(["data=sim_small", f"data.dir={small_data_dir}", f"paths.runs_dir={tmp_path}",
+        run(compose([*tiny_overrides(tiny_data_dir), f"paths.runs_dir={tmp_path}",
                      "run_name=boom", "trainer.num_workers=1", "trainer.epochs=1", "trainer.batch_size=512",
                      "trainer.lr=1e30", "eval.baselines=[popularity]"]))
     out = capsys.readouterr().out

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from conftest import tiny_overrides
 from raycg.report.summary import claims_table, paired_delta, recall_table, seed_interval, verdict
 
 
@@ -54,15 +55,17 @@ def test_recall_table_has_variants_then_baselines():
     assert table[4].startswith("| baseline: popularity (global) | 0.1500 [0.0000, ")  # clipped at 0
 
 
-def test_report_runs_a_tiny_grid_and_resumes(ray_session, small_data_dir, tmp_path, capsys):
+def test_report_runs_a_tiny_grid_and_resumes(ray_session, tiny_data_dir, tmp_path, capsys):
     from raycg.report.__main__ import main
 
+    # 2 variants x 2 seeds, each a real run (1 worker, 1 epoch) on the tiny dataset
+    base = ", ".join(f'"{o}"' for o in tiny_overrides(tiny_data_dir))
     grid = tmp_path / "tiny.yaml"
     grid.write_text(f"""
 name: tiny
 title: Tiny grid
-base: [data=sim_small, "data.dir={small_data_dir}", trainer.epochs=1, trainer.batch_size=512,
-       "eval.ks=[10,100,1000]", "eval.baselines=[popularity,als_engagement]", loss.advertiser_weight=0.3]
+base: [{base}, trainer.epochs=1, trainer.num_workers=1, trainer.batch_size=256,
+       "eval.ks=[10,100]", "eval.baselines=[popularity,als_engagement]", loss.advertiser_weight=0.3]
 reference: ref
 variants:
   ref: []

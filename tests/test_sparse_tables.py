@@ -166,37 +166,32 @@ def test_sparse_grad_sync_averages_the_ranks_rows_and_moves_only_them():
         assert moved == 2 * 3 * (8 + 3 * 4) + 2 * 8  # world x max pairs x (int64 index + dim fp32) + counts
 
 
-@pytest.fixture(scope="module")
-def tiny_data_dir(tmp_path_factory):
-    from raycg.data.simulate import SimConfig, write_dataset
-
-    out = str(tmp_path_factory.mktemp("sim_tiny_sparse"))
-    write_dataset(SimConfig(n_users=400, n_items=300, n_advertisers=20, n_categories=10, requests_per_user=12,
-                            num_shards=2), out)
-    return out
-
-
 def test_two_ddp_workers_train_sparse_tables_resume_and_evaluate(ray_session, tiny_data_dir, tmp_path):
     """The real loop: 2 Ray Train workers (gloo DDP) leave the tables to SparseGradSync, which
     moves at most world x lookups x (8 + 4 x id_dim) bytes per table and step; the item table
     is shared with the history encoder (two gradients per step); a run resumes with its two
-    optimizers' state and evaluates."""
+    optimizers' state and evaluates.
+
+    It is also the end-to-end run of the design no other end-to-end test trains (see
+    test_variants.py): a multi-head model (served by its conversion head) on the
+    cross-only structure, through Ray Train, evaluation and export."""
     import json
     import math
 
-    from conftest import compose
+    from conftest import compose, tiny_overrides
     from raycg.model import checkpoint as ckpt_io
     from raycg.train.driver import run
 
-    overrides = ["data=sim_small", f"data.dir={tiny_data_dir}", f"paths.runs_dir={tmp_path}", "run_name=s",
+    overrides = [*tiny_overrides(tiny_data_dir), f"paths.runs_dir={tmp_path}", "run_name=s",
                  "model.sparse_tables=true", "trainer.table_optimizer=adagrad", "trainer.num_workers=2",
                  "trainer.batch_size=128", "model.history.length=4", "eval.ks=[10,100]", "eval.baselines=[]",
-                 "trainer.early_stopping.patience=0"]
+                 "trainer.early_stopping.patience=0", "model.cross=cross_only", "model.heads=multi_head"]
     run(compose(overrides + ["trainer.epochs=1"]))
     results = run(compose(overrides + ["trainer.epochs=2"]))  # resumes after epoch 0
-    metrics = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    run_dir = tmp_path / "s"
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [0, 1] and all(math.isfinite(m["loss"]) for m in metrics)
-    model, _ = ckpt_io.load_model(ckpt_io.newest_intact(str(tmp_path / "s")))
+    model, config = ckpt_io.load_model(ckpt_io.newest_intact(str(run_dir)))
     tables = sparse_tables(model)
     id_dim = model.item_tower.embeddings[0].emb.embedding_dim
     per_rank_batch = metrics[1]["rows"] // metrics[1]["steps"] // 2
@@ -205,7 +200,18 @@ def test_two_ddp_workers_train_sparse_tables_resume_and_evaluate(ray_session, ti
     assert len(tables) * 2 * (8 + 4 * id_dim) < metrics[1]["table_sync_bytes_per_step"]
     assert metrics[1]["table_sync_bytes_per_step"] <= 2 * lookups * (8 + 4 * id_dim) + len(tables) * 2 * 8
     for task in ("conversion", "engagement"):
+        assert results["n_queries"][task] > 0
         assert 0.0 <= results["model"][task][10] <= results["model"][task][100] <= 1.0
+    # the workers trained the configured design; evaluation and export read it back from the checkpoint
+    assert config["model"]["cross"] == "cross_only" and config["model"]["heads"] == "multi_head"
+    assert model.serve_head == "conversion" and model.user_tower.body.structure == "cross_only"
+    assert json.loads((run_dir / "export" / "feature_spec.json").read_text())["serve_head"] == "conversion"
+    export = run_dir / "export"  # the driver's export: towers, item index and its measured recall, a retriever
+    index = json.loads((export / "index.json").read_text())
+    assert index["kind"] == "flat" and index["recall"]["n_queries"] > 0 and index["recall"]["value"] == 1.0
+    from raycg.retrieve import Retriever
+
+    assert len(Retriever(str(export)).retrieve(user_id=1, surface="home", k=5)[0]) == 5
 
 
 def test_model_card_lists_each_table_with_its_bytes_and_optimizer_state():

@@ -1,5 +1,5 @@
 """A real Ray Tune sweep (raycg.tune.sweep, the logic of tune/sweep.py): 2 trials of 1 epoch on
-the small simulated dataset."""
+the tiny simulated dataset."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,7 @@ import os
 import pytest
 import yaml
 
+from conftest import tiny_overrides
 from raycg.tune import sweep
 
 
@@ -25,10 +26,11 @@ def test_search_space_parsing():
         sweep.run_sweep(bad)  # fails before Ray starts
 
 
-def test_sweep_two_trials(ray_session, small_data_dir, tmp_path):
-    cfg = sweep.compose_sweep([
-        "data=sim_small", f"data.dir={small_data_dir}", f"paths.runs_dir={tmp_path}",
-        "trainer.epochs=1", "trainer.batch_size=512",
+def test_sweep_two_trials(ray_session, tiny_data_dir, tmp_path):
+    cfg = sweep.compose_sweep([  # each trial: 1 worker, 1 epoch on the tiny dataset, one baseline
+        *tiny_overrides(tiny_data_dir), f"paths.runs_dir={tmp_path}",
+        "trainer.epochs=1", "trainer.num_workers=1", "trainer.batch_size=256", "eval.ks=[10,100]",
+        "eval.baselines=[popularity]",
         "tune.name=test-sweep", "tune.num_samples=1",  # grid of 2 conversion weights -> 2 trials
     ])
     grid, summary = sweep.run_sweep(cfg)

@@ -70,17 +70,33 @@ def combine_counts(parts: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     return uniq, out
 
 
-def aggregate_counts(ds, key: str, before_ts: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Counts per `key` over a Ray dataset of events (map in Ray Data, combine on the driver);
-    with `before_ts`, only events strictly before it (the training part of a split)."""
+def aggregate_counts_by(ds, keys: list[str], before_ts: int | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{key: (sorted ids, counts [N, 4])} for several keys in ONE pass over a Ray dataset of
+    events (map in Ray Data, combine on the driver); with `before_ts`, only events strictly
+    before it (the training part of a split). One pass, not one per key: each Ray Data pass
+    re-reads and re-decodes the split and pays the pipeline start again."""
+    keys = list(keys)
+
     def counts(t):
         if before_ts is not None:
             t = t.filter(pc.less(t.column("timestamp"), before_ts))
-        return partial_counts(t, key)
+        parts = [partial_counts(t, k) for k in keys]
+        return {"key": np.concatenate([np.full(len(p["id"]), i, np.int64) for i, p in enumerate(parts)]),
+                "id": np.concatenate([p["id"] for p in parts]),
+                "counts": np.concatenate([p["counts"] for p in parts])}
 
     mapped = ds.map_batches(counts, batch_format="pyarrow", batch_size=65536)
-    parts = [{"id": b["id"], "counts": b["counts"]} for b in mapped.iter_batches(batch_size=None, batch_format="numpy")]
-    return combine_counts(parts)
+    per_key: dict[str, list[dict]] = {k: [] for k in keys}
+    for b in mapped.iter_batches(batch_size=None, batch_format="numpy"):
+        for i, k in enumerate(keys):
+            mine = b["key"] == i
+            per_key[k].append({"id": b["id"][mine], "counts": b["counts"][mine]})
+    return {k: combine_counts(parts) for k, parts in per_key.items()}
+
+
+def aggregate_counts(ds, key: str, before_ts: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Counts per `key` (aggregate_counts_by for one key)."""
+    return aggregate_counts_by(ds, [key], before_ts)[key]
 
 
 @dataclass

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import ray
 
 from raycg.data.batches import FeatureStore, ItemTable, pack_events, quarantine_rows
-from raycg.data.features import UserTable, aggregate_counts, stats_from_counts
+from raycg.data.features import UserTable, aggregate_counts_by, stats_from_counts
 from raycg.data.schema import EventSchemaError, check_values, conform, event_columns, footer_rows
 
 
@@ -98,12 +98,13 @@ def build_feature_store(train_path: str, items_path: str, history_length: int = 
     """
     items = ItemTable.read(items_path, extra_cat=tuple(item_categorical))
     ds, _ = read_events(train_path)
-    item_ids, item_counts = aggregate_counts(ds, "item_id", before_ts)  # stats: the training part only
-    user_ids, user_counts = aggregate_counts(ds, "user_id", before_ts)
+    keys = ["item_id", "user_id"] + (["context_item_id", "query_id"] if count_context_ids else [])
+    counts = aggregate_counts_by(ds, keys, before_ts)  # stats: the training part only; one pass
+    item_ids, item_counts = counts["item_id"]
+    user_ids, user_counts = counts["user_id"]
     context = query = None
     if count_context_ids:
-        context, query = ((ids, c.sum(axis=1)) for ids, c in (aggregate_counts(ds, "context_item_id", before_ts),
-                                                               aggregate_counts(ds, "query_id", before_ts)))
+        context, query = ((ids, c.sum(axis=1)) for ids, c in (counts["context_item_id"], counts["query_id"]))
     history = None
     if history_length > 0:
         from raycg.data.history import HistoryIndex
