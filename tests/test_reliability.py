@@ -132,7 +132,7 @@ def test_deterministic_runs_are_bit_identical(deterministic_pair):
 
 
 def test_damaged_newest_checkpoint_resumes_from_an_intact_one(deterministic_pair):
-    from raycg.train.checkpoint import evaluation_checkpoint, load_model
+    from raycg.model.checkpoint import evaluation_checkpoint, load_model
 
     run_dir = deterministic_pair.runs / "b"
     newest = sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint_2"))[-1]  # checkpoint_<time>

@@ -20,7 +20,7 @@ from conftest import compose
 from raycg.model.export import export_towers, item_inputs, load_towers, user_inputs
 from raycg.model.towers import HEAD_SETS, STRUCTURES
 from raycg.model.two_tower import TwoTowerModel
-from raycg.train import checkpoint as ckpt_io
+from raycg.model import checkpoint as ckpt_io
 from raycg.train.optim import build_optimizer
 from raycg.train.step import StepContext, train_step
 from test_train_step import N_ITEMS, L, corpus, packed_batch, spec
