@@ -37,13 +37,25 @@ def pytest_collection_modifyitems(config, items):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(scope="session")
+def _ray_for_the_session():
+    """Shuts the shared embedded Ray down at the end of the session (see ray_session)."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture(scope="module")
-def ray_session():
+def ray_session(_ray_for_the_session):
     """A real local Ray (2 CPUs, loopback, dashboard on for Train-under-Tune cleanup).
 
-    Module-scoped: Ray Train's placement-group cleaner and the state API refuse to pick
-    a cluster when several are running on the machine, so the test that starts its own
-    head node (test_cluster_job.py) must not overlap with this one.
+    Started by the first module that asks for it and kept for the rest of the session (each start
+    and stop cost 5-10 s on the 2-core box, once per module before). Ray Train's placement-group
+    cleaner and the state API refuse to pick a cluster when several are running on the machine,
+    so the test that starts its own head node (test_cluster_job.py, `head_node`) shuts this one
+    down first; the next module that needs it starts it again.
     """
     import importlib.util
 
@@ -56,7 +68,6 @@ def ray_session():
                  _node_ip_address="127.0.0.1", log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
-    ray.shutdown()
 
 
 def compose(overrides: list[str]):

@@ -166,6 +166,10 @@ class HeadNode:
 @pytest.fixture
 def head_node(tmp_path):
     """A real head node on 127.0.0.1 with free ports; always stopped afterwards."""
+    import ray
+
+    if ray.is_initialized():  # the session's embedded Ray (conftest ray_session): never two clusters at once
+        ray.shutdown()
     gcs_port, dashboard_port, client_port, agent_http_port = free_ports(4)
     # Short temp dir: Ray puts unix sockets under it (~107 character limit on socket paths).
     temp_dir = tempfile.mkdtemp(prefix="rcg-", dir="/tmp")

@@ -193,6 +193,7 @@ def test_bad_settings_fail_before_ray_starts(tmp_path, args, message):
     assert not os.path.exists(tmp_path / "runs")  # no half-made run directory
 
 
+@pytest.mark.slow  # starts a real Ray (in a subprocess)
 def test_infeasible_workers_fail_at_once(tmp_path):
     proc = raycg_train(tmp_path, "trainer.num_workers=5", "experiment=smoke")
     assert proc.returncode != 0
@@ -215,6 +216,7 @@ print(json.dumps(sorted({(c.laddr.ip, c.laddr.port) for c in psutil.net_connecti
 """
 
 
+@pytest.mark.slow  # starts a real Ray (in a subprocess)
 def test_embedded_ray_listens_on_loopback_only(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
     proc = subprocess.run([sys.executable, "-c", LISTEN], cwd=ROOT, capture_output=True, text=True, timeout=120,
