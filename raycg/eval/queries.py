@@ -42,6 +42,9 @@ def build_queries(events: pa.Table, task: str) -> tuple[pa.Table, list[np.ndarra
     pos = pos.append_column("query_ts", pa.array(query_time(pos), pa.int64()))
     by = QUERY_KEYS + (["query_ts"] if task == "conversion" else [])
     grouped = pos.group_by(by).aggregate([("item_id", "distinct"), ("query_ts", "min")])
+    # one order: pyarrow's threaded group_by returns the groups in a different order from call to
+    # call, and the order moved the mean recall's last bit and the bootstrap intervals
+    grouped = grouped.sort_by([(k, "ascending") for k in by])
     keys = grouped.select(QUERY_KEYS + ["query_ts_min"]).rename_columns(QUERY_KEYS + ["timestamp"])
     positives = [np.asarray(v, dtype=np.int64) for v in grouped.column("item_id_distinct").to_pylist()]
     return keys, positives
