@@ -112,11 +112,13 @@ def test_full_objective_state_is_checkpointed_across_the_resume(trained):
 
 
 def test_evaluate_cli_reevaluates_the_same_checkpoint(trained):
-    # python -m raycg.evaluate on the same run, other eval settings: same checkpoint, same recall
+    # python -m raycg.evaluate on the same run, other eval settings: same checkpoint, same recall;
+    # the run embedded its small corpus and query sets in the driver, this one on Ray Data actors
     from raycg.evaluate import main as evaluate_main
 
     run_dir = trained.run_dir
-    evaluate_main([f"run_dir={run_dir}", "eval.ks=[10,100]", "eval.baselines=[popularity]"])
+    evaluate_main([f"run_dir={run_dir}", "eval.ks=[10,100]", "eval.baselines=[popularity]",
+                   "eval.ray_inference_min_rows=0"])
     again = json.loads((run_dir / "eval.json").read_text())
     assert again["ks"] == [10, 100] and again["methods"] == ["model", "popularity"]
     assert again["checkpoint"] == trained.saved["checkpoint"]

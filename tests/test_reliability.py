@@ -20,12 +20,12 @@ from raycg.train.driver import run
 from raycg.train.preflight import PreflightError
 
 
-def files_dir(small_data_dir: str, out: str, eval_edit=None, users_edit=None, empty_train_shard=False) -> str:
-    """A `data=files` directory linking the sim_small data, with an edited copy of the first eval
+def files_dir(sim_dir: str, out: str, eval_edit=None, users_edit=None, empty_train_shard=False) -> str:
+    """A `data=files` directory linking the simulated data in `sim_dir`, with an edited copy of the first eval
     file (`eval_edit(table) -> table`) and/or users table, and optionally an empty train shard."""
     os.makedirs(os.path.join(out, "events"), exist_ok=True)
-    os.symlink(os.path.join(small_data_dir, "items.parquet"), os.path.join(out, "items.parquet"))
-    src_train = os.path.join(small_data_dir, "events", "train")
+    os.symlink(os.path.join(sim_dir, "items.parquet"), os.path.join(out, "items.parquet"))
+    src_train = os.path.join(sim_dir, "events", "train")
     if empty_train_shard:
         shutil.copytree(src_train, os.path.join(out, "events", "train"))
         first = sorted(os.listdir(src_train))[0]
@@ -33,11 +33,11 @@ def files_dir(small_data_dir: str, out: str, eval_edit=None, users_edit=None, em
         pq.write_table(table.slice(0, 0), os.path.join(out, "events", "train", "part-empty.parquet"))
     else:
         os.symlink(src_train, os.path.join(out, "events", "train"))
-    shutil.copytree(os.path.join(small_data_dir, "events", "eval"), os.path.join(out, "events", "eval"))
+    shutil.copytree(os.path.join(sim_dir, "events", "eval"), os.path.join(out, "events", "eval"))
     if eval_edit is not None:
         first = os.path.join(out, "events", "eval", sorted(os.listdir(os.path.join(out, "events", "eval")))[0])
         pq.write_table(eval_edit(pq.read_table(first)), first)
-    users = pq.read_table(os.path.join(small_data_dir, "users.parquet"))
+    users = pq.read_table(os.path.join(sim_dir, "users.parquet"))
     pq.write_table(users_edit(users) if users_edit else users, os.path.join(out, "users.parquet"))
     return out
 
@@ -62,18 +62,18 @@ def set_item(table: pa.Table, rows: int, value: int) -> pa.Table:
     (-5, r"eval/part-\d+\.parquet: column 'item_id' has 20 of \d+ rows below 0, e\.g\. -5"),
     (10**9, r"eval/part-\d+\.parquet: column 'item_id' has 20 of \d+ rows not in the item table"),
 ])
-def test_bad_eval_rows_stop_the_run_before_training(ray_session, small_data_dir, tmp_path, value, message):
-    data = files_dir(small_data_dir, str(tmp_path / "data"), eval_edit=lambda t: set_item(t, 20, value))
+def test_bad_eval_rows_stop_the_run_before_training(ray_session, tiny_data_dir, tmp_path, value, message):
+    data = files_dir(tiny_data_dir, str(tmp_path / "data"), eval_edit=lambda t: set_item(t, 20, value))
     with pytest.raises(EventSchemaError, match=message):
         run(compose(overrides(data, str(tmp_path / "runs"), "bad_eval")))
     assert not os.path.exists(tmp_path / "runs" / "bad_eval" / "metrics.jsonl")  # nothing was trained
 
 
-def test_quarantine_accounts_for_every_split(ray_session, small_data_dir, tmp_path, capsys):
+def test_quarantine_accounts_for_every_split(ray_session, tiny_data_dir, tmp_path, capsys):
     def dup_user(users):
         return pa.concat_tables([users, users.slice(0, 1)])
 
-    data = files_dir(small_data_dir, str(tmp_path / "data"), eval_edit=lambda t: set_item(t, 20, -5),
+    data = files_dir(tiny_data_dir, str(tmp_path / "data"), eval_edit=lambda t: set_item(t, 20, -5),
                      users_edit=dup_user, empty_train_shard=True)
     run_dir = tmp_path / "runs" / "q"
     results = run(compose(overrides(data, str(tmp_path / "runs"), "q", "data.on_bad_rows=quarantine",
@@ -102,15 +102,15 @@ def damage(path, nbytes=512):
 
 
 @pytest.fixture(scope="module")
-def deterministic_pair(ray_session, small_data_dir, tmp_path_factory):
+def deterministic_pair(ray_session, tiny_data_dir, tmp_path_factory):
     """Two runs of the same deterministic config under different names (2 workers, 2 epochs,
-    3 checkpoints kept). Their metrics and results are read here: the damaged-checkpoint test
-    below goes on with run b."""
+    3 checkpoints kept, the tiny dataset). Their metrics and results are read here: the
+    damaged-checkpoint test below goes on with run b."""
     runs = tmp_path_factory.mktemp("det")
 
     def args(name):
-        return ["data=sim_small", f"data.dir={small_data_dir}", f"paths.runs_dir={runs}", f"run_name={name}",
-                "trainer.batch_size=512", "trainer.deterministic=true", "trainer.checkpoints_to_keep=3",
+        return [*tiny_overrides(tiny_data_dir), f"paths.runs_dir={runs}", f"run_name={name}",
+                "trainer.batch_size=128", "trainer.deterministic=true", "trainer.checkpoints_to_keep=3",
                 "eval.baselines=[popularity]"]
 
     results = {name: run(compose(args(name) + ["trainer.epochs=2"])) for name in ("a", "b")}

@@ -53,6 +53,7 @@ def test_sweep_two_trials(ray_session, tiny_data_dir, tmp_path):
             assert run_cfg["loss"][key] == result.config["loss"][key]
         with open(os.path.join(run_dir, "eval.json")) as f:
             assert json.load(f)["model"]["conversion"]["100"] == value
+        assert not os.path.exists(os.path.join(run_dir, "export"))  # trials keep recall, no serving export
         assert result.metrics["training_iteration"] == 2  # 1 epoch via TuneReportCallback + the final report
 
     assert len({r.metrics["run_dir"] for r in grid}) == 2

@@ -230,6 +230,7 @@ class EvalConfig:
     cold_items: ColdItems = MISSING
     query_batch_size: int = MISSING
     inference_batch_size: int = MISSING
+    ray_inference_min_rows: int = MISSING
     faiss_threads: Optional[int] = MISSING
     device: EvalDevice = MISSING
     baselines: List[Baseline] = MISSING
@@ -276,6 +277,7 @@ class RunConfig:
     paths: PathsConfig = MISSING
     ray: RayConfig = MISSING
     index: IndexConfig = MISSING
+    export: bool = MISSING
     log_level: LogLevel = MISSING  # raycg/conf/common/hydra.yaml, shared by every app
 
 

@@ -2,7 +2,9 @@
 
 Both run as `map_batches` over an actor that loads the checkpoint once; features come from
 the same `FeatureStore` the training rows were packed with (shipped via the object store).
-With `use_gpu` the actor asks Ray for a GPU and runs the tower there. Progress: a tqdm bar over
+With `use_gpu` the actor asks Ray for a GPU and runs the tower there. Fewer rows than
+`ray_min_rows` are embedded in this process by the same callables instead: starting an actor
+pool costs seconds (5-9 s for 300 items on a 2-core machine), more than the towers take. Progress: a tqdm bar over
 the rows collected on the driver (raycg.logs.progress: on a terminal only); Ray Data's own
 progress bars stay off (raycg.train.driver.init_ray), one line per operator is too much here.
 """
@@ -21,8 +23,9 @@ from raycg.model.checkpoint import load_model
 class _Embedder:
     """Loads the checkpoint once per actor, onto the GPU Ray gave it (if any)."""
 
-    def __init__(self, checkpoint_dir: str, store_ref: list, use_gpu: bool = False):
-        torch.set_num_threads(1)
+    def __init__(self, checkpoint_dir: str, store_ref: list, use_gpu: bool = False, in_actor: bool = True):
+        if in_actor:
+            torch.set_num_threads(1)  # one actor per CPU Ray gave it
         self.device = torch.device("cuda" if use_gpu else "cpu")
         model, _ = load_model(checkpoint_dir)
         self.model = model.to(self.device)
@@ -75,20 +78,41 @@ def _map_kwargs(checkpoint_dir: str, store_ref: list, batch_size: int, use_gpu: 
                 num_gpus=1 if use_gpu else 0)
 
 
+def _in_process(embedder_cls, table: pa.Table, key: str, checkpoint_dir: str, store_ref: list, batch_size: int,
+                use_gpu: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The actor's work in this process (a small table): (key column, embeddings)."""
+    embedder = embedder_cls(checkpoint_dir, store_ref, use_gpu=use_gpu and torch.cuda.is_available(), in_actor=False)
+    keys, embs = [], []
+    for start in range(0, table.num_rows, batch_size):
+        out = embedder(table.slice(start, batch_size))
+        keys.append(out[key])
+        embs.append(out["embedding"])
+    return np.concatenate(keys), np.concatenate(embs).astype(np.float32)
+
+
 def embed_corpus(items_path: str, checkpoint_dir: str, store_ref: list, batch_size: int,
-                 use_gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(item ids sorted ascending, embeddings [N, d]) for the whole item table."""
-    ds = ray.data.read_parquet(items_path, columns=["item_id"]).map_batches(
-        ItemEmbedder, **_map_kwargs(checkpoint_dir, store_ref, batch_size, use_gpu))
-    ids, emb = _collect(ds, "item_id", _row_count(items_path), "embedding the item corpus")
+                 use_gpu: bool = False, ray_min_rows: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(item ids sorted ascending, embeddings [N, d]) for the whole item table; Ray Data actors
+    from `ray_min_rows` items up, this process below."""
+    n = _row_count(items_path)
+    if n is not None and n < ray_min_rows:
+        ids, emb = _in_process(ItemEmbedder, pads.dataset(items_path, format="parquet").to_table(columns=["item_id"]),
+                               "item_id", checkpoint_dir, store_ref, batch_size, use_gpu)
+    else:
+        ds = ray.data.read_parquet(items_path, columns=["item_id"]).map_batches(
+            ItemEmbedder, **_map_kwargs(checkpoint_dir, store_ref, batch_size, use_gpu))
+        ids, emb = _collect(ds, "item_id", n, "embedding the item corpus")
     order = np.argsort(ids)
     return ids[order], emb[order]
 
 
 def embed_queries(queries: pa.Table, checkpoint_dir: str, store_ref: list, batch_size: int,
-                  use_gpu: bool = False) -> np.ndarray:
-    """Embeddings [Q, d] in the row order of `queries`."""
+                  use_gpu: bool = False, ray_min_rows: int = 0) -> np.ndarray:
+    """Embeddings [Q, d] in the row order of `queries`; Ray Data actors from `ray_min_rows`
+    queries up, this process below."""
     table = queries.append_column("row", pa.array(np.arange(queries.num_rows, dtype=np.int64)))
+    if queries.num_rows < ray_min_rows:
+        return _in_process(QueryEmbedder, table, "row", checkpoint_dir, store_ref, batch_size, use_gpu)[1]
     ds = ray.data.from_arrow(table).map_batches(
         QueryEmbedder, **_map_kwargs(checkpoint_dir, store_ref, batch_size, use_gpu))
     rows, emb = _collect(ds, "row", queries.num_rows, "embedding queries")

@@ -74,10 +74,11 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
     if history_length > 0:
         store = dataclasses.replace(store, history_length=history_length, history=actions)
     store_ref = [ray.put(store)]
-    log(f"eval: embedding the item corpus {data_cfg['items_path']} (Ray Data, "
-        f"{'GPU' if embed_gpu else 'CPU'} actors; exact top-K on {search_device})")
+    ray_min = int(eval_cfg["ray_inference_min_rows"])
+    log(f"eval: embedding the item corpus {data_cfg['items_path']} (Ray Data, {'GPU' if embed_gpu else 'CPU'} "
+        f"actors, or this process below {ray_min:,} rows; exact top-K on {search_device})")
     corpus_ids, item_emb = embed_corpus(data_cfg["items_path"], checkpoint_dir, store_ref,
-                                        eval_cfg["inference_batch_size"], use_gpu=embed_gpu)
+                                        eval_cfg["inference_batch_size"], use_gpu=embed_gpu, ray_min_rows=ray_min)
     train_events = read_event_columns(data_cfg["train_path"], ["user_id", "item_id", "event_type", "surface"])
     known_items = None
     if drop_cold(eval_cfg["cold_items"], data_cfg["items_path"]):
@@ -90,8 +91,9 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
     retrievers = build_baselines(baselines, window)
     baseline_s = time.perf_counter() - t_base
 
-    def embed(queries):  # the query tower, Ray Data batch inference
-        return embed_queries(queries, checkpoint_dir, store_ref, eval_cfg["query_batch_size"], use_gpu=embed_gpu)
+    def embed(queries):  # the query tower (Ray Data batch inference from ray_min rows)
+        return embed_queries(queries, checkpoint_dir, store_ref, eval_cfg["query_batch_size"], use_gpu=embed_gpu,
+                             ray_min_rows=ray_min)
 
     model = ModelRetriever(corpus_ids, item_emb, embed, eval_cfg["query_batch_size"], eval_cfg["faiss_threads"],
                            search_device)

@@ -79,7 +79,8 @@ def compose_run(overrides: list[str]):
 
 
 def run_overrides(grid: Grid, variant: str, seed: int, runs_dir: str, extra: list[str]) -> list[str]:
-    return [*grid.base, *extra, *(grid.variants[variant] or []), f"seed={seed}",
+    # no serving export per run (the report compares recall); a grid or the command line may turn it on
+    return ["export=false", *grid.base, *extra, *(grid.variants[variant] or []), f"seed={seed}",
             f"run_name={variant}-s{seed}", f"paths.runs_dir={runs_dir}"]
 
 

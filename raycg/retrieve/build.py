@@ -148,11 +148,15 @@ def write_index(export_dir: str, store: FeatureStore, layout: dict, history_leng
 
 def export_run(model, store: FeatureStore, export_dir: str, index_cfg: dict | None = None,
                eval_events: pa.Table | None = None, history: HistoryIndex | None = None,
-               train_path: str | None = None, use_ray: bool = True, seed: int = 0, log=None) -> str:
+               train_path: str | None = None, use_ray: bool = True, seed: int = 0, log=None,
+               ray_min_rows: int = 0) -> str:
     """Towers (torch.export), feature tables, item embeddings, item index and checksums ->
     `export_dir`. With `eval_events`, the index's recall is measured on the evaluation
-    queries; their histories come from `history`, else from `train_path` + `eval_events`."""
+    queries; their histories come from `history`, else from `train_path` + `eval_events`.
+    The items are embedded by Ray Data actors with `use_ray` from `ray_min_rows` items up (the
+    run's eval.ray_inference_min_rows), in this process otherwise."""
     cfg = settings(index_cfg)
+    use_ray = use_ray and len(store.items.item_id) >= ray_min_rows
     export_towers(model, export_dir)
     layout = write_tables(store, export_dir)
     length = int(model.spec.history_length)

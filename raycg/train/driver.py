@@ -369,9 +369,13 @@ def run(cfg: DictConfig, callbacks: list | None = None) -> dict:
                                   history_length=cfg.model.history.length, store=prep.store, seed=cfg.seed,
                                   eval_split=prep.eval_split)
     results["checkpoint"] = ckpt_dir
-    model, _ = load_model(ckpt_dir)
-    export_run(model, prep.store, os.path.join(run_dir, "export"), OmegaConf.to_container(cfg.index, resolve=True),
-               eval_events=prep.eval_split[0], train_path=cfg.data.train_path, seed=cfg.seed, log=log)
+    if cfg.export:
+        model, _ = load_model(ckpt_dir)
+        export_run(model, prep.store, os.path.join(run_dir, "export"), OmegaConf.to_container(cfg.index, resolve=True),
+                   eval_events=prep.eval_split[0], train_path=cfg.data.train_path, seed=cfg.seed, log=log,
+                   ray_min_rows=cfg.eval.ray_inference_min_rows)
+    else:
+        log(f"export: off (export=false); `python -m raycg.export run_dir={run_dir}` writes it from the checkpoint")
     results["train_metrics"] = result.metrics
     path = write_results(run_dir, results)
     print("\n" + format_table(results), flush=True)  # the run's result table: output, not a log line

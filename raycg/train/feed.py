@@ -49,5 +49,8 @@ class ThreadFeed:
     def epoch(self) -> Iterator[dict[str, torch.Tensor]]:
         return device_batches(*self.args)
 
+    def prefetch_epoch(self) -> None:
+        pass  # Ray Data's iterator starts a pass when asked for its first batch
+
     def close(self) -> None:
         pass

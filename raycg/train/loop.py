@@ -247,6 +247,8 @@ def run_epochs(config: dict, start_epoch: int, feed, forward, core, optimizer, s
             batch = next(batches, None)  # host time blocked on the data pipeline
             data_wait += time.perf_counter() - t_wait
             if batch is None:
+                if epoch + 1 < cfg_train["epochs"]:
+                    feed.prefetch_epoch()  # the next pass starts during validation and the checkpoint
                 break
             if cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs may be reused
