@@ -241,7 +241,7 @@ def test_submit_training_job_to_local_head_node(head_node, tmp_path):
 
     entrypoint = (f"python -m raycg.train experiment=smoke trainer.epochs=1 run_name={run_name} "
                   f"paths.runs_dir={runs_dir} data.dir={data_dir} trainer.num_workers=1 trainer.batch_size=256 "
-                  "'eval.baselines=[popularity]' " + " ".join(f"data.sim.{k}={v}" for k, v in TINY_SIM.items()))
+                  "'eval.baselines=[popularity]' export=false " + " ".join(f"data.sim.{k}={v}" for k, v in TINY_SIM.items()))
 
     client = JobSubmissionClient(head_node.dashboard_url)
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env_for_repo(),

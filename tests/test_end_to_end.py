@@ -43,7 +43,7 @@ def trained(ray_session, small_data_dir, tmp_path_factory):
         "data=sim_small", f"data.dir={small_data_dir}", f"paths.runs_dir={runs}",
         "run_name=e2e", "trainer.num_workers=2", "trainer.batch_size=512", "loss=full",
     ]
-    first = run(compose(overrides + ["trainer.epochs=1"]))
+    first = run(compose(overrides + ["trainer.epochs=1", "export=false"]))  # the resumed run exports
     run_dir = runs / "e2e"
     first_lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     # the same run name again, with more epochs: resumes after epoch 0 instead of restarting

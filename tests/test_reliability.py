@@ -1,5 +1,7 @@
 """Reliability end to end (docs/reliability.md): bad evaluation data, empty shards, damaged
 checkpoints, loopback-only Ray, failing fast before Ray starts, determinism."""
+import contextlib
+import io
 import json
 import os
 import re
@@ -46,7 +48,7 @@ def overrides(data_dir: str, runs: str, name: str, *extra: str) -> list[str]:
     return ["data=files", f"data.dir={data_dir}", "data.users_path=${data.dir}/users.parquet",
             "data.item_categorical=[tier]", "data.user_categorical=[segment]", f"paths.runs_dir={runs}",
             f"run_name={name}", "trainer.num_workers=1", "trainer.batch_size=512", "trainer.epochs=1",
-            "eval.baselines=[popularity]", *extra]
+            "eval.baselines=[popularity]", "export=false", *extra]
 
 
 def set_item(table: pa.Table, rows: int, value: int) -> pa.Table:
@@ -69,29 +71,29 @@ def test_bad_eval_rows_stop_the_run_before_training(ray_session, tiny_data_dir, 
     assert not os.path.exists(tmp_path / "runs" / "bad_eval" / "metrics.jsonl")  # nothing was trained
 
 
-def test_quarantine_accounts_for_every_split(ray_session, tiny_data_dir, tmp_path, capsys):
-    def dup_user(users):
-        return pa.concat_tables([users, users.slice(0, 1)])
+def dup_user(users: pa.Table) -> pa.Table:
+    return pa.concat_tables([users, users.slice(0, 1)])
 
-    data = files_dir(tiny_data_dir, str(tmp_path / "data"), eval_edit=lambda t: set_item(t, 20, -5),
-                     users_edit=dup_user, empty_train_shard=True)
-    run_dir = tmp_path / "runs" / "q"
-    results = run(compose(overrides(data, str(tmp_path / "runs"), "q", "data.on_bad_rows=quarantine",
-                                    "data.max_quarantined_fraction=0.0001")))
+
+def test_quarantine_accounts_for_every_split(deterministic_pair):
+    # run a of the pair: an empty training shard, 5 evaluation rows with item_id -5 and a
+    # duplicated user, with data.on_bad_rows=quarantine
+    run_dir = deterministic_pair.runs / "a"
+    results = deterministic_pair.results["a"]
     saved = json.loads((run_dir / "eval.json").read_text())
     rows = saved["eval_rows"]
-    assert rows["rows_quarantined"] == 20 and rows["rows_used"] == rows["rows_read"] - 20
+    assert rows["rows_quarantined"] == 5 and rows["rows_used"] == rows["rows_read"] - 5
     quarantined = pq.read_table(run_dir / "quarantine" / "eval")
-    assert quarantined.num_rows == 20 and set(quarantined.column("quarantine_reason").to_pylist()) == {
+    assert quarantined.num_rows == 5 and set(quarantined.column("quarantine_reason").to_pylist()) == {
         "item_id:below_min"}
     stats = json.loads((run_dir / "data_stats.json").read_text())
     assert stats["files_empty"] == 1 and stats["users_rows_quarantined"] == 1
     assert stats["eval"] == rows
     assert pq.read_table(run_dir / "quarantine" / "users" / "users.parquet").column(
         "quarantine_reason").to_pylist() == ["user_id:duplicate"]
-    out = capsys.readouterr().out
+    out = deterministic_pair.out_a
     assert "skipped 1 empty Parquet file" in out
-    assert "WARNING: 20 of" in out and "evaluation rows" in out and "max_quarantined_fraction" in out
+    assert "WARNING: 5 of" in out and "evaluation rows" in out and "max_quarantined_fraction" in out
     assert results["model"]["conversion"][100] > 0
 
 
@@ -104,19 +106,28 @@ def damage(path, nbytes=512):
 @pytest.fixture(scope="module")
 def deterministic_pair(ray_session, tiny_data_dir, tmp_path_factory):
     """Two runs of the same deterministic config under different names (2 workers, 2 epochs,
-    3 checkpoints kept, the tiny dataset). Their metrics and results are read here: the
-    damaged-checkpoint test below goes on with run b."""
-    runs = tmp_path_factory.mktemp("det")
+    3 checkpoints kept) on a copy of the tiny dataset with rows to quarantine (an empty training
+    shard, 5 evaluation rows with item_id -5, a duplicated user). Their metrics, results and
+    run a's output are read here: the quarantine test reads run a, the damaged-checkpoint test
+    goes on with run b."""
+    root = tmp_path_factory.mktemp("det")
+    data = files_dir(tiny_data_dir, str(root / "data"), eval_edit=lambda t: set_item(t, 5, -5),
+                     users_edit=dup_user, empty_train_shard=True)
+    runs = root / "runs"
 
     def args(name):
-        return [*tiny_overrides(tiny_data_dir), f"paths.runs_dir={runs}", f"run_name={name}",
-                "trainer.batch_size=128", "trainer.deterministic=true", "trainer.checkpoints_to_keep=3",
-                "eval.baselines=[popularity]"]
+        return ["data=files", f"data.dir={data}", "data.users_path=${data.dir}/users.parquet",
+                "data.item_categorical=[tier]", "data.user_categorical=[segment]", f"paths.runs_dir={runs}",
+                f"run_name={name}", "trainer.batch_size=128", "trainer.deterministic=true",
+                "trainer.checkpoints_to_keep=3", "eval.baselines=[popularity]", "export=false",
+                "data.on_bad_rows=quarantine", "data.max_quarantined_fraction=0.0001"]
 
-    results = {name: run(compose(args(name) + ["trainer.epochs=2"])) for name in ("a", "b")}
+    with contextlib.redirect_stdout(io.StringIO()) as out_a:  # raycg's log lines go to the current stdout
+        results = {"a": run(compose(args("a") + ["trainer.epochs=2"]))}
+    results["b"] = run(compose(args("b") + ["trainer.epochs=2"]))
     metrics = {name: [json.loads(x) for x in (runs / name / "metrics.jsonl").read_text().splitlines()]
                for name in results}
-    return SimpleNamespace(runs=runs, args=args, results=results, metrics=metrics)
+    return SimpleNamespace(runs=runs, args=args, results=results, metrics=metrics, out_a=out_a.getvalue())
 
 
 TIMINGS = {"epoch_s", "rows_per_s", "data_wait_s", "validation_s"}

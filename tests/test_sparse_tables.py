@@ -169,8 +169,8 @@ def test_sparse_grad_sync_averages_the_ranks_rows_and_moves_only_them():
 def test_two_ddp_workers_train_sparse_tables_resume_and_evaluate(ray_session, tiny_data_dir, tmp_path):
     """The real loop: 2 Ray Train workers (gloo DDP) leave the tables to SparseGradSync, which
     moves at most world x lookups x (8 + 4 x id_dim) bytes per table and step; the item table
-    is shared with the history encoder (two gradients per step); a run resumes with its two
-    optimizers' state and evaluates.
+    is shared with the history encoder (two gradients per step); the run evaluates and exports.
+    (Resuming the two optimizers' state: test_sparse_tables_resume_as_if_never_stopped.)
 
     It is also the end-to-end run of the design no other end-to-end test trains (see
     test_variants.py): a multi-head model (served by its conversion head) on the
@@ -186,8 +186,7 @@ def test_two_ddp_workers_train_sparse_tables_resume_and_evaluate(ray_session, ti
                  "model.sparse_tables=true", "trainer.table_optimizer=adagrad", "trainer.num_workers=2",
                  "trainer.batch_size=128", "model.history.length=4", "eval.ks=[10,100]", "eval.baselines=[]",
                  "trainer.early_stopping.patience=0", "model.cross=cross_only", "model.heads=multi_head"]
-    run(compose(overrides + ["trainer.epochs=1"]))
-    results = run(compose(overrides + ["trainer.epochs=2"]))  # resumes after epoch 0
+    results = run(compose(overrides + ["trainer.epochs=2"]))
     run_dir = tmp_path / "s"
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [0, 1] and all(math.isfinite(m["loss"]) for m in metrics)
@@ -212,6 +211,46 @@ def test_two_ddp_workers_train_sparse_tables_resume_and_evaluate(ray_session, ti
     from raycg.retrieve import Retriever
 
     assert len(Retriever(str(export)).retrieve(user_id=1, surface="home", k=5)[0]) == 5
+
+
+@pytest.mark.parametrize("table_optimizer", ["sparse_adam", "adagrad"])
+def test_sparse_tables_resume_as_if_never_stopped(tmp_path, table_optimizer):
+    """Checkpointed after 2 steps and restored as the training loop restores a run (model,
+    both optimizers, step state), the third step lands where 3 uninterrupted steps do."""
+    from raycg.model import checkpoint as ckpt_io
+
+    cfg_model, cfg_loss, cfg_train = configs("model.sparse_tables=true", f"trainer.table_optimizer={table_optimizer}")
+    items = corpus(np.random.default_rng(0))
+    batches = [packed_batch(np.random.default_rng(s), items, "cpu") for s in (1, 2, 3)]
+
+    def fresh(seed):
+        torch.manual_seed(seed)
+        model = TwoTowerModel(cfg_model, spec())
+        ctx = StepContext(cfg_loss, items, seed=0, freq_buckets=cfg_model["buckets"]["item"])
+        return model, build_optimizer(model, cfg_train, torch.device("cpu")), ctx
+
+    def step(model, opt, ctx, i):
+        torch.manual_seed(100 + i)  # dropout draws: the same for both paths
+        train_step(model, model, batches[i], opt, ctx)
+
+    model, opt, ctx = fresh(0)
+    for i in range(3):
+        step(model, opt, ctx, i)
+    stopped, opt_s, ctx_s = fresh(0)
+    for i in range(2):
+        step(stopped, opt_s, ctx_s, i)
+    ckpt_io.save(str(tmp_path), stopped, opt_s, 0, {"model": cfg_model}, spec().to_dict(),
+                 step_state=ctx_s.state_dict())
+    state = ckpt_io.load_state(str(tmp_path))
+    resumed, opt_r, ctx_r = fresh(1)  # other initial weights: everything must come from the checkpoint
+    resumed.load_state_dict(state["model"])
+    opt_r.load_state_dict(state["optimizer"])
+    ctx_r.load_state_dict(state)
+    assert isinstance(opt_r, Optimizers) and set(opt_r.optimizers) == {"dense", "tables"}
+    step(resumed, opt_r, ctx_r, 2)
+    for (name, want), got in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(want, got), name
+    assert ctx_r.step == ctx.step == 3
 
 
 def test_model_card_lists_each_table_with_its_bytes_and_optimizer_state():
