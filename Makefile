@@ -21,15 +21,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m raycg.train
 
-# the full suite (what CI runs); test-fast: the unit tier, no Ray (tests/conftest.py marks the rest slow).
-# Two processes (pytest-xdist), whole test files each: tests on a real Ray wait on process starts
-# and polling more than they compute, so two of them share the 2 cores well (each process starts
-# its own Ray: tests/conftest.py).
+# the full suite (what CI runs); test-fast: the unit tier, no Ray (tests/conftest.py marks the rest slow)
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
+	$(PY) -m pytest -q --durations=15 tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/ingest.py

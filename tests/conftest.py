@@ -37,14 +37,6 @@ def pytest_collection_modifyitems(config, items):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def _ray_for_the_session():
     """Shuts the shared embedded Ray down at the end of the session (see ray_session)."""
@@ -72,15 +64,8 @@ def ray_session(_ray_for_the_session):
     # the GPU machine's wheel set has no dashboard packages; only the Tune tests need it
     dashboard = importlib.util.find_spec("aiohttp_cors") is not None
     if not ray.is_initialized():
-        # `make test` runs test files in 2 processes (pytest-xdist), each with a Ray of its own.
-        # Ray Train's placement-group cleaner finds "its" cluster's state API through
-        # RAY_API_SERVER_ADDRESS (else it gives up when several Rays run on the machine), and
-        # Ray's processes inherit it from here: this Ray's own dashboard on a free port.
-        port = free_port()
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         ray.init(address="local", num_cpus=2, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                 dashboard_port=port, _node_ip_address="127.0.0.1", log_to_driver=False,
-                 object_store_memory=2 * 2**30)
+                 _node_ip_address="127.0.0.1", log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
 
