@@ -19,7 +19,7 @@ from raycg.config import schema
 
 # the required keys a group leaves to the command line, and a value for them
 REQUIRED = {"files": ["data.dir=/data/logs"]}
-GROUPS = ("data", "model", "loss", "trainer", "eval", "experiment")
+GROUPS = ("data", "model", "loss", "trainer", "eval", "experiment", "logger")
 
 
 def _options(group: str) -> list[str]:

@@ -42,6 +42,7 @@ def trained(ray_session, small_data_dir, tmp_path_factory):
     overrides = [
         "data=sim_small", f"data.dir={small_data_dir}", f"paths.runs_dir={runs}",
         "run_name=e2e", "trainer.num_workers=2", "trainer.batch_size=512", "loss=full",
+        "logger=mlflow", "trainer.log_every_steps=5",
     ]
     first = run(compose(overrides + ["trainer.epochs=1", "export=false"]))  # the resumed run exports
     run_dir = runs / "e2e"
@@ -109,6 +110,35 @@ def test_full_objective_state_is_checkpointed_across_the_resume(trained):
     assert state["step"] == sum(m["steps"] for m in lines[:state["epoch"] + 1])  # counted on after the resume
     freq = state["freq"]  # the logQ estimator is checkpointed
     assert (freq["A"] >= 0).sum() > 100 and freq["A"].max() == state["step"] - 1
+
+
+def test_mlflow_holds_the_curves_and_results_of_the_resumed_run(trained):
+    """logger=mlflow through the real run: one MLflow run across the resume, the config as params,
+    rank 0's per-step curves, every epoch's metrics (validation recall) and the final evaluation."""
+    from mlflow.tracking import MlflowClient
+
+    info = json.loads((trained.run_dir / "mlflow_run.json").read_text())
+    client = MlflowClient(info["tracking_uri"])
+    run = client.get_run(info["run_id"])
+    assert len(client.search_runs([run.info.experiment_id])) == 1  # resumed, not a second run
+    assert run.data.params["trainer.num_workers"] == "2" and run.data.params["loss.mixed_negatives"] != ""
+    assert run.data.params["trainer.epochs"] == "1" and run.data.tags["resumed.trainer.epochs"] == "4"
+    lines = trained.lines
+    epochs = client.get_metric_history(run.info.run_id, "epoch/epoch")
+    assert [m.value for m in epochs] == [0, 1, 2, 3]
+    steps_per_epoch = lines[0]["steps"]
+    assert [m.step for m in epochs] == [steps_per_epoch * (e + 1) for e in range(4)]  # optimiser steps, on after the resume
+    val = client.get_metric_history(run.info.run_id, "epoch/val_mean_recall")
+    assert [m.value for m in val] == pytest.approx([m["val_mean_recall"] for m in lines])
+    loss = client.get_metric_history(run.info.run_id, "train/loss")
+    assert len(loss) >= 4 * (steps_per_epoch // 5) and all(math.isfinite(m.value) for m in loss)
+    assert [m.step for m in loss] == sorted(m.step for m in loss) and loss[-1].step > steps_per_epoch
+    for key in ("train/lr", "train/rows_per_s", "train/loss_unified"):
+        assert client.get_metric_history(run.info.run_id, key), key
+    assert run.data.metrics["eval/model/conversion_recall_at_100"] == pytest.approx(
+        trained.results["model"]["conversion"][100])
+    assert run.data.metrics["eval/popularity/engagement_recall_at_100"] == pytest.approx(
+        trained.results["popularity"]["engagement"][100])
 
 
 def test_evaluate_cli_reevaluates_the_same_checkpoint(trained):

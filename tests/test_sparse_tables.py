@@ -2,6 +2,8 @@
 rows, and DDP synchronisation that moves only those rows (raycg/train/optim.py)."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -185,7 +187,8 @@ def test_two_ddp_workers_train_sparse_tables_resume_and_evaluate(ray_session, ti
     overrides = [*tiny_overrides(tiny_data_dir), f"paths.runs_dir={tmp_path}", "run_name=s",
                  "model.sparse_tables=true", "trainer.table_optimizer=adagrad", "trainer.num_workers=2",
                  "trainer.batch_size=128", "model.history.length=4", "eval.ks=[10,100]", "eval.baselines=[]",
-                 "trainer.early_stopping.patience=0", "model.cross=cross_only", "model.heads=multi_head"]
+                 "trainer.early_stopping.patience=0", "model.cross=cross_only", "model.heads=multi_head",
+                 "logger=tensorboard", "trainer.log_every_steps=2"]
     results = run(compose(overrides + ["trainer.epochs=2"]))
     run_dir = tmp_path / "s"
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -211,6 +214,19 @@ def test_two_ddp_workers_train_sparse_tables_resume_and_evaluate(ray_session, ti
     from raycg.retrieve import Retriever
 
     assert len(Retriever(str(export)).retrieve(user_id=1, surface="home", k=5)[0]) == 5
+    # logger=tensorboard: rank 0's curves and epochs and the driver's config and evaluation
+    from test_tracking import read_events
+
+    events = sorted(os.listdir(run_dir / "tensorboard"))
+    assert [e.rsplit(".", 1)[1] for e in events] == ["driver", "worker"]  # one worker file: rank 0 only
+    scalars, texts = read_events(str(run_dir / "tensorboard"))
+    steps = metrics[1]["steps"]
+    assert [s for s, _ in scalars["epoch/loss"]] == [steps, 2 * steps]
+    assert [v for _, v in scalars["epoch/loss"]] == pytest.approx([m["loss"] for m in metrics])
+    assert [v for _, v in scalars["epoch/val_mean_recall"]] == pytest.approx([m["val_mean_recall"] for m in metrics])
+    assert len(scalars["train/loss"]) == 2 * (steps // 2) and "train/loss_conversion" in scalars
+    assert scalars["eval/model/conversion_recall_at_10"][0][1] == pytest.approx(results["model"]["conversion"][10])
+    assert "model.cross = cross_only" in texts["config/text_summary"]
 
 
 @pytest.mark.parametrize("table_optimizer", ["sparse_adam", "adagrad"])

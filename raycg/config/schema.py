@@ -49,8 +49,10 @@ ColdItems = _choices("ColdItems", "auto", "keep", "drop")
 Baseline = _choices("Baseline", "popularity", "popularity_surface", "recent_engaged", "als_engagement",
                     "als_conversion")  # raycg.eval.evaluate.BASELINES
 TuneMode = _choices("TuneMode", "max", "min")
-TuneScheduler = _choices("TuneScheduler", "fifo")
+TuneScheduler = _choices("TuneScheduler", "asha", "fifo")
+TuneSearcher = _choices("TuneSearcher", "optuna", "random")
 IndexKind = _choices("IndexKind", "ivf", "hnsw")  # raycg.retrieve.index.KINDS
+LoggerKind = _choices("LoggerKind", "none", "mlflow", "tensorboard")  # raycg.train.tracking.TRACKERS
 LogLevel = _choices("LogLevel", "DEBUG", "INFO", "WARNING", "ERROR")  # raycg.logs.LEVELS
 
 
@@ -244,6 +246,15 @@ class PathsConfig:
 
 
 @dataclass
+class LoggerConfig:
+    """Experiment tracking (raycg/conf/logger/*.yaml, raycg/train/tracking.py)."""
+    kind: LoggerKind = MISSING
+    tracking_uri: Optional[str] = MISSING  # mlflow; null: sqlite:///<run>/mlflow.db
+    experiment: str = MISSING  # mlflow experiment name
+    dir: Optional[str] = MISSING  # tensorboard event files; null: <run>/tensorboard
+
+
+@dataclass
 class RayConfig:
     address: Optional[str] = MISSING
     num_cpus: Optional[int] = MISSING
@@ -278,6 +289,7 @@ class RunConfig:
     ray: RayConfig = MISSING
     index: IndexConfig = MISSING
     export: bool = MISSING
+    logger: LoggerConfig = MISSING
     log_level: LogLevel = MISSING  # raycg/conf/common/hydra.yaml, shared by every app
 
 
@@ -289,7 +301,11 @@ class TuneConfig:
     seed: int = MISSING
     metric: str = MISSING  # <conversion|engagement>_recall@<k in eval.ks>: checked by the sweep
     mode: TuneMode = MISSING
+    searcher: TuneSearcher = MISSING
     scheduler: TuneScheduler = MISSING
+    scheduler_metric: str = MISSING  # a per-epoch validation metric (val_*): checked by the sweep
+    grace_period: int = MISSING
+    reduction_factor: int = MISSING
     max_concurrent_trials: int = MISSING
     trial_resources: Dict[str, float] = MISSING
     max_failures: int = MISSING

@@ -45,6 +45,7 @@ from raycg.logs import get_logger, set_level
 from raycg.train.loop import train_loop_per_worker
 from raycg.train.preflight import PreflightError, check_config, check_data_dir, check_model_memory, check_resources
 from raycg.train.schedule import lr_factor
+from raycg.train.tracking import build_tracker, eval_metrics, flat_params
 from raycg.train.validation import ValidationSet
 
 
@@ -343,6 +344,9 @@ def run(cfg: DictConfig, callbacks: list | None = None) -> dict:
     prep = prepare_run(cfg)
     trainer = make_trainer(cfg, prep, callbacks)
     run_dir = prep.run_dir
+    # logger=mlflow|tensorboard: the config now, the evaluation at the end, the curves from rank 0
+    tracker = build_tracker(OmegaConf.to_container(cfg.logger, resolve=True), run_dir, "driver")
+    tracker.log_params(flat_params(OmegaConf.to_container(cfg, resolve=True)))
     log(f"train: run {cfg.run_name} ({cfg.trainer.num_workers} workers, model.cross={cfg.model.cross}) "
         f"-> {run_dir}")
     t0 = time.perf_counter()
@@ -377,6 +381,9 @@ def run(cfg: DictConfig, callbacks: list | None = None) -> dict:
     else:
         log(f"export: off (export=false); `python -m raycg.export run_dir={run_dir}` writes it from the checkpoint")
     results["train_metrics"] = result.metrics
+    last = result.metrics  # every epoch has the same steps: the run's optimiser steps so far
+    tracker.log_metrics(eval_metrics(results), (last["epoch"] + 1) * last["steps"])
+    tracker.close()
     path = write_results(run_dir, results)
     print("\n" + format_table(results), flush=True)  # the run's result table: output, not a log line
     print(timing_line(results, path), flush=True)

@@ -29,6 +29,7 @@ from raycg.train.optim import (GRAD_SYNCS, DenseGradSync, SparseGradSync, broadc
                                dense_parameters, sparse_tables)
 from raycg.train.schedule import build_scheduler
 from raycg.train.step import StepContext, train_step
+from raycg.train.tracking import NoTracker, build_tracker, numeric
 from raycg.train.validation import EarlyStopping, validation_recall
 
 
@@ -181,11 +182,14 @@ def train_loop_per_worker(config: dict) -> None:
         es = cfg_train["early_stopping"]
         stopper = EarlyStopping(es["metric"], es["patience"], es["min_delta"])
         stopper.load_state_dict((state or {}).get("early_stopping"))
+    # logger=mlflow|tensorboard: rank 0 only (the driver made the run; raycg.train.tracking)
+    tracker = build_tracker(config["logger"], config["run_dir"], "worker") if rank == 0 else NoTracker()
     try:
         run_epochs(config, start_epoch, feed, forward, core, optimizer, scheduler, step_ctx, cudagraphs, saved_config,
-                   stopper)
+                   stopper, tracker)
     finally:
         feed.close()
+        tracker.close()
 
 
 class StepProfiler:
@@ -221,9 +225,11 @@ class StepProfiler:
 
 
 def run_epochs(config: dict, start_epoch: int, feed, forward, core, optimizer, scheduler, step_ctx: StepContext,
-               cudagraphs: bool, saved_config: dict, stopper: EarlyStopping | None) -> None:
-    """Epochs of steps; rank 0 logs, validates, writes metrics.jsonl and the checkpoint (and
-    <run>/best/ when the validation metric improved) after each epoch."""
+               cudagraphs: bool, saved_config: dict, stopper: EarlyStopping | None, tracker=None) -> None:
+    """Epochs of steps; rank 0 logs (and tracks: `tracker`), validates, writes metrics.jsonl and
+    the checkpoint (and <run>/best/ when the validation metric improved) after each epoch."""
+    tracker = tracker or NoTracker()
+    tracking = not isinstance(tracker, NoTracker)
     cfg_train = config["trainer"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -261,8 +267,12 @@ def run_epochs(config: dict, start_epoch: int, feed, forward, core, optimizer, s
             steps += 1
             if rank == 0 and steps % cfg_train["log_every_steps"] == 0:
                 mean = finite(loss_sum.item() / steps, epoch, steps)  # the only host sync inside an epoch
-                say(f"epoch {epoch} step {steps} loss {mean:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
-                    f"({steps * B * world / (time.perf_counter() - t0):,.0f} rows/s)")
+                lr, rows_s = scheduler.get_last_lr()[0], steps * B * world / (time.perf_counter() - t0)
+                say(f"epoch {epoch} step {steps} loss {mean:.4f} lr {lr:.2e} ({rows_s:,.0f} rows/s)")
+                if tracking:  # the epoch's running means so far, at the run's optimiser step
+                    tracker.log_metrics({"train/loss": mean, "train/lr": lr, "train/rows_per_s": rows_s,
+                                         **{f"train/{k}": v.item() / steps for k, v in parts_sum.items()}},
+                                        step_ctx.step)
         if profiler is not None and epoch == profile_epoch:
             profiler.finish()
         if steps == 0:
@@ -312,6 +322,7 @@ def run_epochs(config: dict, start_epoch: int, feed, forward, core, optimizer, s
                     f"{metrics['rows_validation']:,}")
             with open(os.path.join(config["run_dir"], "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+            tracker.log_metrics({f"epoch/{k}": v for k, v in numeric(metrics).items()}, step_ctx.step)
             with tempfile.TemporaryDirectory() as d:
                 step_state = dict(step_ctx.state_dict(),
                                   early_stopping=stopper.state_dict() if stopper is not None else None)

@@ -1,8 +1,20 @@
-"""A Ray Tune sweep of loss weights and t_max; `python tune/sweep.py [hydra overrides]` runs it.
+"""A Ray Tune sweep of loss weights, t_max, the advertiser-loss weight, the temperature and the
+learning rate; `raycg-tune [hydra overrides]` (or `python tune/sweep.py`) runs it.
 
 Each trial is one real raycg run (raycg.train.driver.run: TorchTrainer fit -> faiss recall@K)
 with the trial's values merged into the main config; the sweep settings are the `tune` config
-group (raycg/conf/tune/default.yaml, loaded by default, `tune=<name>` picks another). Examples:
+group (raycg/conf/tune/default.yaml, loaded by default, `tune=<name>` picks another).
+
+Search and early stopping: Optuna's TPE proposes each trial's values (`tune.searcher=optuna`;
+`random` samples them, and is the one that takes `grid` leaves), and ASHA stops trials whose
+per-epoch validation recall (`tune.scheduler_metric`, reported after every epoch through
+TuneReportCallback) trails the others' at the same epoch (`tune.scheduler=asha`; `fifo` runs
+every trial to the end). Both read that validation metric (the last part of the training
+window, never the evaluation window); the best trial is the finished one with the highest
+`tune.metric` (the evaluation's recall). The sweep ends with a table (sweep.md), a plot
+(sweep.png: the final metric against each knob, validation curves per trial) and the best
+trial as a Hydra experiment file that `python -m raycg.train` replays (the command is printed).
+Examples:
 
     python tune/sweep.py experiment=smoke trainer.epochs=1
     python tune/sweep.py data=sim_small tune.num_samples=2 tune.metric=engagement_recall@1000
@@ -10,7 +22,9 @@ group (raycg/conf/tune/default.yaml, loaded by default, `tune=<name>` picks anot
 Layout under <paths.runs_dir>/<tune.name>/ (the Tune experiment directory):
     <trial dirs>/     Tune's own trial state and results
     runs/<trial>/     one raycg run directory per trial (config.yaml, checkpoints, eval.json)
-    sweep.json        the trial table and the best trial
+    sweep.json        the trial table and the best trial; sweep.md the table, sweep.png the plot
+    experiment/<name>_best.yaml   the best trial's values (`experiment=<name>_best
+                      hydra.searchpath=[file://<sweep dir>]` replays it)
 """
 from __future__ import annotations
 
@@ -22,7 +36,8 @@ import time
 import ray
 from omegaconf import DictConfig, OmegaConf
 from ray import tune
-from ray.tune.schedulers import FIFOScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from raycg.config import compose, hydra_app
@@ -127,13 +142,7 @@ def train_trial(config: dict, base_cfg: dict, runs_dir: str) -> None:
 def run_sweep(cfg: DictConfig) -> tuple[tune.ResultGrid, dict]:
     """Simulate the data once, run the trials, print/write the table. Returns (grid, summary)."""
     ts = cfg.tune
-    if ts.scheduler != "fifo":
-        raise ValueError(f"tune.scheduler={ts.scheduler!r}: only 'fifo' is supported (see raycg/conf/tune/default.yaml)")
-    if ts.mode not in ("max", "min"):
-        raise ValueError(f"tune.mode must be max or min, got {ts.mode!r}")
-    valid = [f"{task}_recall@{int(k)}" for task in ("conversion", "engagement") for k in cfg.eval.ks]
-    if ts.metric not in valid:
-        raise ValueError(f"tune.metric={ts.metric!r} is not reported; one of {valid} (eval.ks)")
+    check_sweep(cfg)  # before Ray starts
     resolve_paths(cfg)
     if cfg.ray.include_dashboard is None:
         cfg.ray.include_dashboard = True  # without it a finished trial's worker reservation leaks
@@ -161,55 +170,174 @@ def run_sweep(cfg: DictConfig) -> tuple[tune.ResultGrid, dict]:
         log(f"tune: resuming sweep {name} from {sweep_dir}: {len(reused)} finished trial(s) reused "
             f"({', '.join(map(str, reused)) or 'none'}); the others run (again)")
     else:
-        tuner = new_tuner(trainable, space, ts, name, cfg.paths.runs_dir)
+        tuner = new_tuner(trainable, space, ts, name, cfg.paths.runs_dir, cfg.trainer.epochs)
     log(f"tune: sweep {name}: {keys} -> {ts.metric} ({ts.mode}); dir {sweep_dir}")
     t0 = time.perf_counter()
     grid = tuner.fit()
-    summary = summarize(grid, keys, ts.metric, ts.mode)
-    summary.update(name=name, dir=sweep_dir, seconds=time.perf_counter() - t0, reused=reused)
+    summary = summarize(grid, keys, ts.metric, ts.mode, ts.scheduler_metric)
+    summary.update(name=name, dir=sweep_dir, seconds=time.perf_counter() - t0, reused=reused,
+                   searcher=ts.searcher, scheduler=ts.scheduler)
+    summary["experiment"] = write_experiment(summary, sweep_dir, name)
     with open(os.path.join(sweep_dir, "sweep.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
-    print("\n" + format_summary(summary), flush=True)  # the sweep's result table: output, not a log line
+    table = format_summary(summary)
+    with open(os.path.join(sweep_dir, "sweep.md"), "w") as f:
+        f.write(f"# Sweep {name}\n\n```\n{table}\n```\n\n![sweep](sweep.png)\n")
+    plot_sweep(grid, summary, os.path.join(sweep_dir, "sweep.png"))
+    print("\n" + table, flush=True)  # the sweep's result table: output, not a log line
     return grid, summary
 
 
-def new_tuner(trainable, space: dict, ts: DictConfig, name: str, runs_dir: str) -> tune.Tuner:
+def check_sweep(cfg: DictConfig) -> None:
+    """Settings the sweep needs, checked before Ray starts (each error names its key)."""
+    ts = cfg.tune
+    if ts.mode not in ("max", "min"):
+        raise ValueError(f"tune.mode must be max or min, got {ts.mode!r}")
+    valid = [f"{task}_recall@{int(k)}" for task in ("conversion", "engagement") for k in cfg.eval.ks]
+    if ts.metric not in valid:
+        raise ValueError(f"tune.metric={ts.metric!r} is not reported; one of {valid} (eval.ks)")
+    if ts.searcher == "optuna" or ts.scheduler == "asha":
+        if not cfg.data.validation_fraction > 0:
+            raise ValueError(f"tune.searcher={ts.searcher} / tune.scheduler={ts.scheduler} read the per-epoch "
+                             f"validation recall, and data.validation_fraction={cfg.data.validation_fraction} leaves "
+                             "no validation window: set it > 0, or tune.searcher=random tune.scheduler=fifo")
+        per_epoch = ["val_mean_recall"] + [f"val_{t}_recall@{int(k)}" for t in ("conversion", "engagement")
+                                           for k in cfg.eval.ks]
+        if ts.scheduler_metric not in per_epoch:
+            raise ValueError(f"tune.scheduler_metric={ts.scheduler_metric!r} is not reported after each epoch; "
+                             f"one of {per_epoch}")
+    space = OmegaConf.to_container(ts.search_space, resolve=True)
+    build_param_space(space)  # unknown types, malformed leaves
+    grids = [k for k in swept_keys(space) if _leaf(space, k)["type"] == "grid"]
+    if ts.searcher == "optuna" and grids:
+        raise ValueError(f"tune.search_space {grids}: `grid` leaves need tune.searcher=random (Optuna proposes "
+                         "values one trial at a time); use {type: choice, values: [...]} with optuna")
+    if ts.scheduler == "asha" and not 1 <= ts.grace_period <= cfg.trainer.epochs:
+        raise ValueError(f"tune.grace_period={ts.grace_period}: must be 1..trainer.epochs={cfg.trainer.epochs} "
+                         "(epochs every trial runs before ASHA may stop it)")
+
+
+def _leaf(space: dict, dotted: str) -> dict:
+    for part in dotted.split("."):
+        space = space[part]
+    return space
+
+
+def new_tuner(trainable, space: dict, ts: DictConfig, name: str, runs_dir: str, epochs: int) -> tune.Tuner:
+    """Searcher and scheduler both read `tune.scheduler_metric`, the validation recall that every
+    report carries (each epoch's, and the final one, which repeats the last epoch's metrics);
+    the evaluation's recall (tune.metric) exists only in the final report and picks the best."""
+    metric = ts.scheduler_metric
+    if ts.searcher == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search = ConcurrencyLimiter(OptunaSearch(metric=metric, mode=ts.mode, seed=ts.seed),
+                                    max_concurrent=ts.max_concurrent_trials)
+    else:
+        search = BasicVariantGenerator(max_concurrent=ts.max_concurrent_trials, random_state=ts.seed)
+    if ts.scheduler == "asha":
+        # training_iteration counts reports: one per epoch, then the final one after evaluation
+        scheduler = ASHAScheduler(metric=metric, mode=ts.mode, time_attr="training_iteration", max_t=epochs + 1,
+                                  grace_period=ts.grace_period, reduction_factor=ts.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
     return tune.Tuner(
         trainable,
         param_space=build_param_space(space),
-        tune_config=tune.TuneConfig(
-            num_samples=ts.num_samples,
-            # metric/mode are not given to Tune: the epoch reports that TuneReportCallback forwards
-            # have no recall, and Tune rejects results lacking its metric. The best is picked below.
-            search_alg=BasicVariantGenerator(max_concurrent=ts.max_concurrent_trials, random_state=ts.seed),
-            scheduler=FIFOScheduler(),
-        ),
+        tune_config=tune.TuneConfig(num_samples=ts.num_samples, search_alg=search, scheduler=scheduler),
         run_config=tune.RunConfig(
             name=name, storage_path=runs_dir,
             failure_config=tune.FailureConfig(max_failures=ts.max_failures), verbose=1),
     )
 
 
-def summarize(grid: tune.ResultGrid, keys: list[str], metric: str, mode: str) -> dict:
+def validation_curve(result, scheduler_metric: str) -> list[float]:
+    """The trial's per-epoch validation metric, from Tune's own result history (the final
+    report, which has `run_dir`, repeats the last epoch and is left out)."""
+    df = result.metrics_dataframe
+    if df is None or scheduler_metric not in df:
+        return []
+    if "run_dir" in df:
+        df = df[df["run_dir"].isna()]
+    return [float(v) for v in df[scheduler_metric].dropna()]
+
+
+def summarize(grid: tune.ResultGrid, keys: list[str], metric: str, mode: str,
+              scheduler_metric: str = "val_mean_recall") -> dict:
     rows = []
     for result in grid:
         m = result.metrics or {}
+        curve = validation_curve(result, scheduler_metric)
         rows.append({
             "trial": m.get("trial_id") or os.path.basename(result.path or ""),
             "error": None if result.error is None else repr(result.error),
             "params": {k: _get(result.config, k) for k in keys},
-            "metrics": {k: v for k, v in m.items() if "recall@" in k and not k.startswith("popularity_")},
+            "metrics": {k: v for k, v in m.items() if "recall@" in k and not k.startswith(("popularity_", "val_"))},
             "popularity": m.get(f"popularity_{metric}"),
             "run_dir": m.get("run_dir"),
+            "curve": curve,
+            # stopped by the scheduler: no final evaluation, so not a candidate for the best
+            "stopped_after_epochs": None if result.error is not None or "run_dir" in m else len(curve),
         })
     scored = [r for r in rows if r["error"] is None and _finite(r["metrics"].get(metric))]
     if not scored:
         errors = "\n".join(f"  {r['trial']}: {r['error']}" for r in rows)
         raise RuntimeError(f"no trial reported {metric}; trial errors:\n{errors}")
-    best = grid.get_best_result(metric=metric, mode=mode, scope="last")
-    best_row = next(r for r in rows if r["trial"] == best.metrics["trial_id"])
-    return {"metric": metric, "mode": mode, "keys": keys, "trials": rows,
+    pick = max if mode == "max" else min
+    best_row = pick(scored, key=lambda r: r["metrics"][metric])
+    return {"metric": metric, "mode": mode, "keys": keys, "scheduler_metric": scheduler_metric, "trials": rows,
             "best": {**best_row, "value": best_row["metrics"][metric]}}
+
+
+def write_experiment(summary: dict, sweep_dir: str, name: str) -> dict:
+    """The best trial's swept values as a Hydra experiment file, and the command that replays it."""
+    best = summary["best"]
+    tree: dict = {}
+    for key, value in best["params"].items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = _plain(value)
+    exp_name = f"{name}_best"
+    path = os.path.join(sweep_dir, "experiment", f"{exp_name}.yaml")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f"# @package _global_\n# Best trial {best['trial']} of sweep {name}: {summary['metric']} = "
+                f"{best['value']:.4f} ({summary['mode']}). Replay: see sweep.md\n")
+        f.write(OmegaConf.to_yaml(OmegaConf.create(tree)))
+    command = (f"python -m raycg.train experiment={exp_name} 'hydra.searchpath=[file://{os.path.abspath(sweep_dir)}]'")
+    return {"name": exp_name, "path": path, "replay": command}
+
+
+def plot_sweep(grid: tune.ResultGrid, summary: dict, path: str) -> None:
+    """One panel per swept knob (the final metric of every finished trial against the knob's
+    value) and one of the validation curves per trial (stopped trials end early)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys, metric = summary["keys"], summary["metric"]
+    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(3.2 * (len(keys) + 1), 3.0), squeeze=False)
+    done = [r for r in summary["trials"] if _finite(r["metrics"].get(metric))]
+    for ax, key in zip(axes[0], keys):
+        xs = [r["params"][key] for r in done]
+        ax.scatter(xs, [r["metrics"][metric] for r in done], s=18)
+        if isinstance(summary["best"]["params"][key], (int, float)):
+            ax.scatter([summary["best"]["params"][key]], [summary["best"]["value"]], s=60, marker="*", color="C3")
+        ax.set_xlabel(key, fontsize=8)
+        ax.set_ylabel(metric, fontsize=8)
+    ax = axes[0][-1]
+    for r in summary["trials"]:
+        if r["curve"]:
+            ax.plot(range(1, len(r["curve"]) + 1), r["curve"], marker=".", alpha=0.8,
+                    linestyle="--" if r["stopped_after_epochs"] else "-")
+    ax.set_xlabel("epoch (dashed: stopped early)", fontsize=8)
+    ax.set_ylabel(summary["scheduler_metric"], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _finite(x) -> bool:
@@ -227,6 +355,8 @@ def format_summary(s: dict) -> str:
         line = f"{str(r['trial']):<14}" + "".join(f"{_fmt(r['params'][k]):>{w}}" for k, w in zip(s["keys"], widths))
         if r["error"]:
             line += f"  ERROR {r['error'][:80]}"
+        elif r.get("stopped_after_epochs") is not None:
+            line += f"  stopped by {s.get('scheduler', 'the scheduler')} after {r['stopped_after_epochs']} epoch(s)"
         else:
             line += "".join(f"{_fmt(r['metrics'].get(c)):>13}" for c in metric_cols)
         lines.append(line + ("   <- best" if r["trial"] == s["best"]["trial"] else ""))
@@ -236,8 +366,13 @@ def format_summary(s: dict) -> str:
     lines.append("best config (overrides): " + " ".join(
         f"{k}={_override(v)}" for k, v in b["params"].items()))
     lines.append(f"best run dir: {b['run_dir']}")
-    lines.append(f"sweep: {len(s['trials'])} trials in {s['seconds']:.0f}s -> {s['dir']}/sweep.json"
-                 if "seconds" in s else "")
+    if "experiment" in s:
+        lines.append(f"replay the best trial: {s['experiment']['replay']}")
+    if "seconds" in s:
+        ran = len(s["trials"]) - len(s.get("reused", []))
+        rate = f", {ran / s['seconds'] * 3600:.0f} trials/hour" if ran and s["seconds"] > 0 else ""
+        lines.append(f"sweep ({s.get('searcher', '?')} search, {s.get('scheduler', '?')} scheduler): "
+                     f"{len(s['trials'])} trials in {s['seconds']:.0f}s{rate} -> {s['dir']}/sweep.md, sweep.png")
     return "\n".join(lines).rstrip()
 
 
