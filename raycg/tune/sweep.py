@@ -227,17 +227,17 @@ def new_tuner(trainable, space: dict, ts: DictConfig, name: str, runs_dir: str, 
     """Searcher and scheduler both read `tune.scheduler_metric`, the validation recall that every
     report carries (each epoch's, and the final one, which repeats the last epoch's metrics);
     the evaluation's recall (tune.metric) exists only in the final report and picks the best."""
-    metric = ts.scheduler_metric
+    metric, mode = str(ts.scheduler_metric), str(ts.mode)  # plain str: Tune asserts type(metric) == type(mode)
     if ts.searcher == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        search = ConcurrencyLimiter(OptunaSearch(metric=metric, mode=ts.mode, seed=ts.seed),
+        search = ConcurrencyLimiter(OptunaSearch(metric=metric, mode=mode, seed=ts.seed),
                                     max_concurrent=ts.max_concurrent_trials)
     else:
         search = BasicVariantGenerator(max_concurrent=ts.max_concurrent_trials, random_state=ts.seed)
     if ts.scheduler == "asha":
         # training_iteration counts reports: one per epoch, then the final one after evaluation
-        scheduler = ASHAScheduler(metric=metric, mode=ts.mode, time_attr="training_iteration", max_t=epochs + 1,
+        scheduler = ASHAScheduler(metric=metric, mode=mode, time_attr="training_iteration", max_t=epochs + 1,
                                   grace_period=ts.grace_period, reduction_factor=ts.reduction_factor)
     else:
         scheduler = FIFOScheduler()
