@@ -49,8 +49,8 @@ ColdItems = _choices("ColdItems", "auto", "keep", "drop")
 Baseline = _choices("Baseline", "popularity", "popularity_surface", "recent_engaged", "als_engagement",
                     "als_conversion")  # raycg.eval.evaluate.BASELINES
 TuneMode = _choices("TuneMode", "max", "min")
-TuneScheduler = _choices("TuneScheduler", "asha", "fifo")
-TuneSearcher = _choices("TuneSearcher", "optuna", "random")
+TuneSearcher = _choices("TuneSearcher", "optuna", "random")  # raycg.tune.sweep.make_searcher
+TuneScheduler = _choices("TuneScheduler", "asha", "fifo")  # raycg.tune.sweep.make_scheduler
 IndexKind = _choices("IndexKind", "ivf", "hnsw")  # raycg.retrieve.index.KINDS
 LoggerKind = _choices("LoggerKind", "none", "mlflow", "tensorboard")  # raycg.train.tracking.TRACKERS
 LogLevel = _choices("LogLevel", "DEBUG", "INFO", "WARNING", "ERROR")  # raycg.logs.LEVELS
@@ -297,15 +297,16 @@ class RunConfig:
 @dataclass
 class TuneConfig:
     name: Optional[str] = MISSING
+    searcher: TuneSearcher = MISSING
     num_samples: int = MISSING
     seed: int = MISSING
+    startup_trials: int = MISSING  # optuna: random trials before TPE models the results
     metric: str = MISSING  # <conversion|engagement>_recall@<k in eval.ks>: checked by the sweep
     mode: TuneMode = MISSING
-    searcher: TuneSearcher = MISSING
     scheduler: TuneScheduler = MISSING
-    scheduler_metric: str = MISSING  # a per-epoch validation metric (val_*): checked by the sweep
+    scheduler_metric: str = MISSING  # val_mean_recall | val_<task>_recall@<k>: checked by the sweep
     grace_period: int = MISSING
-    reduction_factor: int = MISSING
+    reduction_factor: float = MISSING
     max_concurrent_trials: int = MISSING
     trial_resources: Dict[str, float] = MISSING
     max_failures: int = MISSING
