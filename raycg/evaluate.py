@@ -12,10 +12,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from raycg.config import hydra_app, require_complete
-from raycg.eval.evaluate import evaluate_checkpoint, format_table, timing_line, write_results
 from raycg.logs import set_level
-from raycg.model.checkpoint import load_model, evaluation_checkpoint
-from raycg.train.driver import init_ray
 
 
 def given_keys(cfg: DictConfig, overrides: list[str], group: str) -> dict:
@@ -35,6 +32,11 @@ def given_keys(cfg: DictConfig, overrides: list[str], group: str) -> dict:
 def main(cfg: DictConfig, overrides: list[str]) -> None:
     require_complete(cfg)  # run_dir=...
     set_level(cfg.log_level)
+    # torch and Ray load only once the command line is known to be complete
+    from raycg.eval.evaluate import evaluate_checkpoint, format_table, timing_line, write_results
+    from raycg.model.checkpoint import evaluation_checkpoint, load_model
+    from raycg.train.driver import init_ray
+
     ckpt = evaluation_checkpoint(cfg.run_dir)  # <run>/best, else the newest intact one
     _, config = load_model(ckpt)
     eval_cfg = OmegaConf.to_container(OmegaConf.merge(config["eval"], given_keys(cfg, overrides, "eval")),

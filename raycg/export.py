@@ -6,17 +6,19 @@ import os
 from omegaconf import DictConfig, OmegaConf
 
 from raycg.config import hydra_app, require_complete
-from raycg.data.pipeline import checked_events, feature_store_from_config, validation_cutoff
 from raycg.logs import set_level
-from raycg.model.checkpoint import evaluation_checkpoint, load_model
-from raycg.retrieve.build import export_run
-from raycg.train.driver import init_ray
 
 
 @hydra_app("export")
 def main(cfg: DictConfig, overrides: list[str]) -> None:
     require_complete(cfg)  # run_dir=...
     set_level(cfg.log_level)
+    # torch and Ray load only once the command line is known to be complete
+    from raycg.data.pipeline import checked_events, feature_store_from_config, validation_cutoff
+    from raycg.model.checkpoint import evaluation_checkpoint, load_model
+    from raycg.retrieve.build import export_run
+    from raycg.train.driver import init_ray
+
     ckpt = evaluation_checkpoint(cfg.run_dir)  # <run>/best, else the newest intact one
     model, config = load_model(ckpt)
     out = cfg.out or f"{cfg.run_dir.rstrip('/')}/export"

@@ -201,6 +201,7 @@ def raycg_train(tmp_path, *args, env=None, timeout=300) -> subprocess.CompletedP
 def test_bad_settings_fail_before_ray_starts(tmp_path, args, message):
     proc = raycg_train(tmp_path, *args)
     assert proc.returncode != 0 and message in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr  # the message, not a stack
     assert "[raycg] data:" not in proc.stdout and "Started a local Ray instance" not in proc.stderr
     assert not os.path.exists(tmp_path / "runs")  # no half-made run directory
 

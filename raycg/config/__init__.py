@@ -28,7 +28,8 @@ for _name, _node in SCHEMAS.items():
 
 
 class ConfigError(ValueError):
-    """A composed config that cannot run (a required `???` value not given); names the keys."""
+    """A composed config that cannot run (a required `???` value not given, a value out of
+    range: raycg.train.preflight); names the keys. The command line prints it without a traceback."""
 
 
 def compose(overrides: Iterable[str] = (), config_name: str = "config") -> DictConfig:
@@ -80,7 +81,7 @@ def hydra_app(config_name: str) -> Callable:
 
             try:
                 status = task(cfg, list(HydraConfig.get().overrides.task))
-            except ConfigError as e:  # a required value not given: the message, no traceback
+            except ConfigError as e:  # a value missing or out of range: the message, no traceback
                 sys.exit(f"error: {e}")
             if isinstance(status, int) and not isinstance(status, bool) and status:
                 sys.exit(status)

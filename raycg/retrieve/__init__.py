@@ -8,4 +8,15 @@ checks), `tables` / `index` / `build` (what the export holds and how it is writt
 Command line: `python -m raycg.retrieve export_dir=... user_id=... k=...`.
 """
 from raycg.retrieve.requests import RequestError  # noqa: F401
-from raycg.retrieve.retriever import Retriever, retrieve_parquet  # noqa: F401
+
+__all__ = ["RequestError", "Retriever", "retrieve_parquet"]
+
+
+def __getattr__(name: str):
+    # the retriever loads torch and faiss: imported on first use, so the command line's own
+    # errors (a missing export_dir=, a bad request) come back without loading them
+    if name in ("Retriever", "retrieve_parquet"):
+        from raycg.retrieve import retriever
+
+        return getattr(retriever, name)
+    raise AttributeError(f"module 'raycg.retrieve' has no attribute {name!r}")

@@ -11,10 +11,11 @@ import time
 
 from omegaconf import DictConfig
 
+from raycg.config import ConfigError
 from raycg.logs import get_logger
 
 
-class PreflightError(ValueError):
+class PreflightError(ConfigError):
     """A setting or an input that would make the run fail later; says what to change."""
 
 
