@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER = 0
 export PYTHONUNBUFFERED = 1
 
-.PHONY: env demo test test-fast bench bench-eval bench-tables bench-retrieve report clean
+.PHONY: env demo test test-fast bench bench-smoke bench-eval bench-tables bench-retrieve report clean
 
 env: $(STAMP)
 
@@ -42,6 +42,10 @@ bench-tables: $(STAMP)
 # retrieval from an export: single-request p50/p99 and batch throughput (100k items, random-init model)
 bench-retrieve: $(STAMP)
 	$(PY) benchmarks/retrieve_latency.py --ray
+
+# every benchmark at a tiny size, to its final table (a few minutes): run it before GPU time
+bench-smoke: $(STAMP)
+	RAYCG_BENCH_SMOKE=1 $(PY) -m pytest -q tests/test_benchmarks.py
 
 # ablation grids x 3 seeds + baselines -> report/ and docs/results.md (about 1 h on 2 cores)
 report: $(STAMP)

@@ -208,7 +208,8 @@ def main() -> None:
             *args.overrides]
     if args.cpu_smoke:
         base += ["trainer.use_gpu=false", "trainer.cpus_per_worker=0.45", "trainer.compile=false",
-                 "trainer.precision=fp32", "ray.num_cpus=2"]
+                 "trainer.precision=fp32", "ray.num_cpus=2",
+                 "trainer.lr_schedule.warmup_steps=2"]  # a smoke run has tens of steps, not the default warm-up
     cfg = compose(base)
     resolve_paths(cfg)
     init_ray(cfg)

@@ -38,10 +38,13 @@ from raycg.data.pipeline import auto_buckets, build_feature_store, packed_traini
 from raycg.data.simulate import SimConfig, write_dataset  # noqa: E402
 from raycg.model.two_tower import TwoTowerModel  # noqa: E402
 from raycg.train.step import StepContext, train_step  # noqa: E402
+from raycg.train.driver import init_ray  # noqa: E402
 
 
 def load_cfg():
-    cfg = compose([])  # the default model and loss (raycg/conf/model/parallel_dcn.yaml, raycg/conf/loss/unified.yaml)
+    # the default model and loss (raycg/conf/model/parallel_dcn.yaml, raycg/conf/loss/unified.yaml);
+    # duration_weighting=auto resolves to true on simulated data (its clicks have durations)
+    cfg = compose(["loss.duration_weighting=true"])
     return (OmegaConf.to_container(c, resolve=True) for c in (cfg.model, cfg.loss))
 
 
@@ -86,8 +89,7 @@ def main():
     train_path = os.path.join(data_dir, "events", "train")
     model_cfg, loss_cfg = load_cfg()
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    init_ray(compose(["ray.num_cpus=2", "ray.include_dashboard=false"]))  # embedded, loopback only (raycg's own start)
     B = args.batch_size
 
     store = build_feature_store(train_path, os.path.join(data_dir, "items.parquet"))

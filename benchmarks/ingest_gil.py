@@ -31,10 +31,12 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from raycg.config import compose  # noqa: E402
 from raycg.data.pipeline import build_feature_store, packed_training_dataset  # noqa: E402
 from raycg.data.simulate import SimConfig, write_dataset  # noqa: E402
 from raycg.train.feed import ThreadFeed  # noqa: E402
 from raycg.train.ingest import ProcessFeed  # noqa: E402
+from raycg.train.driver import init_ray  # noqa: E402
 
 
 def host_step(batch: dict, ms: float) -> float:
@@ -78,8 +80,7 @@ def main() -> None:
         write_dataset(SimConfig(n_users=args.users, n_items=args.items, n_advertisers=max(args.items // 20, 10)),
                       data_dir)
     train = os.path.join(data_dir, "events", "train")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    init_ray(compose(["ray.num_cpus=2", "ray.include_dashboard=false"]))  # embedded, loopback only (raycg's own start)
     store = build_feature_store(train, os.path.join(data_dir, "items.parquet"), history_length=args.history)
     ds, stats = packed_training_dataset(train, store, materialize=True)
     B, T, P = args.batch_size, args.transfer_batches, args.prefetch

@@ -1,7 +1,7 @@
 """Retrieval latency and throughput on CPU: raycg.retrieve over a realistic corpus.
 
 Builds an export directory (torch.export towers, feature tables, item embeddings, faiss
-index) from a *random-init* model of the default architecture (conf/model/parallel_dcn.yaml:
+index) from a *random-init* model of the default architecture (raycg/conf/model/parallel_dcn.yaml:
 DCN v2 parallel towers, 64-d embeddings, history of 10 actions, id vocabularies) over a
 synthetic corpus of --items items and --users users, then measures
 
@@ -58,7 +58,7 @@ def synthetic(items: int, users: int, seed: int = 0):
                         cat_names=("item", "advertiser", "category", "tier")),
         users=UserTable(user_ids, rng.normal(size=(users, 6)).astype(np.float32),
                         rng.integers(0, 8, (users, 1)).astype(np.int64), ("segment",)))
-    cfg = OmegaConf.to_container(OmegaConf.load(os.path.join(ROOT, "conf", "model", "parallel_dcn.yaml")))
+    cfg = OmegaConf.to_container(compose([]).model, resolve=True)  # the default model group (parallel_dcn)
     vocab = {"item": item_ids, "user": user_ids, "context_item": item_ids, "query": np.arange(1000),
              "advertiser": np.arange(500), "category": np.arange(50), "tier": np.arange(4), "segment": np.arange(8)}
     cfg["vocab_sizes"] = {k: len(v) for k, v in vocab.items()}
@@ -144,13 +144,9 @@ def main() -> None:
     if a.ray:
         import ray
 
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-        import ray._private.ray_constants as ray_constants
+        from raycg.train.driver import init_ray
 
-        ray_constants.ENABLE_RAY_CLUSTER = False
-        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        init_ray(compose(["ray.num_cpus=2", "ray.include_dashboard=false"]))  # embedded, loopback only
         path = os.path.join(os.path.dirname(out), "requests.parquet")
         pq.write_table(batch, path)
         t = time.perf_counter()
