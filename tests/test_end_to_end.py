@@ -121,6 +121,7 @@ def test_mlflow_holds_the_curves_and_results_of_the_resumed_run(trained):
     client = MlflowClient(info["tracking_uri"])
     run = client.get_run(info["run_id"])
     assert len(client.search_runs([run.info.experiment_id])) == 1  # resumed, not a second run
+    assert run.info.status == "FINISHED" and run.info.end_time is not None  # ended by the driver
     assert run.data.params["trainer.num_workers"] == "2" and run.data.params["loss.mixed_negatives"] != ""
     assert run.data.params["trainer.epochs"] == "1" and run.data.tags["resumed.trainer.epochs"] == "4"
     lines = trained.lines

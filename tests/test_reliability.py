@@ -271,6 +271,10 @@ def test_failed_run_says_how_to_resume(ray_session, tiny_data_dir, tmp_path, cap
     with pytest.raises(Exception, match="training loss is nan"):  # lr 1e30: the loss explodes
         run(compose([*tiny_overrides(tiny_data_dir), f"paths.runs_dir={tmp_path}",
                      "run_name=boom", "trainer.num_workers=1", "trainer.epochs=1", "trainer.batch_size=512",
-                     "trainer.lr=1e30", "eval.baselines=[popularity]"]))
+                     "trainer.lr=1e30", "eval.baselines=[popularity]", "logger=mlflow"]))
     out = capsys.readouterr().out
     assert "Running the same command again (run_name=boom) resumes" in out and "trainer.max_failures" in out
+    from mlflow.tracking import MlflowClient  # the tracked run says it failed, not RUNNING forever
+
+    info = json.loads((tmp_path / "boom" / "mlflow_run.json").read_text())
+    assert MlflowClient(info["tracking_uri"]).get_run(info["run_id"]).info.status == "FAILED"

@@ -67,6 +67,27 @@ def test_mlflow_driver_and_worker_log_to_one_run_that_a_resume_continues(tmp_pat
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
+def test_mlflow_run_status_follows_the_driver(tmp_path):
+    """RUNNING while training, FAILED when the driver saw an error, RUNNING again on the resume,
+    FINISHED at the end; a worker's close leaves the status to the driver."""
+    from mlflow.tracking import MlflowClient
+
+    run_dir = str(tmp_path / "run")
+    os.makedirs(run_dir)
+    driver = build_tracker(MLFLOW, run_dir, "driver")
+    client = MlflowClient(f"sqlite:///{run_dir}/mlflow.db")
+    status = lambda: client.get_run(driver.run_id).info.status  # noqa: E731
+    assert status() == "RUNNING"
+    build_tracker(MLFLOW, run_dir, "worker").close()
+    assert status() == "RUNNING"
+    driver.close("FAILED")
+    assert status() == "FAILED"
+    resumed = build_tracker(MLFLOW, run_dir, "driver")
+    assert resumed.run_id == driver.run_id and status() == "RUNNING"
+    resumed.close()
+    assert status() == "FINISHED"
+
+
 def test_a_worker_without_the_drivers_run_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="the driver creates the MLflow run"):
         build_tracker(MLFLOW, str(tmp_path), "worker")

@@ -333,7 +333,7 @@ def build_trainer(cfg: DictConfig, callbacks: list | None = None):
 
 
 def run(cfg: DictConfig, callbacks: list | None = None) -> dict:
-    """The main job: simulate (if needed) -> train -> evaluate. Returns eval results."""
+    """The main job: simulate (if needed) -> train -> evaluate -> export. Returns eval results."""
     set_level(cfg.log_level)
     check_config(cfg)  # seconds: before Ray, data or a run directory exist
     resolve_paths(cfg)
@@ -343,10 +343,25 @@ def run(cfg: DictConfig, callbacks: list | None = None) -> dict:
     ensure_data(cfg)
     prep = prepare_run(cfg)
     trainer = make_trainer(cfg, prep, callbacks)
-    run_dir = prep.run_dir
     # logger=mlflow|tensorboard: the config now, the evaluation at the end, the curves from rank 0
-    tracker = build_tracker(OmegaConf.to_container(cfg.logger, resolve=True), run_dir, "driver")
+    tracker = build_tracker(OmegaConf.to_container(cfg.logger, resolve=True), prep.run_dir, "driver")
     tracker.log_params(flat_params(OmegaConf.to_container(cfg, resolve=True)))
+    try:
+        results = train_evaluate_export(cfg, prep, trainer, tracker)
+    except BaseException as e:  # the tracked run ends FAILED (KILLED on Ctrl-C), not RUNNING forever
+        tracker.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    tracker.close("FINISHED")
+    path = write_results(prep.run_dir, results)
+    print("\n" + format_table(results), flush=True)  # the run's result table: output, not a log line
+    print(timing_line(results, path), flush=True)
+    return results
+
+
+def train_evaluate_export(cfg: DictConfig, prep: PreparedRun, trainer: TorchTrainer, tracker) -> dict:
+    """Ray Train fit -> evaluation of the best (else last) checkpoint -> export; the evaluation
+    goes to `tracker`. Returns the evaluation results."""
+    run_dir = prep.run_dir
     log(f"train: run {cfg.run_name} ({cfg.trainer.num_workers} workers, model.cross={cfg.model.cross}) "
         f"-> {run_dir}")
     t0 = time.perf_counter()
@@ -383,8 +398,4 @@ def run(cfg: DictConfig, callbacks: list | None = None) -> dict:
     results["train_metrics"] = result.metrics
     last = result.metrics  # every epoch has the same steps: the run's optimiser steps so far
     tracker.log_metrics(eval_metrics(results), (last["epoch"] + 1) * last["steps"])
-    tracker.close()
-    path = write_results(run_dir, results)
-    print("\n" + format_table(results), flush=True)  # the run's result table: output, not a log line
-    print(timing_line(results, path), flush=True)
     return results

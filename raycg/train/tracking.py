@@ -34,7 +34,7 @@ class NoTracker:
     def log_metrics(self, metrics: dict, step: int) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
         pass
 
 
@@ -82,10 +82,13 @@ class MlflowTracker:
         self.uri = cfg["tracking_uri"] or f"sqlite:///{os.path.abspath(run_dir)}/mlflow.db"
         self.client = MlflowClient(self.uri)
         path = os.path.join(run_dir, MLFLOW_RUN_FILE)
+        self.role = role
         if os.path.exists(path):  # a resumed run, or the worker of this run
             with open(path) as f:
                 self.run_id = json.load(f)["run_id"]
             self.resumed = True
+            if role == "driver":  # a resume: the run is live again (it ended FAILED or FINISHED)
+                self.client.update_run(self.run_id, status="RUNNING")
         elif role == "driver":
             exp = self.client.get_experiment_by_name(cfg["experiment"])
             exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(cfg["experiment"])
@@ -117,8 +120,11 @@ class MlflowTracker:
         for i in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
 
-    def close(self) -> None:
-        pass  # the run stays open for a resume; its data is written on every call
+    def close(self, status: str = "FINISHED") -> None:
+        """The driver ends the run: FINISHED, or FAILED when training or evaluation raised (a
+        resume sets it RUNNING again). A worker leaves it to the driver; every call is written."""
+        if self.role == "driver":
+            self.client.set_terminated(self.run_id, status)
 
 
 class TensorBoardTracker:
@@ -140,7 +146,7 @@ class TensorBoardTracker:
             self.writer.add_scalar(tag(k), v, int(step))
         self.writer.flush()  # at most once per log interval
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
         self.writer.close()
 
 
