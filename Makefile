@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER = 0
 export PYTHONUNBUFFERED = 1
 
-.PHONY: env demo test test-fast bench bench-smoke bench-eval bench-tables bench-retrieve report clean
+.PHONY: env demo test test-fast bench bench-smoke bench-scale bench-eval bench-tables bench-retrieve report clean
 
 env: $(STAMP)
 
@@ -42,6 +42,12 @@ bench-tables: $(STAMP)
 # retrieval from an export: single-request p50/p99 and batch throughput (100k items, random-init model)
 bench-retrieve: $(STAMP)
 	$(PY) benchmarks/retrieve_latency.py --ray
+
+# issue 11's benchmark: 1M items, 2M users, ~100M events, one epoch with sparse tables, evaluation on
+# the full corpus, step time vs 10k items (hours on 2 CPU cores; add trainer=gpu on a GPU host:
+# make bench-scale ARGS=trainer=gpu)
+bench-scale: $(STAMP)
+	$(PY) benchmarks/bench_scale.py $(ARGS)
 
 # every benchmark at a tiny size, to its final table (a few minutes): run it before GPU time
 bench-smoke: $(STAMP)

@@ -22,6 +22,8 @@ BENCH_DIR = os.path.join(ROOT, "benchmarks")
 
 # script -> (tiny arguments, a pattern its final output must contain)
 SMOKE = {
+    "bench_scale.py": (["--items", "20000", "--users", "3000", "--small-items", "2000", "--step-steps", "3"],
+                       r"train +[\d,]+ rows/epoch .*\neval .*\nstep +sparse_adam at 2,000 items .* [\d.]+x"),
     "retrieve_latency.py": (["--items", "3000", "--users", "300", "--requests", "30", "--batch-requests", "300",
                              "--index", "hnsw"], r"single request .* p99 .*\nbatch in-process .* requests/s"),
     "table_scale.py": (["--items", "1000", "4000", "--steps", "3", "--warmup", "1"],
@@ -52,6 +54,8 @@ def test_benchmark_runs_to_its_table(script, tmp_path):
         args = [*args, "--out", str(tmp_path)]
     if script in ("ingest.py", "ingest_gil.py"):
         args = [*args, "--data-dir", str(tmp_path / "data")]
+    if script == "bench_scale.py":
+        args = [*args, "--runs-dir", str(tmp_path / "runs"), f"data.dir={tmp_path / 'data'}"]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     proc = subprocess.run([sys.executable, os.path.join(BENCH_DIR, script), *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=600, env=env)

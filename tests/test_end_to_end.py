@@ -58,6 +58,7 @@ def test_two_workers_resume_and_validate_every_epoch(trained):
     assert len(trained.first_lines) == 1 and json.loads(trained.first_lines[0])["epoch"] == 0
     lines = trained.lines
     assert [m["epoch"] for m in lines] == [0, 1, 2, 3]  # epoch 0 once: resumed, not restarted
+    assert all(200 < m["peak_rss_mb"] < 24 * 1024 for m in lines)  # a worker with torch loaded, in MB (not KiB)
     assert lines[0] == json.loads(trained.first_lines[0])
     losses = [m["loss"] for m in lines]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]

@@ -130,7 +130,7 @@ def deterministic_pair(ray_session, tiny_data_dir, tmp_path_factory):
     return SimpleNamespace(runs=runs, args=args, results=results, metrics=metrics, out_a=out_a.getvalue())
 
 
-TIMINGS = {"epoch_s", "rows_per_s", "data_wait_s", "validation_s"}
+TIMINGS = {"epoch_s", "rows_per_s", "data_wait_s", "validation_s", "peak_rss_mb"}  # measured, not computed
 
 
 def test_deterministic_runs_are_bit_identical(deterministic_pair):

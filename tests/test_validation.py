@@ -44,3 +44,36 @@ def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience():
     with pytest.raises(KeyError, match="is not measured"):
         es.update(5, {"val_engagement_recall@100": 0.5})
     assert not EarlyStopping("m", patience=0, bad_epochs=9).stop  # patience 0: never stop early
+
+
+def test_validation_queries_are_a_fixed_sample_of_at_most_max_queries(ray_session, tiny_data_dir):
+    """trainer.early_stopping.max_queries: each task keeps at most that many of the window's
+    queries, the same ones for the same seed (every epoch is scored on one set)."""
+    from collections import Counter
+
+    from omegaconf import OmegaConf
+
+    from conftest import compose, tiny_overrides
+    from raycg.data.pipeline import feature_store_from_config, nonempty_event_files
+    from raycg.train.validation import ValidationSet
+
+    data = OmegaConf.to_container(compose(tiny_overrides(tiny_data_dir)).data, resolve=True)
+    before = validation_cutoff(data["train_path"], 0.1)
+    store = feature_store_from_config(data, before_ts=before)
+    files = nonempty_event_files(data["train_path"])[0]
+    full = ValidationSet.build(files, store, before)
+    sizes = {task: len(p) for task, (_, p) in full.queries.items()}
+    assert set(sizes) == {"conversion", "engagement"} and sizes["engagement"] > 20, sizes
+
+    def sample(seed):
+        return ValidationSet.build(files, store, before, max_queries=20, seed=seed)
+
+    a, b, other = sample(1), sample(1), sample(2)
+    for task, (packed, positives) in a.queries.items():
+        assert len(positives) == min(20, sizes[task])
+        assert all(len(v) == len(positives) for v in packed.values())  # features and positives stay paired
+        # the sampled queries are queries of the window (with their own positives)
+        whole = Counter(tuple(p) for p in full.queries[task][1])
+        assert not Counter(tuple(p) for p in positives) - whole
+        assert [list(p) for p in positives] == [list(p) for p in b.queries[task][1]]  # the same seed: the same set
+    assert [list(p) for p in a.queries["engagement"][1]] != [list(p) for p in other.queries["engagement"][1]]

@@ -183,6 +183,7 @@ class EarlyStoppingConfig:
     metric: str = MISSING  # val_mean_recall | val_<conversion|engagement>_recall@<K>: checked by the driver
     patience: int = MISSING
     min_delta: float = MISSING
+    max_queries: int = MISSING  # per task: a seeded sample of the validation window's queries
 
 
 @dataclass

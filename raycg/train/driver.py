@@ -225,7 +225,8 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
     validation_ref = None
     if before_ts is not None:
         known = store.item_counts[0] if drop_cold(cfg.eval.cold_items, cfg.data.items_path) else None
-        vset = ValidationSet.build(nonempty_event_files(cfg.data.train_path)[0], store, before_ts, known)
+        vset = ValidationSet.build(nonempty_event_files(cfg.data.train_path)[0], store, before_ts, known,
+                                   max_queries=cfg.trainer.early_stopping.max_queries, seed=cfg.seed)
         stats["validation"] = {"cutoff_ts": before_ts, "rows": vset.rows,
                                **{f"{t}_queries": len(p) for t, (_, p) in vset.queries.items()}}
         check_validation_metric(cfg, vset)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -224,6 +225,23 @@ class StepProfiler:
         self.prof = None
 
 
+def peak_memory(device: torch.device, world: int) -> dict:
+    """The largest peak resident memory of any rank's training process so far, in MB (the
+    ingest process of trainer.ingest=process is not included), and on a GPU the largest peak
+    of GPU memory allocated by torch. An all-reduce when there are several ranks."""
+    vals = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]  # KiB on Linux
+    if device.type == "cuda":
+        vals.append(torch.cuda.max_memory_allocated(device) / 2**20)
+    if world > 1:
+        t = torch.tensor(vals, dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        vals = t.tolist()
+    out = {"peak_rss_mb": round(vals[0], 1)}
+    if len(vals) > 1:
+        out["gpu_peak_mb"] = round(vals[1], 1)
+    return out
+
+
 def run_epochs(config: dict, start_epoch: int, feed, forward, core, optimizer, scheduler, step_ctx: StepContext,
                cudagraphs: bool, saved_config: dict, stopper: EarlyStopping | None, tracker=None) -> None:
     """Epochs of steps; rank 0 logs (and tracks: `tracker`), validates, writes metrics.jsonl and
@@ -287,6 +305,7 @@ def run_epochs(config: dict, start_epoch: int, feed, forward, core, optimizer, s
             "rows": rows, "rows_per_s": rows / elapsed, "epoch_s": elapsed, "data_wait_s": data_wait,
             "lr": scheduler.get_last_lr()[0], **{k: v.item() / steps for k, v in parts_sum.items()},
         }
+        metrics.update(peak_memory(device, world))  # every rank takes part: the largest over ranks
         for sync in step_ctx.grad_syncs:  # bytes a step moved outside DDP (sparse tables: instead of an all-reduce)
             key = "table_sync_bytes_per_step" if isinstance(sync, SparseGradSync) else "dense_sync_bytes_per_step"
             metrics[key] = sync.bytes_per_step

@@ -53,6 +53,7 @@ def check_config(cfg: DictConfig) -> None:
         _at_least(cfg, key, low)
     _at_least(cfg, "trainer.grad_clip_norm", 1e-12, allow_none=True)
     _at_least(cfg, "trainer.early_stopping.patience", 0)
+    _at_least(cfg, "trainer.early_stopping.max_queries", 1)
     if not 0 <= cfg.data.validation_fraction < 1:
         raise PreflightError(f"data.validation_fraction={cfg.data.validation_fraction}: expected 0 (off) or a "
                              "share of the training split's time span in (0, 1)")

@@ -42,10 +42,12 @@ class ValidationSet:
 
     @classmethod
     def build(cls, train_files: list[str], store, before_ts: int, known_items: np.ndarray | None = None,
-              ) -> "ValidationSet":
+              max_queries: int | None = None, seed: int = 0) -> "ValidationSet":
         """Events of the training split at/after `before_ts` -> queries. Rows that break a rule are
         left out here: the training pass saw every row and failed on them or quarantined them.
-        `known_items`: keep only positives on these items (eval.cold_items; drop_cold_positives)."""
+        `known_items`: keep only positives on these items (eval.cold_items; drop_cold_positives).
+        `max_queries`: at most that many queries per task, a sample fixed by `seed` (the same
+        queries every epoch, so epochs are compared on one set)."""
         names = [c.name for c in event_columns(pads.dataset(train_files[0], format="parquet").schema.names)]
         table = pads.dataset(train_files, format="parquet").to_table(
             columns=names, filter=pc.field("timestamp") >= before_ts)
@@ -60,6 +62,9 @@ class ValidationSet:
             queries, positives = build_queries(table, task)
             if known_items is not None:
                 queries, positives, _ = drop_cold_positives(queries, positives, known_items)
+            if max_queries is not None and len(positives) > max_queries:
+                rows = np.sort(np.random.default_rng(seed).choice(len(positives), max_queries, replace=False))
+                queries, positives = queries.take(pa.array(rows)), [positives[r] for r in rows]
             if positives:
                 out.queries[task] = (store.pack_users(queries), positives)
         return out
