@@ -69,6 +69,7 @@ def test_validation_queries_are_a_fixed_sample_of_at_most_max_queries(ray_sessio
         return ValidationSet.build(files, store, before, max_queries=20, seed=seed)
 
     a, b, other = sample(1), sample(1), sample(2)
+    assert f"engagement 20 queries (a sample of {sizes['engagement']:,}" in a.describe()
     for task, (packed, positives) in a.queries.items():
         assert len(positives) == min(20, sizes[task])
         assert all(len(v) == len(positives) for v in packed.values())  # features and positives stay paired

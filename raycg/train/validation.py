@@ -39,6 +39,7 @@ class ValidationSet:
     items: dict  # item_cat, item_dense
     queries: dict = field(default_factory=dict)  # task -> (packed user inputs, positives)
     rows: int = 0  # checked events of the validation window
+    sampled_from: dict = field(default_factory=dict)  # task -> its query count before max_queries
 
     @classmethod
     def build(cls, train_files: list[str], store, before_ts: int, known_items: np.ndarray | None = None,
@@ -63,6 +64,7 @@ class ValidationSet:
             if known_items is not None:
                 queries, positives, _ = drop_cold_positives(queries, positives, known_items)
             if max_queries is not None and len(positives) > max_queries:
+                out.sampled_from[task] = len(positives)
                 rows = np.sort(np.random.default_rng(seed).choice(len(positives), max_queries, replace=False))
                 queries, positives = queries.take(pa.array(rows)), [positives[r] for r in rows]
             if positives:
@@ -70,7 +72,10 @@ class ValidationSet:
         return out
 
     def describe(self) -> str:
-        return ", ".join(f"{task} {len(p):,} queries" for task, (_, p) in self.queries.items())
+        return ", ".join(f"{task} {len(p):,} queries" + (f" (a sample of {self.sampled_from[task]:,}: "
+                                                         "trainer.early_stopping.max_queries)"
+                                                         if task in self.sampled_from else "")
+                         for task, (_, p) in self.queries.items())
 
 
 def _embed(fn, arrays: dict, device: torch.device, chunk: int = 65536) -> torch.Tensor:
