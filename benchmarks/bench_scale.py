@@ -64,9 +64,6 @@ def main() -> None:
     t0 = time.perf_counter()
     results = run(cfg)
     run_s = time.perf_counter() - t0
-    run_dir = os.path.join(cfg.paths.runs_dir, cfg.run_name)
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        epochs = [json.loads(line) for line in f]
 
     # the step alone at both table sizes, side by side (this machine is noisy: compare the ratio)
     device = torch.device("cuda" if cfg.trainer.use_gpu and torch.cuda.is_available() else "cpu")
@@ -75,7 +72,7 @@ def main() -> None:
     step_args = SimpleNamespace(steps=a.step_steps, warmup=3, batch_size=int(cfg.trainer.batch_size))
     small, large = (time_mode(mode, n, step_args, device) for n in (a.small_items, a.items))
 
-    last, sec = epochs[-1], results["seconds"]
+    last, sec = results["train_metrics"], results["seconds"]  # Ray Train's result: the last epoch's metrics
     nq = results["n_queries"]
     eval_rest = sec["total"] - sec["search"] - sec["scoring_and_baselines"]
     gpu = f", GPU peak {last['gpu_peak_mb'] / 1024:.1f} GiB" if "gpu_peak_mb" in last else ""
