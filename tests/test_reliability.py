@@ -278,3 +278,22 @@ def test_failed_run_says_how_to_resume(ray_session, tiny_data_dir, tmp_path, cap
 
     info = json.loads((tmp_path / "boom" / "mlflow_run.json").read_text())
     assert MlflowClient(info["tracking_uri"]).get_run(info["run_id"]).info.status == "FAILED"
+
+
+def test_gpu_shares_reach_ray_and_bad_ones_fail_before_it():
+    """trainer.gpus_per_worker and eval.actor_gpus: a fraction lets several Tune trials share a
+    GPU. The preflight sums them, Ray Train's workers and the evaluation's Ray Data actors ask
+    for exactly that share, and a share Ray cannot place fails at composition time."""
+    from raycg.eval.embed import _map_kwargs
+    from raycg.train.preflight import check_config, required_resources
+
+    shared = compose(["trainer=gpu", "trainer.num_workers=2", "trainer.gpus_per_worker=0.25", "eval.actor_gpus=0.25"])
+    check_config(shared)
+    assert required_resources(shared) == {"CPU": 8, "GPU": 0.5}
+    assert required_resources(compose(["trainer=gpu", "trainer.num_workers=2"])) == {"CPU": 8, "GPU": 2.0}
+    assert "GPU" not in required_resources(compose([]))  # CPU workers ask for no GPU, whatever the share
+    assert _map_kwargs("ckpt", [], 64, True, 0.25)["num_gpus"] == 0.25
+    assert _map_kwargs("ckpt", [], 64, False, 0.25)["num_gpus"] == 0
+    for bad in (["trainer.gpus_per_worker=1.5"], ["trainer.gpus_per_worker=0"], ["eval.actor_gpus=-1"]):
+        with pytest.raises(PreflightError, match=re.escape(bad[0]) + ": expected a fraction"):
+            check_config(compose(["trainer=gpu", *bad]))

@@ -191,6 +191,7 @@ class TrainerConfig:
     num_workers: int = MISSING
     cpus_per_worker: float = MISSING
     use_gpu: bool = MISSING
+    gpus_per_worker: float = MISSING  # with use_gpu: a fraction lets Tune trials share a GPU
     epochs: int = MISSING
     batch_size: int = MISSING
     min_steps_per_epoch: int = MISSING
@@ -236,6 +237,7 @@ class EvalConfig:
     ray_inference_min_rows: int = MISSING
     faiss_threads: Optional[int] = MISSING
     device: EvalDevice = MISSING
+    actor_gpus: float = MISSING  # GPUs of each Ray Data embedding actor on a GPU cluster
     baselines: List[Baseline] = MISSING
     als: AlsConfig = MISSING
 

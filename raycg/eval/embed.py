@@ -72,10 +72,10 @@ def _row_count(path: str) -> int | None:
         return None
 
 
-def _map_kwargs(checkpoint_dir: str, store_ref: list, batch_size: int, use_gpu: bool) -> dict:
+def _map_kwargs(checkpoint_dir: str, store_ref: list, batch_size: int, use_gpu: bool, actor_gpus: float) -> dict:
     return dict(fn_constructor_kwargs={"checkpoint_dir": checkpoint_dir, "store_ref": store_ref, "use_gpu": use_gpu},
                 batch_format="pyarrow", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=1),
-                num_gpus=1 if use_gpu else 0)
+                num_gpus=actor_gpus if use_gpu else 0)
 
 
 def _in_process(embedder_cls, table: pa.Table, key: str, checkpoint_dir: str, store_ref: list, batch_size: int,
@@ -91,7 +91,7 @@ def _in_process(embedder_cls, table: pa.Table, key: str, checkpoint_dir: str, st
 
 
 def embed_corpus(items_path: str, checkpoint_dir: str, store_ref: list, batch_size: int,
-                 use_gpu: bool = False, ray_min_rows: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                 use_gpu: bool = False, ray_min_rows: int = 0, actor_gpus: float = 1) -> tuple[np.ndarray, np.ndarray]:
     """(item ids sorted ascending, embeddings [N, d]) for the whole item table; Ray Data actors
     from `ray_min_rows` items up, this process below."""
     n = _row_count(items_path)
@@ -100,21 +100,21 @@ def embed_corpus(items_path: str, checkpoint_dir: str, store_ref: list, batch_si
                                "item_id", checkpoint_dir, store_ref, batch_size, use_gpu)
     else:
         ds = ray.data.read_parquet(items_path, columns=["item_id"]).map_batches(
-            ItemEmbedder, **_map_kwargs(checkpoint_dir, store_ref, batch_size, use_gpu))
+            ItemEmbedder, **_map_kwargs(checkpoint_dir, store_ref, batch_size, use_gpu, actor_gpus))
         ids, emb = _collect(ds, "item_id", n, "embedding the item corpus")
     order = np.argsort(ids)
     return ids[order], emb[order]
 
 
 def embed_queries(queries: pa.Table, checkpoint_dir: str, store_ref: list, batch_size: int,
-                  use_gpu: bool = False, ray_min_rows: int = 0) -> np.ndarray:
+                  use_gpu: bool = False, ray_min_rows: int = 0, actor_gpus: float = 1) -> np.ndarray:
     """Embeddings [Q, d] in the row order of `queries`; Ray Data actors from `ray_min_rows`
     queries up, this process below."""
     table = queries.append_column("row", pa.array(np.arange(queries.num_rows, dtype=np.int64)))
     if queries.num_rows < ray_min_rows:
         return _in_process(QueryEmbedder, table, "row", checkpoint_dir, store_ref, batch_size, use_gpu)[1]
     ds = ray.data.from_arrow(table).map_batches(
-        QueryEmbedder, **_map_kwargs(checkpoint_dir, store_ref, batch_size, use_gpu))
+        QueryEmbedder, **_map_kwargs(checkpoint_dir, store_ref, batch_size, use_gpu, actor_gpus))
     rows, emb = _collect(ds, "row", queries.num_rows, "embedding queries")
     out = np.empty_like(emb)
     out[rows] = emb

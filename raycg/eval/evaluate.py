@@ -78,7 +78,8 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
     log(f"eval: embedding the item corpus {data_cfg['items_path']} (Ray Data, {'GPU' if embed_gpu else 'CPU'} "
         f"actors, or this process below {ray_min:,} rows; exact top-K on {search_device})")
     corpus_ids, item_emb = embed_corpus(data_cfg["items_path"], checkpoint_dir, store_ref,
-                                        eval_cfg["inference_batch_size"], use_gpu=embed_gpu, ray_min_rows=ray_min)
+                                        eval_cfg["inference_batch_size"], use_gpu=embed_gpu, ray_min_rows=ray_min,
+                                        actor_gpus=eval_cfg["actor_gpus"])
     train_events = read_event_columns(data_cfg["train_path"], ["user_id", "item_id", "event_type", "surface"])
     known_items = None
     if drop_cold(eval_cfg["cold_items"], data_cfg["items_path"]):
@@ -93,7 +94,7 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
 
     def embed(queries):  # the query tower (Ray Data batch inference from ray_min rows)
         return embed_queries(queries, checkpoint_dir, store_ref, eval_cfg["query_batch_size"], use_gpu=embed_gpu,
-                             ray_min_rows=ray_min)
+                             ray_min_rows=ray_min, actor_gpus=eval_cfg["actor_gpus"])
 
     model = ModelRetriever(corpus_ids, item_emb, embed, eval_cfg["query_batch_size"], eval_cfg["faiss_threads"],
                            search_device)

@@ -305,7 +305,8 @@ def make_trainer(cfg: DictConfig, prep: PreparedRun, callbacks: list | None = No
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}),
+            num_workers=t.num_workers, use_gpu=t.use_gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}),
         run_config=RunConfig(
             name=os.path.basename(prep.run_dir), storage_path=os.path.dirname(prep.run_dir),
             checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoints_to_keep),

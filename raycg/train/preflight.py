@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from raycg.config import ConfigError
 from raycg.logs import get_logger
@@ -53,6 +53,10 @@ def check_config(cfg: DictConfig) -> None:
         _at_least(cfg, key, low)
     _at_least(cfg, "trainer.grad_clip_norm", 1e-12, allow_none=True)
     _at_least(cfg, "trainer.early_stopping.patience", 0)
+    for key in ("trainer.gpus_per_worker", "eval.actor_gpus"):  # Ray takes a fraction below 1, else whole GPUs
+        value = OmegaConf.select(cfg, key)
+        if not (value > 0 and (value <= 1 or float(value).is_integer())):
+            raise PreflightError(f"{key}={value:g}: expected a fraction in (0, 1] or a whole number of GPUs")
     _at_least(cfg, "trainer.early_stopping.max_queries", 1)
     if not 0 <= cfg.data.validation_fraction < 1:
         raise PreflightError(f"data.validation_fraction={cfg.data.validation_fraction}: expected 0 (off) or a "
@@ -83,7 +87,7 @@ def required_resources(cfg: DictConfig) -> dict[str, float]:
     t = cfg.trainer
     need = {"CPU": t.num_workers * t.cpus_per_worker}
     if t.use_gpu:
-        need["GPU"] = float(t.num_workers)
+        need["GPU"] = t.num_workers * float(t.gpus_per_worker)
     return need
 
 
@@ -103,7 +107,7 @@ def check_resources(cfg: DictConfig, cluster_resources, embedded: bool, wait_s: 
             what = ", ".join(f"{k}: {v:g} asked, {h:g} in the cluster" for k, (v, h) in short.items())
             raise PreflightError(
                 f"trainer.num_workers={cfg.trainer.num_workers} x trainer.cpus_per_worker="
-                f"{cfg.trainer.cpus_per_worker}{' (+1 GPU each)' if cfg.trainer.use_gpu else ''} does not fit "
+                f"{cfg.trainer.cpus_per_worker}{f' (+{cfg.trainer.gpus_per_worker:g} GPU each)' if cfg.trainer.use_gpu else ''} does not fit "
                 f"the {'embedded Ray' if embedded else 'cluster'} ({what}): lower trainer.num_workers or "
                 f"trainer.cpus_per_worker{'' if embedded else ', or add nodes'}")
         if not announced:
