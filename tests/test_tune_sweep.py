@@ -206,6 +206,7 @@ def test_experiment_file_replays_the_trial(tmp_path):
     assert text.splitlines()[:3] == ["# @package _global_", "# Best trial x.", "# Swept: ..."]
     values = yaml.safe_load(text)
     assert "export" not in values and values["trainer"] == {"epochs": 2, "lr": 0.00123}
+    assert list(sweep_cfg.eval.baselines) == ["popularity"] and "eval" not in values  # trials: one baseline
 
     rep = sweep_summary.replay(sweep_dir, path)
     assert shlex.split(rep["command"]) == ["python", "-m", "raycg.train", *rep["overrides"]]
@@ -214,6 +215,7 @@ def test_experiment_file_replays_the_trial(tmp_path):
         assert OmegaConf.select(cfg, key) == value, key
     assert cfg.trainer.epochs == 2 and cfg.model.cross == "stacked" and cfg.data.dir == data_dir
     assert cfg.data.sim.n_users == 400 and cfg.export is True  # the tiny dataset; the replay exports
+    assert cfg.eval.baselines == compose([]).eval.baselines  # and scores every default baseline
     assert cfg.loss.conversion_weight == compose([]).loss.conversion_weight  # not swept, not overridden
     assert sweep_summary.replay("/runs/a-b_c.1", "/runs/a-b_c.1/experiment/x.yaml")["command"] == (
         "python -m raycg.train 'hydra.searchpath=[file:///runs/a-b_c.1]' experiment=x")

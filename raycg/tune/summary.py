@@ -19,8 +19,9 @@ import yaml
 
 EPOCH_CLOCK = "epochs_done"  # the epoch reports carry it (raycg.tune.sweep.EpochReportCallback); the final report not
 # Not written to the experiment file: the replay exports (the trials did not), gets a fresh run
-# name, and needs no dashboard (only Tune's cleanup of Train workers did).
-NOT_REPLAYED = ("export", "run_name", "ray.include_dashboard")
+# name, needs no dashboard (only Tune's cleanup of Train workers did) and scores the default
+# baselines (trials score only popularity: the others do not change from trial to trial).
+NOT_REPLAYED = ("export", "run_name", "ray.include_dashboard", "eval.baselines")
 
 
 # -- the trial table -----------------------------------------------------------------------
