@@ -79,7 +79,7 @@ def _model_cfg(structure):
     return {
         "cross": structure, "cross_layers": 2, "low_rank": None, "num_experts": 1, "mlp_dims": [32, 16, 8],
         "head_dims": [16], "embedding_dim": 8, "id_dim": 4, "embedding_dropout": 0.0, "temperature": 0.1,
-        "learn_temperature": True, "heads": "unified", "serve_head": None, "sparse_tables": False,
+        "learn_temperature": True, "item_bias": False, "heads": "unified", "serve_head": None, "sparse_tables": False,
         "history": {"layers": 1, "heads": 2, "share_item_embedding": False},
         "buckets": {"user": 50, "surface": 8, "context_item": 50, "query": 10, "item": 50,
                     "advertiser": 10, "category": 10},
@@ -174,3 +174,70 @@ def test_model_card_counts_and_flops():
     assert flops["item_tower"] == expected
     assert flops["user_tower"] > 0 and params["user_tower.history"] > 0
     assert "total" in model_card(model)
+
+
+def test_item_bias_is_served_as_one_inner_product():
+    """model.item_bias: <[u, T], [v, b]> / T = <u, v> / T + b, with [u, T] and [v, b] what the
+    towers serve (evaluation, faiss, export), u and v still unit vectors."""
+    from raycg.model.two_tower import TwoTowerModel
+
+    torch.manual_seed(0)
+    cfg = dict(_model_cfg("parallel"), item_bias=True, learn_temperature=False, temperature=0.25)
+    model = TwoTowerModel(cfg, _spec()).eval()
+    batch = _batch()
+    with torch.no_grad():
+        assert torch.all(model.embed_items(batch)[:, -1] == 0)  # zero at initialisation: the bias-free model
+        layer = model.item_tower.bias["unified"]
+        layer.bias.fill_(1.5)
+        layer.weight.normal_()
+        users, items = model.embed_users(batch), model.embed_items(batch)
+    E = cfg["embedding_dim"]
+    assert users.shape == items.shape == (6, E + 1)
+    torch.testing.assert_close(users[:, :E].norm(dim=1), torch.ones(6))
+    torch.testing.assert_close(items[:, :E].norm(dim=1), torch.ones(6))
+    assert torch.all(users[:, E] == 0.25)  # the temperature
+    b = items[:, E]
+    assert b.std() > 0  # a function of the item, not a constant
+    score = users @ items.T / 0.25
+    torch.testing.assert_close(score, users[:, :E] @ items[:, :E].T / 0.25 + b[None, :])
+
+
+def test_item_bias_learns_popularity_under_log_q_correction():
+    """Items drawn with a skewed popularity and no user signal: with logQ correction the
+    in-batch softmax estimates log p(item), which only the bias can carry for every user at
+    once; the learned bias orders the items by popularity."""
+    from raycg.losses.frequency import StreamingFrequencyEstimator
+    from raycg.losses.objective import training_loss
+    from raycg.model.two_tower import TwoTowerModel
+
+    torch.manual_seed(0)
+    cfg = dict(_model_cfg("mlp_only"), item_bias=True, learn_temperature=False)
+    model = TwoTowerModel(cfg, _spec())
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    loss_cfg = {"conversion_weight": 1.0, "engagement_weight": 1.0, "t_max": 10.0, "duration_weighting": False,
+                "mask_accidental_hits": True, "log_q_correction": True, "cross_worker_negatives": False,
+                "advertiser_weight": 0.0}
+    popularity = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
+    freq = StreamingFrequencyEstimator(1000, alpha=0.05)
+    g = torch.Generator().manual_seed(1)
+    n = 64
+    for step in range(300):
+        batch = _batch(n=6)
+        items = torch.multinomial(popularity, n, replacement=True, generator=g)
+        batch = {k: v[torch.randint(0, 6, (n,), generator=g)] for k, v in batch.items()}  # users: noise
+        batch["item_cat"] = torch.stack([items, items % 5, items % 3], 1)
+        batch["item_dense"] = torch.zeros(n, 5)  # the item id is the only item feature
+        batch["signals"] = torch.tensor([[0, 1, 0, 0.0]]).expand(n, 4)  # engagement rows
+        freq.update(items, step)
+        user_out, item_out = model(batch)
+        loss, _ = training_loss(user_out, item_out, batch, loss_cfg, model.temperature, freq=freq, item_bias=True)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        corpus = _batch(n=6)
+        corpus["item_cat"] = torch.stack([torch.arange(6), torch.arange(6) % 5, torch.arange(6) % 3], 1)
+        corpus["item_dense"] = torch.zeros(6, 5)
+        bias = model.embed_items(corpus)[:, -1]
+    assert torch.equal(torch.argsort(bias, descending=True), torch.arange(6)), bias

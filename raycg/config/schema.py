@@ -141,6 +141,7 @@ class ModelConfig:
     embedding_dropout: float = MISSING
     temperature: float = MISSING
     learn_temperature: bool = MISSING
+    item_bias: bool = MISSING
     sparse_tables: bool = MISSING
     vocab: VocabConfig = MISSING
     max_buckets: int = MISSING

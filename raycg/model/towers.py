@@ -177,12 +177,14 @@ class Tower(nn.Module):
     """Categorical columns (hashed embeddings) + optional dense block [+ history encoder]
     -> one unit embedding per head.
 
-    Encoders and the body are shared by all heads; `forward` returns {head name: [B, E]}.
+    Encoders and the body are shared by all heads; `forward` returns {head name: [B, E]}, or
+    with `bias=True` {head name: [B, E + 1]}: the unit embedding and a scalar read out of the
+    body by a linear layer (zero at initialisation), the item bias of `model.item_bias`.
     """
 
     def __init__(self, names: list[str], id_dim: int, dense_dim: int, cfg: dict,
                  dense_mean: list[float] | None = None, dense_std: list[float] | None = None,
-                 history: nn.Module | None = None):
+                 history: nn.Module | None = None, bias: bool = False):
         super().__init__()
         heads = cfg["heads"]
         if heads not in HEAD_SETS:
@@ -200,6 +202,11 @@ class Tower(nn.Module):
             name: EmbeddingHead(self.body.out_dim, list(cfg["head_dims"]), cfg["embedding_dim"])
             for name in HEAD_SETS[heads]
         })
+        self.bias = nn.ModuleDict({name: nn.Linear(self.body.out_dim, 1) for name in HEAD_SETS[heads]}) if bias else None
+        if self.bias is not None:
+            for layer in self.bias.values():  # start as the bias-free model
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
     def forward(self, cat: torch.Tensor, dense: torch.Tensor | None = None,
                 hist_items: torch.Tensor | None = None, hist_actions: torch.Tensor | None = None,
@@ -210,4 +217,6 @@ class Tower(nn.Module):
         if self.history is not None:
             parts.append(self.history(hist_items, hist_actions))
         h = self.body(torch.cat(parts, dim=-1))
-        return {name: head(h) for name, head in self.heads.items()}
+        if self.bias is None:
+            return {name: head(h) for name, head in self.heads.items()}
+        return {name: torch.cat([head(h), self.bias[name](h)], dim=-1) for name, head in self.heads.items()}

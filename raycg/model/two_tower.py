@@ -1,5 +1,10 @@
 """The two-tower retrieval model: user/query tower and item tower, score = <u, v> / T.
 
+`model.item_bias=true`: score = <u, v> / T + b_i, with b_i a scalar the item tower reads out of
+its body. Served as one inner product, so that training, evaluation, faiss and the export need
+nothing else: item vector [v, b] [B, E + 1], user vector [u, T] [B, E + 1], and
+<[u, T], [v, b]> / T = <u, v> / T + b. Example (T = 0.5): u = v = [1, 0], b = 2 -> score 2 + 2 = 4.
+
 `model.heads=unified`: one embedding per tower, trained on both tasks.
 `model.heads=multi_head`: separate `engagement` and `conversion` heads on shared encoders;
 retrieval/evaluation serves `model.serve_head` (default: conversion).
@@ -26,7 +31,7 @@ class TwoTowerModel(nn.Module):
     Config keys (raycg/conf/model/*.yaml, every one required: raycg.config.schema.ModelConfig): cross,
     cross_layers, low_rank, num_experts, mlp_dims, head_dims, embedding_dim, id_dim,
     embedding_dropout, buckets.<name>, vocab.oov_buckets, sparse_tables, temperature,
-    learn_temperature, heads, serve_head, history.{layers, heads, share_item_embedding}.
+    learn_temperature, item_bias, heads, serve_head, history.{layers, heads, share_item_embedding}.
     """
 
     def __init__(self, cfg: dict, spec: FeatureSpec | int):
@@ -35,8 +40,9 @@ class TwoTowerModel(nn.Module):
             spec = FeatureSpec(item_dense=spec)
         self.spec = spec
         b = cfg["buckets"]
+        self.item_bias = bool(cfg["item_bias"])
         self.item_tower = Tower(spec.item_cat, cfg["id_dim"], spec.item_dense, cfg,
-                                spec.item_dense_mean, spec.item_dense_std)
+                                spec.item_dense_mean, spec.item_dense_std, bias=self.item_bias)
         history = None
         if spec.history_length > 0:
             from raycg.model.history import HistoryEncoder
@@ -73,8 +79,11 @@ class TwoTowerModel(nn.Module):
         return self.log_temperature.exp()
 
     def user_heads(self, batch: dict) -> dict[str, torch.Tensor]:
-        return self.user_tower(batch["user_cat"], batch.get("user_dense"), batch.get("hist_items"),
-                               batch.get("hist_actions"))
+        out = self.user_tower(batch["user_cat"], batch.get("user_dense"), batch.get("hist_items"),
+                              batch.get("hist_actions"))
+        if self.item_bias:  # [u, T]: its inner product with [v, b], over T, adds b (module docstring)
+            out = {h: torch.cat([u, self.temperature.to(u.dtype).expand(len(u), 1)], dim=-1) for h, u in out.items()}
+        return out
 
     def item_heads(self, batch: dict) -> dict[str, torch.Tensor]:
         return self.item_tower(batch["item_cat"], batch.get("item_dense"))
