@@ -52,3 +52,23 @@ def test_exported_towers_match_the_model(tmp_path):
     one = {k: v[:1] for k, v in batch.items()}  # the batch dimension is dynamic down to 1
     with torch.no_grad():
         assert (user(*user_inputs(one)) - model.embed_users(one)).abs().max() < 1e-5
+
+
+def test_exported_towers_carry_the_item_bias(tmp_path):
+    """model.item_bias: the exported towers serve [u, T] and [v, b]; their inner product / T is
+    the trained score <u, v> / T + b (what the export's faiss index ranks by)."""
+    torch.manual_seed(0)
+    spec = FeatureSpec(user_dense=3, item_dense=5, history_length=6)
+    model = TwoTowerModel(dict(CFG, item_bias=True), spec).eval()
+    with torch.no_grad():
+        for layer in model.item_tower.bias.values():
+            layer.weight.normal_()
+    export_towers(model, str(tmp_path))
+    user, item, _ = load_towers(str(tmp_path))
+    batch = _inputs(9, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        u, v = user(*user_inputs(batch)), item(batch["item_cat"], batch["item_dense"])
+        assert (u - model.embed_users(batch)).abs().max() < 1e-5 and (v - model.embed_items(batch)).abs().max() < 1e-5
+    E = CFG["embedding_dim"]
+    assert v.shape[1] == E + 1 and v[:, E].std() > 0 and torch.allclose(u[:, E], model.temperature.expand(9))
+    assert json.loads((tmp_path / "feature_spec.json").read_text())["embedding_dim"] == E + 1

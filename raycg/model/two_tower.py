@@ -82,7 +82,8 @@ class TwoTowerModel(nn.Module):
         out = self.user_tower(batch["user_cat"], batch.get("user_dense"), batch.get("hist_items"),
                               batch.get("hist_actions"))
         if self.item_bias:  # [u, T]: its inner product with [v, b], over T, adds b (module docstring)
-            out = {h: torch.cat([u, self.temperature.to(u.dtype).expand(len(u), 1)], dim=-1) for h, u in out.items()}
+            out = {h: torch.cat([u, torch.ones_like(u[:, :1]) * self.temperature.to(u.dtype)], dim=-1)
+                   for h, u in out.items()}  # ones_like: the batch size stays symbolic for torch.export
         return out
 
     def item_heads(self, batch: dict) -> dict[str, torch.Tensor]:
