@@ -17,6 +17,8 @@ pytestmark = pytest.mark.gpu
 def ray_gpu():
     import ray
 
+    if ray.is_initialized():  # the shared 2-CPU Ray of earlier modules (conftest.ray_session): too small here
+        ray.shutdown()
     ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
