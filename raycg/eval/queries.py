@@ -46,7 +46,8 @@ def build_queries(events: pa.Table, task: str) -> tuple[pa.Table, list[np.ndarra
     # call, and the order moved the mean recall's last bit and the bootstrap intervals
     grouped = grouped.sort_by([(k, "ascending") for k in by])
     keys = grouped.select(QUERY_KEYS + ["query_ts_min"]).rename_columns(QUERY_KEYS + ["timestamp"])
-    positives = [np.asarray(v, dtype=np.int64) for v in grouped.column("item_id_distinct").to_pylist()]
+    # sorted: "distinct" lists a group's items in the order its threads met them
+    positives = [np.sort(np.asarray(v, dtype=np.int64)) for v in grouped.column("item_id_distinct").to_pylist()]
     return keys, positives
 
 
