@@ -15,7 +15,7 @@ from raycg.model import checkpoint as ckpt_io
 from raycg.train.loop import forget_epochs_from
 
 CFG = {"cross": "parallel", "cross_layers": 1, "low_rank": None, "num_experts": 1, "mlp_dims": [8], "head_dims": [8],
-       "embedding_dim": 4, "id_dim": 4, "embedding_dropout": 0.0, "temperature": 0.1, "learn_temperature": False, "item_bias": False,
+       "embedding_dim": 4, "id_dim": 4, "embedding_dropout": 0.0, "temperature": 0.1, "learn_temperature": False, "item_bias": "none",
        "heads": "unified", "serve_head": None, "sparse_tables": False,
        "buckets": {"user": 11, "surface": 4, "context_item": 11, "query": 5, "item": 11, "advertiser": 5,
                    "category": 5}}

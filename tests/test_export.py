@@ -11,7 +11,7 @@ from raycg.model.two_tower import TwoTowerModel
 CFG = {
     "cross": "parallel", "cross_layers": 2, "low_rank": 4, "num_experts": 2, "mlp_dims": [32, 16, 8],
     "head_dims": [16], "embedding_dim": 8, "id_dim": 8, "temperature": 0.07, "heads": "multi_head",
-    "embedding_dropout": 0.0, "learn_temperature": False, "item_bias": False, "serve_head": None, "sparse_tables": False,
+    "embedding_dropout": 0.0, "learn_temperature": False, "item_bias": "none", "serve_head": None, "sparse_tables": False,
     "history": {"layers": 1, "heads": 2, "share_item_embedding": False},
     "buckets": {"user": 50, "surface": 8, "context_item": 50, "query": 10, "item": 50, "advertiser": 10,
                 "category": 10},
@@ -59,7 +59,7 @@ def test_exported_towers_carry_the_item_bias(tmp_path):
     the trained score <u, v> / T + b (what the export's faiss index ranks by)."""
     torch.manual_seed(0)
     spec = FeatureSpec(user_dense=3, item_dense=5, history_length=6)
-    model = TwoTowerModel(dict(CFG, item_bias=True), spec).eval()
+    model = TwoTowerModel(dict(CFG, item_bias="learned"), spec).eval()
     with torch.no_grad():
         for layer in model.item_tower.bias.values():
             layer.weight.normal_()

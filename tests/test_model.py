@@ -79,7 +79,7 @@ def _model_cfg(structure):
     return {
         "cross": structure, "cross_layers": 2, "low_rank": None, "num_experts": 1, "mlp_dims": [32, 16, 8],
         "head_dims": [16], "embedding_dim": 8, "id_dim": 4, "embedding_dropout": 0.0, "temperature": 0.1,
-        "learn_temperature": True, "item_bias": False, "heads": "unified", "serve_head": None, "sparse_tables": False,
+        "learn_temperature": True, "item_bias": "none", "heads": "unified", "serve_head": None, "sparse_tables": False,
         "history": {"layers": 1, "heads": 2, "share_item_embedding": False},
         "buckets": {"user": 50, "surface": 8, "context_item": 50, "query": 10, "item": 50,
                     "advertiser": 10, "category": 10},
@@ -182,7 +182,7 @@ def test_item_bias_is_served_as_one_inner_product():
     from raycg.model.two_tower import TwoTowerModel
 
     torch.manual_seed(0)
-    cfg = dict(_model_cfg("parallel"), item_bias=True, learn_temperature=False, temperature=0.25)
+    cfg = dict(_model_cfg("parallel"), item_bias="learned", learn_temperature=False, temperature=0.25)
     model = TwoTowerModel(cfg, _spec()).eval()
     batch = _batch()
     with torch.no_grad():
@@ -211,7 +211,7 @@ def test_item_bias_learns_popularity_under_log_q_correction():
     from raycg.model.two_tower import TwoTowerModel
 
     torch.manual_seed(0)
-    cfg = dict(_model_cfg("mlp_only"), item_bias=True, learn_temperature=False)
+    cfg = dict(_model_cfg("mlp_only"), item_bias="learned", learn_temperature=False)
     model = TwoTowerModel(cfg, _spec())
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     loss_cfg = {"conversion_weight": 1.0, "engagement_weight": 1.0, "t_max": 10.0, "duration_weighting": False,
@@ -230,7 +230,7 @@ def test_item_bias_learns_popularity_under_log_q_correction():
         batch["signals"] = torch.tensor([[0, 1, 0, 0.0]]).expand(n, 4)  # engagement rows
         freq.update(items, step)
         user_out, item_out = model(batch)
-        loss, _ = training_loss(user_out, item_out, batch, loss_cfg, model.temperature, freq=freq, item_bias=True)
+        loss, _ = training_loss(user_out, item_out, batch, loss_cfg, model.temperature, freq=freq, item_bias="learned")
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -241,3 +241,28 @@ def test_item_bias_learns_popularity_under_log_q_correction():
         corpus["item_dense"] = torch.zeros(6, 5)
         bias = model.embed_items(corpus)[:, -1]
     assert torch.equal(torch.argsort(bias, descending=True), torch.arange(6)), bias
+
+
+def test_item_bias_prior_is_log_one_plus_the_items_events():
+    """model.item_bias=prior: b = linear read-out (zero at the start) + w * log(1 + events of the
+    item's table row), w = 1 at the start; ids sharing a hashed row share their events."""
+    import math
+
+    from raycg.model.two_tower import TwoTowerModel
+
+    torch.manual_seed(0)
+    model = TwoTowerModel(dict(_model_cfg("parallel"), item_bias="prior"), _spec()).eval()
+    # the item table hashes into 50 rows: id % 49 + 1, so 3 and 52 share a row
+    model.set_item_prior([3, 7, 52], [9, 4, 1])
+    batch = _batch()
+    batch["item_cat"][:, 0] = torch.tensor([3, 52, 7, 5, -1, 3])
+    with torch.no_grad():
+        b = model.embed_items(batch)[:, -1]
+    expected = torch.tensor([math.log(11), math.log(11), math.log(5), 0.0, 0.0, math.log(11)])
+    torch.testing.assert_close(b, expected)
+    with torch.no_grad():
+        model.item_tower.prior_weight.fill_(0.5)
+        torch.testing.assert_close(model.embed_items(batch)[:, -1], 0.5 * expected)
+    assert "item_tower.prior" in model.state_dict()  # checkpoints and exports carry it
+    with pytest.raises(ValueError, match="item_bias='sometimes'"):
+        TwoTowerModel(dict(_model_cfg("parallel"), item_bias="sometimes"), _spec())

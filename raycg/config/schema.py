@@ -37,6 +37,7 @@ DataSource = _choices("DataSource", "simulator", "files")
 OnBadRows = _choices("OnBadRows", "fail", "quarantine")
 Cross = _choices("Cross", "parallel", "stacked", "cross_only", "mlp_only")  # raycg.model.towers.STRUCTURES
 Heads = _choices("Heads", "unified", "multi_head")  # raycg.model.towers.HEAD_SETS
+ItemBias = _choices("ItemBias", "none", "learned", "prior")  # raycg.model.two_tower.ITEM_BIASES
 ServeHead = _choices("ServeHead", "unified", "engagement", "conversion")
 Precision = _choices("Precision", "fp32", "bf16")  # raycg.train.step.PRECISIONS
 Decay = _choices("Decay", "constant", "cosine", "linear")  # raycg.train.schedule.DECAYS
@@ -141,7 +142,7 @@ class ModelConfig:
     embedding_dropout: float = MISSING
     temperature: float = MISSING
     learn_temperature: bool = MISSING
-    item_bias: bool = MISSING
+    item_bias: ItemBias = MISSING
     sparse_tables: bool = MISSING
     vocab: VocabConfig = MISSING
     max_buckets: int = MISSING

@@ -34,7 +34,7 @@ CHECKPOINT_FILES = ["model.pt", "meta.json"]
 LEGACY_KEYS = {
     "seed": 0,
     "model": {"low_rank": None, "num_experts": 1, "embedding_dropout": 0.0, "sparse_tables": False,
-              "learn_temperature": False, "item_bias": False, "heads": "unified", "serve_head": None,
+              "learn_temperature": False, "item_bias": "none", "heads": "unified", "serve_head": None,
               "history": {"length": 0, "layers": 1, "heads": 2, "share_item_embedding": False}},
     "data": {"users_path": None, "item_categorical": [], "user_categorical": [], "on_bad_rows": "fail",
              "validation_fraction": 0.0, "check_duplicates": True},

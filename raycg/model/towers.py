@@ -78,9 +78,11 @@ class HashedEmbedding(nn.Module):
         self.num_buckets = num_buckets
         self.emb = table(num_buckets, dim, sparse)
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.where(ids < 0, torch.zeros_like(ids), ids % (self.num_buckets - 1) + 1)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        idx = torch.where(ids < 0, torch.zeros_like(ids), ids % (self.num_buckets - 1) + 1)
-        return lookup(self.emb, idx)
+        return lookup(self.emb, self.rows(ids))
 
 
 class VocabEmbedding(nn.Module):
@@ -178,13 +180,15 @@ class Tower(nn.Module):
     -> one unit embedding per head.
 
     Encoders and the body are shared by all heads; `forward` returns {head name: [B, E]}, or
-    with `bias=True` {head name: [B, E + 1]}: the unit embedding and a scalar read out of the
-    body by a linear layer (zero at initialisation), the item bias of `model.item_bias`.
+    with a `bias` {head name: [B, E + 1]}: the unit embedding and the item bias of
+    `model.item_bias`, a scalar read out of the body by a linear layer (zero at initialisation),
+    with bias="prior" plus w * prior[row of the first id] (w learned, 1 at the start; the prior,
+    log(1 + events) per row of the first table, is set by `set_prior` and kept as a buffer).
     """
 
     def __init__(self, names: list[str], id_dim: int, dense_dim: int, cfg: dict,
                  dense_mean: list[float] | None = None, dense_std: list[float] | None = None,
-                 history: nn.Module | None = None, bias: bool = False):
+                 history: nn.Module | None = None, bias: str = "none"):
         super().__init__()
         heads = cfg["heads"]
         if heads not in HEAD_SETS:
@@ -202,11 +206,25 @@ class Tower(nn.Module):
             name: EmbeddingHead(self.body.out_dim, list(cfg["head_dims"]), cfg["embedding_dim"])
             for name in HEAD_SETS[heads]
         })
-        self.bias = nn.ModuleDict({name: nn.Linear(self.body.out_dim, 1) for name in HEAD_SETS[heads]}) if bias else None
-        if self.bias is not None:
-            for layer in self.bias.values():  # start as the bias-free model
+        self.bias = None
+        if bias != "none":
+            self.bias = nn.ModuleDict({name: nn.Linear(self.body.out_dim, 1) for name in HEAD_SETS[heads]})
+            for layer in self.bias.values():  # start as the bias-free model (plus the prior)
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
+        if bias == "prior":
+            self.register_buffer("prior", torch.zeros(self.embeddings[0].num_buckets))
+            self.prior_weight = nn.Parameter(torch.ones(()))
+
+    def set_prior(self, ids, counts) -> None:
+        """prior[row] = log(1 + events of the ids in that row of the first table) (ids, counts:
+        the training window's counts, e.g. FeatureStore.item_counts)."""
+        rows = self.embeddings[0].rows(torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.prior.device))
+        per_row = torch.zeros_like(self.prior, dtype=torch.float64).index_add_(
+            0, rows, torch.as_tensor(np.asarray(counts, dtype=np.float64), device=self.prior.device))
+        per_row[0] = 0  # the missing-id row
+        with torch.no_grad():
+            self.prior.copy_(torch.log1p(per_row).to(self.prior.dtype))
 
     def forward(self, cat: torch.Tensor, dense: torch.Tensor | None = None,
                 hist_items: torch.Tensor | None = None, hist_actions: torch.Tensor | None = None,
@@ -219,4 +237,7 @@ class Tower(nn.Module):
         h = self.body(torch.cat(parts, dim=-1))
         if self.bias is None:
             return {name: head(h) for name, head in self.heads.items()}
-        return {name: torch.cat([head(h), self.bias[name](h)], dim=-1) for name, head in self.heads.items()}
+        prior = 0.0
+        if hasattr(self, "prior_weight"):
+            prior = self.prior_weight * self.prior[self.embeddings[0].rows(cat[:, 0])].unsqueeze(-1)
+        return {name: torch.cat([head(h), self.bias[name](h) + prior], dim=-1) for name, head in self.heads.items()}

@@ -1,7 +1,7 @@
 """The two-tower retrieval model: user/query tower and item tower, score = <u, v> / T.
 
-`model.item_bias=true`: score = <u, v> / T + b_i, with b_i a scalar the item tower reads out of
-its body. Served as one inner product, so that training, evaluation, faiss and the export need
+`model.item_bias=learned|prior`: score = <u, v> / T + b_i, with b_i a scalar the item tower
+reads out of its body (prior: plus w * log(1 + the item's training-window events)). Served as one inner product, so that training, evaluation, faiss and the export need
 nothing else: item vector [v, b] [B, E + 1], user vector [u, T] [B, E + 1], and
 <[u, T], [v, b]> / T = <u, v> / T + b. Example (T = 0.5): u = v = [1, 0], b = 2 -> score 2 + 2 = 4.
 
@@ -22,6 +22,8 @@ from torch import nn
 from raycg.data.spec import FeatureSpec
 from raycg.model.towers import Tower
 
+ITEM_BIASES = ("none", "learned", "prior")
+
 
 class TwoTowerModel(nn.Module):
     """User tower reads `user_cat` [B, len(spec.user_cat)] + `user_dense` [B, spec.user_dense]
@@ -40,9 +42,13 @@ class TwoTowerModel(nn.Module):
             spec = FeatureSpec(item_dense=spec)
         self.spec = spec
         b = cfg["buckets"]
-        self.item_bias = bool(cfg["item_bias"])
+        if cfg["item_bias"] not in ITEM_BIASES:
+            raise ValueError(f"model.item_bias={cfg['item_bias']!r}: expected one of {list(ITEM_BIASES)}")
+        if cfg["item_bias"] == "prior" and spec.item_cat[:1] != ["item"]:
+            raise ValueError("model.item_bias=prior needs the item id as the item tower's first column")
+        self.item_bias = cfg["item_bias"] != "none"
         self.item_tower = Tower(spec.item_cat, cfg["id_dim"], spec.item_dense, cfg,
-                                spec.item_dense_mean, spec.item_dense_std, bias=self.item_bias)
+                                spec.item_dense_mean, spec.item_dense_std, bias=str(cfg["item_bias"]))
         history = None
         if spec.history_length > 0:
             from raycg.model.history import HistoryEncoder
@@ -73,6 +79,11 @@ class TwoTowerModel(nn.Module):
             for name, emb in zip(tower.names, tower.embeddings):
                 if hasattr(emb, "set_vocabulary"):
                     emb.set_vocabulary(vocab[name])
+
+    def set_item_prior(self, ids, counts) -> None:
+        """model.item_bias=prior: the item prior from the training window's item event counts."""
+        if hasattr(self.item_tower, "prior"):
+            self.item_tower.set_prior(ids, counts)
 
     @property
     def temperature(self) -> torch.Tensor:

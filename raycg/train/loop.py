@@ -129,6 +129,8 @@ def train_loop_per_worker(config: dict) -> None:
     model = TwoTowerModel(cfg_model, spec)
     if cfg_model.get("vocab_sizes"):  # the driver's vocabularies (not a setting); a checkpoint carries its own
         model.set_vocabularies(ray.get(config["store_ref"][0]).vocab)
+    if cfg_model["item_bias"] == "prior":  # a resumed run's checkpoint carries it too
+        model.set_item_prior(*ray.get(config["store_ref"][0]).item_counts)
     if state:
         model.load_state_dict(state["model"])
     tables = sparse_tables(model)  # model.sparse_tables: synchronised by SparseGradSync, not by DDP
