@@ -39,7 +39,7 @@ def test_a_typo_in_a_key_fails_at_composition():
 
 
 @pytest.mark.parametrize("override,message", [
-    ("trainer.precision=fp16", "Invalid value 'fp16', expected one of [fp32, bf16]"),
+    ("trainer.precision=fp16", "Invalid value 'fp16', expected one of [auto, fp32, bf16]"),
     ("model.cross=stakced", "Invalid value 'stakced', expected one of [parallel, stacked, cross_only, mlp_only]"),
     ("model.heads=two_heads", "Invalid value 'two_heads', expected one of [unified, multi_head]"),
     ("model.serve_head=clicks", "Invalid value 'clicks'"),
@@ -232,7 +232,7 @@ def test_enumerations_match_the_code_that_reads_them():
     assert values(schema.Cross) == list(STRUCTURES)
     assert values(schema.Heads) == list(HEAD_SETS)
     assert set(values(schema.ServeHead)) == {h for heads in HEAD_SETS.values() for h in heads}
-    assert values(schema.Precision) == list(PRECISIONS)
+    assert values(schema.Precision) == ["auto", *PRECISIONS]  # auto: resolve_precision
     assert values(schema.Decay) == list(DECAYS)
     assert values(schema.TableOptimizer) == list(TABLE_OPTIMIZERS)
     assert values(schema.GradSync) == list(GRAD_SYNCS)

@@ -198,3 +198,17 @@ def test_checkpoint_resumes_on_another_device(device_from, device_to, tmp_path):
     # and training goes on from there
     loss, _ = train_step(model2.train(), model2, packed_batch(rng, items, device_to), opt2, ctx2)
     assert torch.isfinite(loss).item()
+
+
+def test_precision_auto_picks_bf16_only_where_the_cpu_computes_it_natively(monkeypatch):
+    """trainer.precision=auto: bf16 on a CPU with AMX or AVX-512 BF16 (emulated bf16 is slower
+    than fp32 elsewhere), fp32 on other CPUs; explicit settings are kept."""
+    import raycg.train.step as step_mod
+
+    assert step_mod.resolve_precision("fp32", "cpu") == "fp32" and step_mod.resolve_precision("bf16", "cpu") == "bf16"
+    for amx, avx512_bf16, expected in ((True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        assert step_mod.resolve_precision("auto", "cpu") == expected
+        ctx = setup("cpu", precision="auto")[-1]
+        assert ctx.precision == expected and ctx.amp_dtype == step_mod.PRECISIONS[expected]

@@ -9,7 +9,7 @@ override against these types when it composes the config, before anything runs:
 
     model.cros=stacked        Could not override 'model.cros'. ... Key 'cros' is not in struct
     model.cross=stakced       Invalid value 'stakced', expected one of [parallel, stacked, ...]
-    trainer.precision=fp16    Invalid value 'fp16', expected one of [fp32, bf16]
+    trainer.precision=fp16    Invalid value 'fp16', expected one of [auto, fp32, bf16]
     trainer.epochs=two        Value 'two' of type 'str' could not be converted to Integer
 
 Enumerations are `StrEnum`s whose member names are their values: a composed config holds
@@ -39,7 +39,7 @@ Cross = _choices("Cross", "parallel", "stacked", "cross_only", "mlp_only")  # ra
 Heads = _choices("Heads", "unified", "multi_head")  # raycg.model.towers.HEAD_SETS
 ItemBias = _choices("ItemBias", "none", "learned", "prior")  # raycg.model.two_tower.ITEM_BIASES
 ServeHead = _choices("ServeHead", "unified", "engagement", "conversion")
-Precision = _choices("Precision", "fp32", "bf16")  # raycg.train.step.PRECISIONS
+Precision = _choices("Precision", "auto", "fp32", "bf16")  # raycg.train.step.PRECISIONS
 Decay = _choices("Decay", "constant", "cosine", "linear")  # raycg.train.schedule.DECAYS
 TableOptimizer = _choices("TableOptimizer", "sparse_adam", "adagrad")  # raycg.train.optim.TABLE_OPTIMIZERS
 CompileMode = _choices("CompileMode", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

@@ -175,7 +175,8 @@ def train_loop_per_worker(config: dict) -> None:
         say(f"rank {rank}: {device} (current {torch.cuda.current_device()}), "
             f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}", extra=EVERY_RANK)
     if rank == 0:
-        say(f"worker: {world} x {device.type}, precision {cfg_train['precision']}, compile "
+        say(f"worker: {world} x {device.type}, precision {step_ctx.precision}"
+            f"{' (auto)' if cfg_train['precision'] == 'auto' else ''}, compile "
               f"{(compile_mode or 'default') if compile_model else 'off'}, batch {B} x {world} ranks, host->device "
               f"transfers of {B * cfg_train['transfer_batches']:,} rows, ingest {cfg_train['ingest']}"
             + (f", gradients: {'DDP' if ddp else 'one all-reduce after backward'}" if world > 1 else ""))

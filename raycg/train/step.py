@@ -25,6 +25,21 @@ from raycg.model.two_tower import TwoTowerModel
 from raycg.train.optim import dense_parameters
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+# CPU instructions that compute in bf16 natively: without them bf16 autocast is emulated, and slower
+_CPU_BF16 = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+
+
+def resolve_precision(setting: str, device: torch.device | str) -> str:
+    """`trainer.precision=auto` -> bf16 where the device computes in bf16 natively (a CUDA GPU
+    with bf16; a CPU with AMX or AVX-512 BF16), fp32 elsewhere; fp32 and bf16 stay as they are.
+    (2-core Xeon with AMX, default model, 3 epochs: 21.1-21.7k rows/s in bf16 against
+    14.7-15.4k in fp32, recall within one seed's noise.)"""
+    if setting != "auto":
+        return str(setting)
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if any(getattr(torch.cpu, f, lambda: False)() for f in _CPU_BF16) else "fp32"
 
 
 class StepContext:
@@ -36,8 +51,10 @@ class StepContext:
     def __init__(self, cfg_loss: dict, items=None, *, device: torch.device | str = "cpu", seed: int = 0,
                  freq_buckets: int = 1, precision: str = "fp32", grad_clip_norm: float | None = None,
                  kernels: LossKernels = EAGER):
+        precision = resolve_precision(precision, device)
         if precision not in PRECISIONS:
-            raise ValueError(f"trainer.precision={precision!r}: expected one of {list(PRECISIONS)}")
+            raise ValueError(f"trainer.precision={precision!r}: expected one of {['auto', *PRECISIONS]}")
+        self.precision = precision
         self.cfg = cfg_loss
         self.device = torch.device(device)
         self.step = 0
