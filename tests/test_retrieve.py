@@ -189,6 +189,26 @@ def test_an_approximate_index_and_its_measured_recall_go_to_the_export(world, tm
     assert on_disk["recall"] == meta["recall"]
 
 
+def test_an_export_without_faiss_has_embeddings_and_says_how_to_index_them(world, tmp_path, monkeypatch, caplog):
+    """A GPU host may lack faiss: the export still writes towers, tables and item embeddings,
+    warns how to build the index, and a Retriever on it names the missing file."""
+    import logging
+    import sys
+
+    model, store, events, history, out = world
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` raises ImportError
+    copy = str(tmp_path / "no_faiss")
+    shutil.copytree(out, copy)  # an earlier export's index must not stay behind
+    with caplog.at_level(logging.WARNING, logger="raycg"):
+        export_run(model, store, copy, index_cfg(recall_k=20), use_ray=False)
+    assert "faiss is not installed here" in caplog.text and "python -m raycg.export" in caplog.text
+    assert os.path.exists(os.path.join(copy, "item_embeddings.parquet"))
+    assert not os.path.exists(os.path.join(copy, "items.faiss")) and not os.path.exists(os.path.join(copy, "index.json"))
+    monkeypatch.delitem(sys.modules, "faiss")
+    with pytest.raises(ExportError, match="items.faiss: missing"):
+        Retriever(copy)
+
+
 def _broken_copy(out, tmp_path, edit):
     copy = str(tmp_path / "broken")
     shutil.copytree(out, copy)

@@ -115,15 +115,24 @@ def evaluation_requests(eval_events: pa.Table, history: HistoryIndex | None, his
 def write_index(export_dir: str, store: FeatureStore, layout: dict, history_length: int, index_cfg: dict | None,
                 requests: pa.Table | None = None, use_ray: bool = True, log=None) -> dict:
     """Item embeddings -> item_embeddings.parquet, the faiss index -> items.faiss, index.json
-    (recall against exact search on `requests`, when given); returns index.json's content."""
-    import faiss
-
+    (recall against exact search on `requests`, when given); returns index.json's content, or
+    None without faiss (a GPU host may lack it): then the embeddings are written, the index is not."""
     cfg = settings(index_cfg)
     t0 = time.perf_counter()
     ids, emb = embed_items(export_dir, layout, cfg["batch_size"], use_ray)
     embed_s = time.perf_counter() - t0
     pq.write_table(pa.table({"item_id": pa.array(ids, pa.int64()), "embedding": matrix_column(emb)}),
                    os.path.join(export_dir, EMBEDDINGS_FILE))
+    try:
+        import faiss
+    except ImportError:
+        logger.warning(f"export: {len(ids):,} item embeddings written, but faiss is not installed here, so there is "
+                       f"no item index ({INDEX_FILE}): `pip install faiss-cpu`, then `python -m raycg.export "
+                       f"run_dir=<this run>` writes it (raycg.retrieve needs it)")
+        for stale in (INDEX_FILE, INDEX_META):  # of an earlier export into this directory
+            if os.path.exists(os.path.join(export_dir, stale)):
+                os.remove(os.path.join(export_dir, stale))
+        return None
     index, desc = build_index(emb, cfg)
     faiss.write_index(index, os.path.join(export_dir, INDEX_FILE))
     meta = {"format_version": FORMAT_VERSION, **desc, "embed_s": round(embed_s, 3), "tables": layout}
@@ -167,7 +176,7 @@ def export_run(model, store: FeatureStore, export_dir: str, index_cfg: dict | No
 
             history = HistoryIndex.build(event_files(train_path), extra=eval_events)
         requests = evaluation_requests(eval_events, history, length, int(cfg["recall_queries"]), seed)
-    write_index(export_dir, store, layout, length, cfg, requests, use_ray, log)
+    indexed = write_index(export_dir, store, layout, length, cfg, requests, use_ray, log) is not None
     write_checksums(export_dir, [*TOWER_FILES.values(), SPEC_FILE, ITEMS_FILE, USERS_FILE, EMBEDDINGS_FILE,
-                                 INDEX_FILE, INDEX_META])
+                                 *([INDEX_FILE, INDEX_META] if indexed else [])])
     return export_dir
