@@ -5,7 +5,7 @@ import pyarrow as pa
 import pytest
 
 from raycg.data.history import HistoryIndex
-from raycg.eval.evaluate import score_retrievers
+from raycg.eval.evaluate import format_table, score_retrievers
 from raycg.eval.reengagement import EngagementTimeline
 from raycg.eval.retrievers import BASELINES, ModelRetriever, Queries, TrainingWindow, build_baselines
 
@@ -77,3 +77,22 @@ def test_the_model_retriever_ranks_by_inner_product():
     model = ModelRetriever(np.array([7, 8, 9]), item_emb, lambda table: query_emb, batch_size=8)
     assert model.retrieve(queries, 2).tolist() == [[9, 8], [7, 8]]
     assert model.search_s >= 0.0
+
+
+def test_queries_split_into_users_with_a_training_event_and_new_users():
+    # user 1 clicked in training, user 3 never did: two engagement queries, one per part
+    held_out = events([(1, 3, "click", 100), (3, 5, "click", 150), (3, 1, "checkout", 200)])
+    timeline = EngagementTimeline(HistoryIndex.from_events(held_out))
+    results, _ = score_retrievers([Fixed([5, 3, 1, 2, 4, 6])], held_out, [1, 2], CORPUS, ADVERTISER, timeline,
+                                  log=lambda msg: None, known_users=np.array([1, 2]))
+
+    assert results["new_user_share"] == {"conversion": 1.0, "engagement": 0.5}
+    assert results["n_queries"]["engagement_known_user"] == results["n_queries"]["engagement_new_user"] == 1
+    assert results["n_queries"]["conversion_known_user"] == 0
+    # fixed ranks 5 first, 3 second: user 3's click on 5 at @1, user 1's click on 3 only at @2
+    assert results["fixed"]["engagement_new_user"] == {1: 1.0, 2: 1.0}
+    assert results["fixed"]["engagement_known_user"] == {1: 0.0, 2: 1.0}
+    assert results["fixed"]["conversion_new_user"] == {1: 0.0, 2: 0.0}  # item 1 is third
+    assert "conversion_known_user" not in results["fixed"]
+    table = format_table(dict(results, model=results["fixed"], methods=["fixed"]))
+    assert "conversion 100% new, engagement 50% new" in table and "enga-new R@1" in table

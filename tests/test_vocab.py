@@ -29,6 +29,25 @@ def test_rows_of_vocabulary_oov_and_missing_ids():
         emb.set_vocabulary([1, 2])
 
 
+def test_oov_dropout_sends_vocabulary_ids_to_their_oov_row_in_training_only():
+    emb = VocabEmbedding(3, 2, 4, vocab=[7, 42, BIG], oov_dropout=0.5)
+    with torch.no_grad():  # row r = [r, r, r, r]: the output names the row it came from
+        emb.emb.weight.copy_(torch.arange(6, dtype=torch.float32).unsqueeze(1).expand(6, 4))
+    ids = torch.tensor([-1, 7, 42, BIG, 5] * 2000)
+    torch.manual_seed(0)
+    rows = emb(ids)[:, 0].long().view(2000, 5)
+    # 7 -> 3 or its OOV row 1 + 7 mod 2 = 2; 42 -> 4 or 1; BIG -> 5 or 2; missing stays 0; OOV 5 stays 2
+    assert set(rows[:, 1].tolist()) == {3, 2} and set(rows[:, 2].tolist()) == {4, 1}
+    assert set(rows[:, 3].tolist()) == {5, 2}
+    assert rows[:, 0].eq(0).all() and rows[:, 4].eq(2).all()
+    dropped = (rows[:, 1:4] <= 2).float().mean().item()
+    assert 0.46 < dropped < 0.54  # 6,000 Bernoulli(0.5) draws: sd 0.0065
+    emb.eval()
+    assert emb(ids[:5])[:, 0].tolist() == [0.0, 3.0, 4.0, 5.0, 2.0]  # serving: the vocabulary rows
+    with pytest.raises(ValueError, match=r"oov_dropout=1.0: expected a probability"):
+        VocabEmbedding(3, 2, 4, oov_dropout=1.0)
+
+
 def test_select_min_count_and_cap():
     ids = np.array([5, 9, BIG, -1, 3])
     counts = np.array([2, 7, 2, 50, 1])

@@ -119,6 +119,7 @@ class VocabConfig:
     min_count: int = MISSING
     max_size: Optional[int] = MISSING
     oov_buckets: int = MISSING
+    oov_dropout: float = MISSING
 
 
 @dataclass

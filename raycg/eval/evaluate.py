@@ -25,6 +25,7 @@ from raycg.logs import get_logger
 
 
 PARTS = ("repeat", "novel")  # positives the user acted on before the query time, and the others
+USER_PARTS = ("known_user", "new_user")  # queries whose user has a training-split event, and the others
 
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -99,8 +100,9 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
     model = ModelRetriever(corpus_ids, item_emb, embed, eval_cfg["query_batch_size"], eval_cfg["faiss_threads"],
                            search_device)
     adv_of = store.items.cat[:, 1][np.searchsorted(store.items.item_id, corpus_ids)]  # advertiser per corpus row
+    known_users = np.unique(train_events.column("user_id").to_numpy())
     results, seconds = score_retrievers([model, *retrievers], eval_events, ks, corpus_ids, adv_of, timeline,
-                                        known_items, log)
+                                        known_items, log, known_users=known_users)
     results["eval_rows"] = eval_rows
     # baselines and recall scoring: fitting, then every retriever's ranking and scoring but the model's
     baseline_s += seconds["scoring"] - seconds["retrieve"][model.name]
@@ -112,18 +114,21 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
 
 def score_retrievers(retrievers: list[Retriever], eval_events, ks: list[int], corpus_ids: np.ndarray,
                      adv_of: np.ndarray, timeline: EngagementTimeline, known_items: np.ndarray | None = None,
-                     log=get_logger("eval").info) -> tuple[dict, dict]:
+                     log=get_logger("eval").info, known_users: np.ndarray | None = None) -> tuple[dict, dict]:
     """Every retriever on the same queries of each task (raycg.eval.queries.build_queries):
     recall@K with bootstrap intervals and per surface, for repeat and novel positives apart
     (`timeline`), and for conversions at the advertiser level (`adv_of`: the advertiser of
     each corpus row). `known_items`: positives on other items are left out (eval.cold_items).
+    `known_users` (the users with a training-split event): queries are also split into
+    `<task>_known_user` and `<task>_new_user` (cold-start users, whose query tower sees no
+    history or id of their own), with `new_user_share` per task.
 
     Returns (results, seconds): results as in eval.json (one block per retriever name);
     seconds = {"retrieve": time in each retriever's `retrieve`, "scoring": retrieving and
     scoring altogether}."""
     methods = [r.name for r in retrievers]
     results: dict = {"ks": ks, "n_items": int(len(corpus_ids)), "methods": methods, "n_queries": {},
-                     "repeat_share": {}, "cold_dropped": {},
+                     "repeat_share": {}, "new_user_share": {}, "cold_dropped": {},
                      "detail": {m: {} for m in methods}, "als_coverage": {}, **{m: {} for m in methods}}
     seconds = {"retrieve": {m: 0.0 for m in methods}, "scoring": 0.0}
     K = max(ks)
@@ -150,6 +155,15 @@ def score_retrievers(retrievers: list[Retriever], eval_events, ks: list[int], co
             results["n_queries"][f"{task}_{part}"] = len(idx)
         log(f"eval: {task}: {100 * results['repeat_share'][task]:.1f}% of positives are repeat (the user "
             f"acted on the item before the query time)")
+        if known_users is not None:
+            known = np.isin(users, known_users)
+            results["new_user_share"][task] = float((~known).mean())
+            for part, mask in zip(USER_PARTS, (known, ~known)):
+                idx = np.flatnonzero(mask)
+                parts[part] = (idx, [positives[q] for q in idx])
+                results["n_queries"][f"{task}_{part}"] = len(idx)
+            log(f"eval: {task}: {100 * results['new_user_share'][task]:.1f}% of queries are new users (no "
+                f"training-split event)")
         t_task = time.perf_counter()
         for retriever in retrievers:
             method = retriever.name
@@ -214,12 +228,20 @@ def format_table(results: dict) -> str:
         lines.append("left out (items without a training event; eval.cold_items): " + ", ".join(
             f"{t} {c['positives']:,} positives ({c['queries']:,} queries)" for t, c in cold.items()))
     split = [f"{t}_{p}" for t in TASKS for p in PARTS if f"{t}_{p}" in results["model"]]
+    users = [f"{t}_{p}" for t in TASKS for p in USER_PARTS if f"{t}_{p}" in results["model"]]
     if split:
         share = results.get("repeat_share", {})
         lines += ["", "repeat positives (the user acted on the item before the query time) vs novel ones: "
                   + ", ".join(f"{t} {100 * share[t]:.0f}% repeat" for t in TASKS if t in share)]
         lines += _recall_rows(results, split, {f"{t}_{p}": f"{short[t]}-{p[:3]}" for t in TASKS for p in PARTS}, 16)
         lines.append("queries: " + ", ".join(f"{t} {nq.get(t, 0):,}" for t in split))
+    if users:
+        share = results.get("new_user_share", {})
+        lines += ["", "queries of users with a training-split event vs new users: "
+                  + ", ".join(f"{t} {100 * share[t]:.0f}% new" for t in TASKS if t in share)]
+        lines += _recall_rows(results, users, {f"{t}_{p}": f"{short[t]}-{p.split('_')[0]}" for t in TASKS
+                                               for p in USER_PARTS}, 16)
+        lines.append("queries: " + ", ".join(f"{t} {nq.get(t, 0):,}" for t in users))
     detail = results.get("detail", {}).get("model", {})
     if detail:
         k = ks[0]

@@ -94,13 +94,22 @@ class VocabEmbedding(nn.Module):
 
     The vocabulary (`vocab`, int64 [V]) is a buffer: checkpoints and exported towers carry it,
     so they take raw ids; the table has exactly 1 + oov_buckets + V rows.
+
+    `oov_dropout` p (training only): each vocabulary id is looked up in its OOV row with
+    probability p. Without it the OOV rows never get a gradient, and a new user (or any unseen
+    id) is served through an untrained row; with it those rows learn the average id and the
+    tower learns to work without the id.
     """
 
-    def __init__(self, vocab_size: int, oov_buckets: int, dim: int, vocab=None, sparse: bool = False):
+    def __init__(self, vocab_size: int, oov_buckets: int, dim: int, vocab=None, sparse: bool = False,
+                 oov_dropout: float = 0.0):
         super().__init__()
         if oov_buckets < 1:
             raise ValueError(f"model.vocab.oov_buckets={oov_buckets}: expected >= 1")
+        if not 0.0 <= oov_dropout < 1.0:
+            raise ValueError(f"model.vocab.oov_dropout={oov_dropout}: expected a probability in [0, 1)")
         self.oov_buckets = oov_buckets
+        self.oov_dropout = float(oov_dropout)
         self.register_buffer("vocab", torch.zeros(vocab_size, dtype=torch.int64))
         self.emb = table(1 + oov_buckets + vocab_size, dim, sparse)
         if vocab is not None:
@@ -131,7 +140,11 @@ class VocabEmbedding(nn.Module):
         return torch.where(ids < 0, torch.zeros_like(ids), row)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return lookup(self.emb, self.rows(ids))
+        rows = self.rows(ids)
+        if self.training and self.oov_dropout > 0:  # fixed shape: a mask, not a gather of the dropped ids
+            drop = (torch.rand(ids.shape, device=ids.device) < self.oov_dropout) & (rows > self.oov_buckets)
+            rows = torch.where(drop, ids.remainder(self.oov_buckets) + 1, rows)
+        return lookup(self.emb, rows)
 
 
 def id_embedding(name: str, cfg: dict) -> nn.Module:
@@ -140,7 +153,8 @@ def id_embedding(name: str, cfg: dict) -> nn.Module:
     sizes = cfg.get("vocab_sizes") or {}  # not a setting: the driver adds it (model.vocab.enabled)
     sparse = bool(cfg["sparse_tables"])
     if name in sizes:
-        return VocabEmbedding(int(sizes[name]), int(cfg["vocab"]["oov_buckets"]), cfg["id_dim"], sparse=sparse)
+        return VocabEmbedding(int(sizes[name]), int(cfg["vocab"]["oov_buckets"]), cfg["id_dim"], sparse=sparse,
+                              oov_dropout=float(cfg["vocab"].get("oov_dropout", 0.0)))  # absent before 2026-12
     return HashedEmbedding(cfg["buckets"][name], cfg["id_dim"], sparse=sparse)
 
 
