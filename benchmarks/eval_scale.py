@@ -70,7 +70,8 @@ def main() -> None:
     t1 = time.perf_counter()
     results = evaluate_checkpoint(ckpt, OmegaConf.to_container(cfg.data, resolve=True),
                                   OmegaConf.to_container(cfg.eval, resolve=True),
-                                  history_length=cfg.model.history.length, store=store, seed=cfg.seed)
+                                  history_length=cfg.model.history.length, store=store, seed=cfg.seed,
+                                  new_users=cfg.index.new_users)
     wall = time.perf_counter() - t1
     print("\n" + format_table(results))
     sec = results["seconds"]

@@ -44,7 +44,7 @@ def main(cfg: DictConfig, overrides: list[str]) -> None:
     init_ray(OmegaConf.create(config))  # the run's own Ray settings (embedded: loopback only)
     results = evaluate_checkpoint(ckpt, config["data"], eval_cfg,
                                   history_length=config["model"]["history"]["length"],
-                                  seed=config["seed"],
+                                  seed=config["seed"], new_users=config["index"]["new_users"],
                                   quarantine_dir=os.path.join(cfg.run_dir, "quarantine", "eval"))
     results["checkpoint"] = ckpt
     path = write_results(cfg.run_dir, results)

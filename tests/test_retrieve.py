@@ -14,7 +14,7 @@ import torch
 
 from raycg.checksums import write_checksums
 from raycg.data.batches import FeatureStore, ItemTable
-from raycg.data.features import UserTable
+from raycg.data.features import UserTable, stats_from_counts
 from raycg.data.history import HistoryIndex
 from raycg.data.spec import FeatureSpec
 from raycg.eval.queries import TASKS, build_queries
@@ -22,6 +22,7 @@ from raycg.eval.recall import exact_top_k
 from raycg.model.export import ExportError, load_towers, item_inputs, user_inputs
 from raycg.model.two_tower import TwoTowerModel
 from raycg.retrieve import RequestError, Retriever
+from raycg.retrieve.requests import check_requests, request_table
 from raycg.retrieve.build import embed_items, evaluation_requests, export_run, write_index
 from raycg.retrieve.index import build_index, index_recall
 
@@ -88,8 +89,9 @@ def world(tmp_path_factory):
     model, store, events, history = _world()
     out = str(tmp_path_factory.mktemp("run") / "export")
     training_store = dataclasses.replace(store, history=history, history_length=L)  # as the driver's
-    export_run(model, training_store, out, index_cfg(recall_k=20), eval_events=events, history=history, use_ray=False,
-               log=lambda *_: None)
+    # new_users=model: every request through the towers (this world's user stats are random)
+    export_run(model, training_store, out, index_cfg(recall_k=20, new_users="model"), eval_events=events,
+               history=history, use_ray=False, log=lambda *_: None)
     return model, store, events, history, out
 
 
@@ -103,6 +105,40 @@ def _evaluation_top_k(model, store, history, events, k):
         items = model.embed_items({n: torch.from_numpy(v) for n, v in store.items.pack().items()}).numpy()
     rows, _ = exact_top_k(items, q, k)
     return store.items.item_id[rows], q, items
+
+
+def test_a_request_with_nothing_personal_gets_the_most_engaged_items(world, tmp_path):
+    model, store, _, _, _ = world
+    clicks = np.arange(N_ITEMS)  # item i clicked i times: the last items are the most engaged
+    counts = np.stack([np.full(N_ITEMS, 50), clicks, np.zeros(N_ITEMS), np.zeros(N_ITEMS)], 1)
+    user_counts = np.ones((N_USERS, 4))
+    user_counts[0] = 0  # in the users table (attributes) without a training-window event
+    store = dataclasses.replace(
+        store, items=dataclasses.replace(store.items, dense=np.concatenate(
+            [store.items.dense[:, :D], stats_from_counts(counts)], 1)),
+        users=dataclasses.replace(store.users, dense=stats_from_counts(user_counts)))
+    out = str(tmp_path / "export")
+    export_run(model, store, out, index_cfg(recall_k=20), use_ray=False, log=lambda *_: None)  # the default
+    assert json.load(open(os.path.join(out, "index.json")))["new_users"] == "popularity"
+    r = Retriever(out)
+    known, blank, item = int(store.users.user_id[1]), int(store.users.user_id[0]), int(store.items.item_id[3])
+    requests = request_table([
+        {"user_id": 10**7 + 1, "surface": "home"},        # never seen
+        {"user_id": blank, "surface": "home", "recent_item_ids": [], "recent_event_types": []},  # no event
+        {"user_id": blank, "surface": "home", "recent_item_ids": [item], "recent_event_types": ["click"]},
+        {"user_id": 10**7 + 1, "surface": "related", "context_item_id": item},
+        {"user_id": known, "surface": "home", "recent_item_ids": [], "recent_event_types": []}])
+    ids, scores = r.search(requests, 5)
+    popular = store.items.item_id[::-1][:5]
+    assert ids[:2].tolist() == [popular.tolist()] * 2 and np.isnan(scores[:2]).all()
+    # a recent action, a context item or a training-window event: the towers, as without the rule
+    emb = pq.read_table(os.path.join(out, "item_embeddings.parquet"))
+    items = np.stack(emb.column("embedding").to_numpy(zero_copy_only=False))
+    rows, _ = exact_top_k(items, r.embed(requests.slice(2)), 5)
+    np.testing.assert_array_equal(ids[2:], emb.column("item_id").to_numpy()[rows])
+    assert np.isfinite(scores[2:]).all()
+    checked = check_requests(requests)
+    assert store.new_users(checked, np.array([0, 0, 1, 0, 0], bool)).tolist() == [True, True, False, False, False]
 
 
 def test_export_holds_everything_and_towers_match_the_model(world):

@@ -96,3 +96,14 @@ def test_queries_split_into_users_with_a_training_event_and_new_users():
     assert "conversion_known_user" not in results["fixed"]
     table = format_table(dict(results, model=results["fixed"], methods=["fixed"]))
     assert "conversion 100% new, engagement 50% new" in table and "enga-new R@1" in table
+
+
+def test_the_model_retriever_answers_requests_with_nothing_to_go_on_by_the_given_ranking():
+    item_emb = np.eye(3, dtype=np.float32)
+    queries = Queries.of("engagement", events([(1, 3, "click", 0), (2, 3, "click", 0)]))
+    query_emb = np.array([[0, 0.1, 1], [1, 0.5, 0]], np.float32)
+    is_new = lambda q: q.users == 2  # noqa: E731
+    model = ModelRetriever(np.array([7, 8, 9]), item_emb, lambda table: query_emb, batch_size=8,
+                           new_users=(is_new, np.array([8, 7, 9])))
+    assert model.retrieve(queries, 2).tolist() == [[9, 8], [8, 7]]
+    assert model.served_popularity == {"engagement": 1}

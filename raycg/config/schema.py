@@ -53,6 +53,7 @@ TuneMode = _choices("TuneMode", "max", "min")
 TuneSearcher = _choices("TuneSearcher", "optuna", "random")  # raycg.tune.sweep.make_searcher
 TuneScheduler = _choices("TuneScheduler", "asha", "fifo")  # raycg.tune.sweep.make_scheduler
 IndexKind = _choices("IndexKind", "ivf", "hnsw")  # raycg.retrieve.index.KINDS
+NewUsers = _choices("NewUsers", "model", "popularity")  # raycg.retrieve.index.NEW_USERS
 LoggerKind = _choices("LoggerKind", "none", "mlflow", "tensorboard")  # raycg.train.tracking.TRACKERS
 LogLevel = _choices("LogLevel", "DEBUG", "INFO", "WARNING", "ERROR")  # raycg.logs.LEVELS
 
@@ -280,6 +281,7 @@ class IndexConfig:
     recall_k: int = MISSING
     recall_queries: int = MISSING
     batch_size: int = MISSING
+    new_users: NewUsers = MISSING
 
 
 @dataclass

@@ -83,6 +83,15 @@ class ItemTable:
         dense = np.concatenate([self.dense[:, :self.content_dim], stats_from_counts(full)], axis=1)
         return ItemTable(self.item_id, self.cat, dense, self.source, self.content_dim, self.cat_names)
 
+    def popular(self, k: int) -> np.ndarray:
+        """The k item ids with the most training-window positive events (clicks, saves,
+        conversions; from the `with_stats` block), most first, ties by id."""
+        log_counts = self.dense[:, self.content_dim + 1:self.content_dim + 4].astype(np.float64)
+        if log_counts.shape[1] != 3:
+            raise ValueError("ItemTable.popular: the table has no training-window stats (with_stats)")
+        counts = np.rint(np.expm1(log_counts)).sum(axis=1)
+        return self.item_id[np.lexsort((self.item_id, -counts))[:k]]
+
     def content_of(self, item_ids: np.ndarray) -> np.ndarray:
         """Content embedding [B, D] of each id; zeros for -1 or ids not in the table."""
         out = np.zeros((len(item_ids), self.content_dim), dtype=np.float32)
@@ -186,6 +195,15 @@ class FeatureStore:
     context_counts: tuple | None = None  # context_item_id and query_id: counted when vocabularies are on
     query_counts: tuple | None = None
     vocab: dict | None = None  # {feature: sorted ids} (raycg.data.vocab), read by the model's embeddings
+
+    def new_users(self, requests: pa.Table, has_recent_actions: np.ndarray) -> np.ndarray:
+        """bool [B]: requests (user_id, context_item_id, query_id) that give the model nothing to
+        go on (`index.new_users`): a user with no training-window event, no recent action and
+        no context (no subject item, no query)."""
+        blank = ~self.users.has_events(requests.column("user_id").to_numpy()) & ~np.asarray(has_recent_actions, bool)
+        for col in ("context_item_id", "query_id"):
+            blank &= requests.column(col).to_numpy() < 0
+        return blank
 
     def pack_users(self, table: pa.Table) -> dict[str, np.ndarray]:
         """User/query-tower inputs for event or query rows."""

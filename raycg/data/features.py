@@ -179,6 +179,11 @@ class UserTable:
     def lookup(self, user_ids: np.ndarray) -> np.ndarray:
         return self._gather(self.dense, user_ids, 0.0)
 
+    def has_events(self, user_ids: np.ndarray) -> np.ndarray:
+        """bool [B]: the user has a training-window event (the first four stats are log1p counts;
+        a user only in an attributes table has zero stats)."""
+        return self.lookup(np.asarray(user_ids, dtype=np.int64))[:, :4].sum(axis=1) > 0
+
 
 def dense_moments(ds, columns: list[str]) -> dict[str, tuple[list[float], list[float]]]:
     """Mean and std of each packed dense column over a Ray dataset (map: sums; reduce: numpy)."""

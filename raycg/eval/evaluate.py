@@ -45,7 +45,7 @@ def eval_devices(setting: str) -> tuple[bool, str]:
 
 def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log=get_logger("eval").info,
                         history_length: int = 0, store=None, seed: int = 0, eval_split=None,
-                        quarantine_dir: str | None = None) -> dict:
+                        quarantine_dir: str | None = None, new_users: str = "model") -> dict:
     """Features come from the training split exactly as for training (`store`, the training
     run's FeatureStore, or rebuilt when None); the history index also sees the eval split
     (lookups only use events strictly before each query). Baselines (`eval.baselines`) are
@@ -55,7 +55,11 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
     The eval split is value-checked like the training split (`checked_events`; bad rows fail
     the run, or go to `quarantine_dir` with `data.on_bad_rows=quarantine`); `eval_split` =
     (events, row accounting) when the driver has checked it already. The accounting is
-    written to the results as `eval_rows`."""
+    written to the results as `eval_rows`.
+
+    `new_users` (index.new_users): "popularity" answers the queries of users with no
+    training-window event, no earlier action and no context (FeatureStore.new_users) with the items most
+    engaged in the training window, as the exported Retriever does; "model": the towers."""
     ks = sorted(int(k) for k in eval_cfg["ks"])
     embed_gpu, search_device = eval_devices(eval_cfg["device"])
     baselines = list(eval_cfg["baselines"])
@@ -97,13 +101,22 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
         return embed_queries(queries, checkpoint_dir, store_ref, eval_cfg["query_batch_size"], use_gpu=embed_gpu,
                              ray_min_rows=ray_min, actor_gpus=eval_cfg["actor_gpus"])
 
+    fallback = None
+    if new_users == "popularity":  # the served Retriever's rule: FeatureStore.new_users
+        def is_new(queries: Queries) -> np.ndarray:
+            recent = (actions.lookup(queries.users, queries.times, 1)[0][:, 0] >= 0 if history_length > 0
+                      else np.zeros(len(queries), dtype=bool))
+            return store.new_users(queries.table, recent)
+
+        fallback = (is_new, store.items.popular(max(ks)))
     model = ModelRetriever(corpus_ids, item_emb, embed, eval_cfg["query_batch_size"], eval_cfg["faiss_threads"],
-                           search_device)
+                           search_device, new_users=fallback)
     adv_of = store.items.cat[:, 1][np.searchsorted(store.items.item_id, corpus_ids)]  # advertiser per corpus row
     known_users = np.unique(train_events.column("user_id").to_numpy())
     results, seconds = score_retrievers([model, *retrievers], eval_events, ks, corpus_ids, adv_of, timeline,
                                         known_items, log, known_users=known_users)
     results["eval_rows"] = eval_rows
+    results["new_users"] = {"policy": new_users, "served_popularity": model.served_popularity}
     # baselines and recall scoring: fitting, then every retriever's ranking and scoring but the model's
     baseline_s += seconds["scoring"] - seconds["retrieve"][model.name]
     results["seconds"] = {"total": time.perf_counter() - t_start, "search": model.search_s,

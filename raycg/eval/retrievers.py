@@ -81,16 +81,25 @@ class ModelRetriever:
     name = "model"
 
     def __init__(self, corpus_ids: np.ndarray, item_emb: np.ndarray, embed: Callable[[pa.Table], np.ndarray],
-                 batch_size: int, threads: int | None = None, device: str = "cpu"):
+                 batch_size: int, threads: int | None = None, device: str = "cpu",
+                 new_users: tuple[Callable[[Queries], np.ndarray], np.ndarray] | None = None):
         self.corpus_ids, self.item_emb, self.embed = corpus_ids, item_emb, embed
         self.batch_size, self.threads, self.device = batch_size, threads, device
+        self.new_users = new_users  # (queries -> bool mask, the ranking they get): index.new_users=popularity
         self.search_s = 0.0  # exact search time so far (the embedding excluded)
+        self.served_popularity = {}  # task -> queries answered by the new-user ranking
 
     def retrieve(self, queries: Queries, k: int) -> np.ndarray:
         q_emb = self.embed(queries.table)
         top_rows, secs = exact_top_k(self.item_emb, q_emb, k, self.batch_size, self.threads, self.device)
         self.search_s += secs
-        return self.corpus_ids[top_rows]
+        top = self.corpus_ids[top_rows]
+        if self.new_users is not None:  # as the served Retriever does (raycg.retrieve.retriever)
+            is_new, ranking = self.new_users
+            mask = is_new(queries)
+            top[mask] = ranking[:top.shape[1]]
+            self.served_popularity[queries.task] = int(mask.sum())
+        return top
 
 
 class Popularity:

@@ -135,7 +135,8 @@ def write_index(export_dir: str, store: FeatureStore, layout: dict, history_leng
         return None
     index, desc = build_index(emb, cfg)
     faiss.write_index(index, os.path.join(export_dir, INDEX_FILE))
-    meta = {"format_version": FORMAT_VERSION, **desc, "embed_s": round(embed_s, 3), "tables": layout}
+    meta = {"format_version": FORMAT_VERSION, **desc, "embed_s": round(embed_s, 3), "tables": layout,
+            "new_users": cfg["new_users"]}
     if requests is not None and requests.num_rows:
         checked = check_requests(requests, "evaluation queries")
         user = load_tower(export_dir, "user_tower")

@@ -17,7 +17,9 @@ import time
 import numpy as np
 
 KINDS = ("ivf", "hnsw")
-KEYS = ("exact_max_items", "kind", "nlist", "nprobe", "hnsw_m", "ef_search", "recall_k", "recall_queries", "batch_size")
+NEW_USERS = ("model", "popularity")  # what a request with nothing personal gets (FeatureStore.new_users)
+KEYS = ("exact_max_items", "kind", "nlist", "nprobe", "hnsw_m", "ef_search", "recall_k", "recall_queries", "batch_size",
+        "new_users")
 
 
 def settings(cfg: dict) -> dict:
@@ -31,6 +33,8 @@ def settings(cfg: dict) -> dict:
         raise ValueError(f"index: missing key(s) {missing}")
     if cfg["kind"] not in KINDS:
         raise ValueError(f"index.kind={cfg['kind']!r}: expected one of {list(KINDS)}")
+    if cfg["new_users"] not in NEW_USERS:
+        raise ValueError(f"index.new_users={cfg['new_users']!r}: expected one of {list(NEW_USERS)}")
     return cfg
 
 

@@ -115,6 +115,14 @@ def check_requests(table: pa.Table, source: str = "request") -> pa.Table:
     return pa.table(cols)
 
 
+def has_recent_actions(table: pa.Table) -> np.ndarray:
+    """bool [B]: the checked request carries at least one recent action."""
+    if "recent_item_ids" not in table.column_names:
+        return np.zeros(table.num_rows, dtype=bool)
+    return np.asarray(pc.list_value_length(table.column("recent_item_ids").combine_chunks())
+                      .fill_null(0).to_numpy(zero_copy_only=False)) > 0
+
+
 def recent_actions(table: pa.Table, length: int) -> tuple[np.ndarray, np.ndarray]:
     """(item ids [B, L], action codes [B, L]) of checked requests: the last `length` recent
     actions, most recent last, left-padded with item -1 / action 0 (as HistoryIndex.lookup)."""

@@ -6,6 +6,13 @@
     out = r.retrieve_table(requests, k=100)     # Arrow table in, + item_ids / scores list columns
     retrieve_parquet(export_dir, "requests.parquet", "top.parquet", k=100)   # Ray Data map_batches
 
+A request with nothing to go on (its user has no training-window event, and it carries no
+recent actions and no context item or query; `FeatureStore.new_users`) gets the items with the most training-window
+clicks, saves and conversions when the export was written with `index.new_users=popularity`
+(the default; index.json says which), with NaN scores: the user tower would give every such
+request the same generic query, and evaluation measured the popularity list as the better
+answer on real logs (docs/real_logs.md).
+
 A request is packed into user-tower inputs by the same code as training and evaluation rows
 (`FeatureStore.pack_users`, over the export's own feature tables), embedded by the exported
 user tower (torch.export) and searched in the export's faiss index. Scores are inner products
@@ -24,7 +31,7 @@ import torch
 from raycg.data.batches import FeatureStore
 from raycg.model.export import FORMAT_VERSION, ExportError, load_tower, read_meta, user_inputs
 from raycg.retrieve.index import search
-from raycg.retrieve.requests import RequestError, check_requests, recent_actions, request_table
+from raycg.retrieve.requests import RequestError, check_requests, has_recent_actions, recent_actions, request_table
 from raycg.retrieve.tables import ITEMS_FILE, USERS_FILE, read_items, read_users
 
 INDEX_FILE = "items.faiss"
@@ -84,6 +91,8 @@ class Retriever:
         self.history_length = int(self.meta.get("history_length", 0))
         self.item_ids = pq.read_table(os.path.join(export_dir, EMBEDDINGS_FILE),
                                       columns=["item_id"]).column("item_id").to_numpy().astype(np.int64)
+        self.new_users = self.index_meta.get("new_users", "model")  # absent: an export before 2026-12
+        self.popular = self.store.items.popular(len(self.store.items.item_id)) if self.new_users == "popularity" else None
         self.index = faiss.read_index(os.path.join(export_dir, INDEX_FILE))
         if self.index.ntotal != len(self.item_ids):
             raise ExportError(f"{export_dir}: {INDEX_FILE} holds {self.index.ntotal} vectors, {EMBEDDINGS_FILE} "
@@ -111,6 +120,13 @@ class Retriever:
             return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
         rows, scores = search(self.index, self.embed(checked), k)
         ids = np.where(rows >= 0, self.item_ids[rows.clip(min=0)], -1)  # -1: an approximate index found fewer
+        if self.popular is not None:
+            new = self.store.new_users(checked, has_recent_actions(checked) if self.history_length
+                                       else np.zeros(len(ids), bool))
+            n = min(ids.shape[1], len(self.popular))
+            ids[new] = -1
+            ids[new, :n] = self.popular[:n]
+            scores[new] = np.nan
         return ids, scores
 
     def retrieve(self, k: int = 100, **request) -> tuple[np.ndarray, np.ndarray]:

@@ -388,7 +388,7 @@ def train_evaluate_export(cfg: DictConfig, prep: PreparedRun, trainer: TorchTrai
     results = evaluate_checkpoint(ckpt_dir, OmegaConf.to_container(cfg.data, resolve=True),
                                   OmegaConf.to_container(cfg.eval, resolve=True), log,
                                   history_length=cfg.model.history.length, store=prep.store, seed=cfg.seed,
-                                  eval_split=prep.eval_split)
+                                  eval_split=prep.eval_split, new_users=cfg.index.new_users)
     results["checkpoint"] = ckpt_dir
     if cfg.export:
         model, _ = load_model(ckpt_dir)
