@@ -71,7 +71,8 @@ def main() -> None:
     results = evaluate_checkpoint(ckpt, OmegaConf.to_container(cfg.data, resolve=True),
                                   OmegaConf.to_container(cfg.eval, resolve=True),
                                   history_length=cfg.model.history.length, store=store, seed=cfg.seed,
-                                  new_users=cfg.index.new_users)
+                                  new_users=cfg.index.new_users,
+                                  popularity_weights=(cfg.loss.conversion_weight, cfg.loss.engagement_weight))
     wall = time.perf_counter() - t1
     print("\n" + format_table(results))
     sec = results["seconds"]

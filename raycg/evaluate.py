@@ -45,6 +45,8 @@ def main(cfg: DictConfig, overrides: list[str]) -> None:
     results = evaluate_checkpoint(ckpt, config["data"], eval_cfg,
                                   history_length=config["model"]["history"]["length"],
                                   seed=config["seed"], new_users=config["index"]["new_users"],
+                                  popularity_weights=(config["loss"]["conversion_weight"],
+                                                      config["loss"]["engagement_weight"]),
                                   quarantine_dir=os.path.join(cfg.run_dir, "quarantine", "eval"))
     results["checkpoint"] = ckpt
     path = write_results(cfg.run_dir, results)

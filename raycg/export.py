@@ -29,7 +29,8 @@ def main(cfg: DictConfig, overrides: list[str]) -> None:
     quarantine = os.path.join(cfg.run_dir, "quarantine", "eval") if data["on_bad_rows"] == "quarantine" else None
     eval_events = checked_events(data["eval_path"], store, quarantine_dir=quarantine)[0]
     export_run(model, store, out, config["index"], eval_events=eval_events, train_path=data["train_path"],
-               seed=config["seed"], ray_min_rows=config["eval"]["ray_inference_min_rows"])
+               seed=config["seed"], ray_min_rows=config["eval"]["ray_inference_min_rows"],
+               popularity_weights=(config["loss"]["conversion_weight"], config["loss"]["engagement_weight"]))
     print(f"[raycg] exported {ckpt} -> {out}")
     for name in sorted(os.listdir(out)):
         print(f"  {name}")

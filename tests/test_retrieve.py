@@ -109,8 +109,10 @@ def _evaluation_top_k(model, store, history, events, k):
 
 def test_a_request_with_nothing_personal_gets_the_most_engaged_items(world, tmp_path):
     model, store, _, _, _ = world
-    clicks = np.arange(N_ITEMS)  # item i clicked i times: the last items are the most engaged
-    counts = np.stack([np.full(N_ITEMS, 50), clicks, np.zeros(N_ITEMS), np.zeros(N_ITEMS)], 1)
+    clicks = np.arange(N_ITEMS)  # item i clicked i times: the last items are the most engaged ...
+    conversions = np.zeros(N_ITEMS)
+    conversions[:2] = [100, 150]  # ... but items 0 and 1 converted: weighted 1.0 against 0.3 per click
+    counts = np.stack([np.full(N_ITEMS, 50), clicks, np.zeros(N_ITEMS), conversions], 1)
     user_counts = np.ones((N_USERS, 4))
     user_counts[0] = 0  # in the users table (attributes) without a training-window event
     store = dataclasses.replace(
@@ -118,8 +120,10 @@ def test_a_request_with_nothing_personal_gets_the_most_engaged_items(world, tmp_
             [store.items.dense[:, :D], stats_from_counts(counts)], 1)),
         users=dataclasses.replace(store.users, dense=stats_from_counts(user_counts)))
     out = str(tmp_path / "export")
-    export_run(model, store, out, index_cfg(recall_k=20), use_ray=False, log=lambda *_: None)  # the default
-    assert json.load(open(os.path.join(out, "index.json")))["new_users"] == "popularity"
+    export_run(model, store, out, index_cfg(recall_k=20), use_ray=False, log=lambda *_: None,  # the default
+               popularity_weights=(1.0, 0.3))  # the default loss's conversion and engagement weights
+    meta = json.load(open(os.path.join(out, "index.json")))
+    assert meta["new_users"] == "popularity" and meta["new_users_weights"] == {"conversion": 1.0, "engagement": 0.3}
     r = Retriever(out)
     known, blank, item = int(store.users.user_id[1]), int(store.users.user_id[0]), int(store.items.item_id[3])
     requests = request_table([
@@ -129,7 +133,9 @@ def test_a_request_with_nothing_personal_gets_the_most_engaged_items(world, tmp_
         {"user_id": 10**7 + 1, "surface": "related", "context_item_id": item},
         {"user_id": known, "surface": "home", "recent_item_ids": [], "recent_event_types": []}])
     ids, scores = r.search(requests, 5)
-    popular = store.items.item_id[::-1][:5]
+    # item 1: 150 + 0.3; items 399, 398, ...: 119.7, 119.4, ...; item 0 (100) only after item 334
+    ids_ = store.items.item_id
+    popular = np.array([ids_[1], ids_[399], ids_[398], ids_[397], ids_[396]])
     assert ids[:2].tolist() == [popular.tolist()] * 2 and np.isnan(scores[:2]).all()
     # a recent action, a context item or a training-window event: the towers, as without the rule
     emb = pq.read_table(os.path.join(out, "item_embeddings.parquet"))

@@ -62,6 +62,7 @@ def test_search_space_parsing():
     (["tune.scheduler_metric=loss"], r"tune.scheduler_metric='loss' is not reported after each epoch"),
     (["data.validation_fraction=0"], r"data.validation_fraction=0.0 turns it off"),
     (["trainer.epochs=1"], r"tune.scheduler=asha stops trials between epochs, and trainer.epochs=1 has none"),
+    (["trainer.epochs=null"], r"trainer.epochs=null \(auto\) in a sweep: trials and ASHA's rungs need"),
     (["tune.grace_period=4"], r"tune.grace_period=4: .*\(trainer.epochs=4\); expected 1 to 3"),
     (["tune.reduction_factor=1"], r"tune.reduction_factor=1.0: expected > 1"),
     (["tune.search_space.loss.t_max={type:grid,values:[30,120]}"], r"tune.search_space.loss.t_max: type grid"),

@@ -196,7 +196,8 @@ class TrainerConfig:
     cpus_per_worker: float = MISSING
     use_gpu: bool = MISSING
     gpus_per_worker: float = MISSING  # with use_gpu: a fraction lets Tune trials share a GPU
-    epochs: int = MISSING
+    epochs: Optional[int] = MISSING  # null = auto (raycg.train.driver.fit_epochs)
+    min_steps: int = MISSING
     batch_size: int = MISSING
     min_steps_per_epoch: int = MISSING
     lr: float = MISSING

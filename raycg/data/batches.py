@@ -83,14 +83,16 @@ class ItemTable:
         dense = np.concatenate([self.dense[:, :self.content_dim], stats_from_counts(full)], axis=1)
         return ItemTable(self.item_id, self.cat, dense, self.source, self.content_dim, self.cat_names)
 
-    def popular(self, k: int) -> np.ndarray:
-        """The k item ids with the most training-window positive events (clicks, saves,
-        conversions; from the `with_stats` block), most first, ties by id."""
+    def popular(self, k: int, conversion_weight: float = 1.0, engagement_weight: float = 1.0) -> np.ndarray:
+        """The k item ids with the highest conversion_weight x conversions + engagement_weight x
+        (clicks + saves) in the training window (the `with_stats` block), most first, ties by
+        id. With the loss's two weights this is the popularity the training objective weighs."""
         log_counts = self.dense[:, self.content_dim + 1:self.content_dim + 4].astype(np.float64)
         if log_counts.shape[1] != 3:
             raise ValueError("ItemTable.popular: the table has no training-window stats (with_stats)")
-        counts = np.rint(np.expm1(log_counts)).sum(axis=1)
-        return self.item_id[np.lexsort((self.item_id, -counts))[:k]]
+        click, save, conversion = np.rint(np.expm1(log_counts)).T
+        score = conversion_weight * conversion + engagement_weight * (click + save)
+        return self.item_id[np.lexsort((self.item_id, -score))[:k]]
 
     def content_of(self, item_ids: np.ndarray) -> np.ndarray:
         """Content embedding [B, D] of each id; zeros for -1 or ids not in the table."""

@@ -45,7 +45,8 @@ def eval_devices(setting: str) -> tuple[bool, str]:
 
 def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log=get_logger("eval").info,
                         history_length: int = 0, store=None, seed: int = 0, eval_split=None,
-                        quarantine_dir: str | None = None, new_users: str = "model") -> dict:
+                        quarantine_dir: str | None = None, new_users: str = "model",
+                        popularity_weights: tuple[float, float] = (1.0, 1.0)) -> dict:
     """Features come from the training split exactly as for training (`store`, the training
     run's FeatureStore, or rebuilt when None); the history index also sees the eval split
     (lookups only use events strictly before each query). Baselines (`eval.baselines`) are
@@ -58,8 +59,9 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
     written to the results as `eval_rows`.
 
     `new_users` (index.new_users): "popularity" answers the queries of users with no
-    training-window event, no earlier action and no context (FeatureStore.new_users) with the items most
-    engaged in the training window, as the exported Retriever does; "model": the towers."""
+    training-window event, no earlier action and no context (FeatureStore.new_users) with the
+    popular items (ItemTable.popular with `popularity_weights` = the loss's (conversion_weight,
+    engagement_weight)), as the exported Retriever does; "model": the towers."""
     ks = sorted(int(k) for k in eval_cfg["ks"])
     embed_gpu, search_device = eval_devices(eval_cfg["device"])
     baselines = list(eval_cfg["baselines"])
@@ -108,7 +110,7 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
                       else np.zeros(len(queries), dtype=bool))
             return store.new_users(queries.table, recent)
 
-        fallback = (is_new, store.items.popular(max(ks)))
+        fallback = (is_new, store.items.popular(max(ks), *popularity_weights))
     model = ModelRetriever(corpus_ids, item_emb, embed, eval_cfg["query_batch_size"], eval_cfg["faiss_threads"],
                            search_device, new_users=fallback)
     adv_of = store.items.cat[:, 1][np.searchsorted(store.items.item_id, corpus_ids)]  # advertiser per corpus row
@@ -116,7 +118,9 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
     results, seconds = score_retrievers([model, *retrievers], eval_events, ks, corpus_ids, adv_of, timeline,
                                         known_items, log, known_users=known_users)
     results["eval_rows"] = eval_rows
-    results["new_users"] = {"policy": new_users, "served_popularity": model.served_popularity}
+    results["new_users"] = {"policy": new_users, "served_popularity": model.served_popularity,
+                            "popularity_weights": {"conversion": popularity_weights[0],
+                                                   "engagement": popularity_weights[1]}}
     # baselines and recall scoring: fitting, then every retriever's ranking and scoring but the model's
     baseline_s += seconds["scoring"] - seconds["retrieve"][model.name]
     results["seconds"] = {"total": time.perf_counter() - t_start, "search": model.search_s,

@@ -7,9 +7,10 @@
     retrieve_parquet(export_dir, "requests.parquet", "top.parquet", k=100)   # Ray Data map_batches
 
 A request with nothing to go on (its user has no training-window event, and it carries no
-recent actions and no context item or query; `FeatureStore.new_users`) gets the items with the most training-window
-clicks, saves and conversions when the export was written with `index.new_users=popularity`
-(the default; index.json says which), with NaN scores: the user tower would give every such
+recent actions and no context item or query; `FeatureStore.new_users`) gets the popular items
+(training-window conversions and clicks + saves, weighted by the loss's conversion and
+engagement weights) when the export was written with `index.new_users=popularity` (the
+default; index.json says which), with NaN scores: the user tower would give every such
 request the same generic query, and evaluation measured the popularity list as the better
 answer on real logs (docs/real_logs.md).
 
@@ -92,7 +93,9 @@ class Retriever:
         self.item_ids = pq.read_table(os.path.join(export_dir, EMBEDDINGS_FILE),
                                       columns=["item_id"]).column("item_id").to_numpy().astype(np.int64)
         self.new_users = self.index_meta.get("new_users", "model")  # absent: an export before 2026-12
-        self.popular = self.store.items.popular(len(self.store.items.item_id)) if self.new_users == "popularity" else None
+        weights = self.index_meta.get("new_users_weights", {"conversion": 1.0, "engagement": 1.0})
+        self.popular = (self.store.items.popular(len(self.store.items.item_id), weights["conversion"],
+                                                 weights["engagement"]) if self.new_users == "popularity" else None)
         self.index = faiss.read_index(os.path.join(export_dir, INDEX_FILE))
         if self.index.ntotal != len(self.item_ids):
             raise ExportError(f"{export_dir}: {INDEX_FILE} holds {self.index.ntotal} vectors, {EMBEDDINGS_FILE} "

@@ -196,6 +196,23 @@ def fit_batch_size(cfg: DictConfig, rows_per_worker: int) -> None:
     cfg.trainer.batch_size = batch
 
 
+AUTO_EPOCHS = 4  # trainer.epochs=null on a split large enough for trainer.min_steps
+
+
+def fit_epochs(cfg: DictConfig, rows_per_worker: int | None) -> None:
+    """trainer.epochs=null (auto): AUTO_EPOCHS, raised until the run has trainer.min_steps
+    optimiser steps when the rows were counted (`rows_per_worker`); printed when raised. An
+    integer trainer.epochs is kept as given."""
+    if cfg.trainer.epochs is not None:
+        return
+    epochs, steps = AUTO_EPOCHS, (rows_per_worker or 0) // int(cfg.trainer.batch_size)
+    if steps and steps * epochs < int(cfg.trainer.min_steps):
+        epochs = -(-int(cfg.trainer.min_steps) // steps)
+        log(f"train: {steps} steps per epoch: {epochs} epochs for trainer.min_steps={cfg.trainer.min_steps} "
+            f"(trainer.epochs=null; early stopping may end the run sooner; trainer.epochs=N sets it)")
+    cfg.trainer.epochs = epochs
+
+
 def prepare_run(cfg: DictConfig) -> PreparedRun:
     """Features (Ray Data) -> packed training dataset -> spec; writes config.yaml and
     data_stats.json and prints the model card."""
@@ -242,6 +259,7 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
     check_quarantine_share(cfg, "evaluation", eval_split[1]["rows_quarantined"], eval_split[1]["rows_read"])
     per_rank = stats.get("rows_used", cfg.trainer.batch_size * cfg.trainer.num_workers) // cfg.trainer.num_workers
     fit_batch_size(cfg, per_rank)
+    fit_epochs(cfg, per_rank if "rows_used" in stats else None)
     if per_rank < cfg.trainer.batch_size:
         raise PreflightError(
             f"trainer.batch_size={cfg.trainer.batch_size} x trainer.num_workers={cfg.trainer.num_workers}: the "
@@ -388,13 +406,15 @@ def train_evaluate_export(cfg: DictConfig, prep: PreparedRun, trainer: TorchTrai
     results = evaluate_checkpoint(ckpt_dir, OmegaConf.to_container(cfg.data, resolve=True),
                                   OmegaConf.to_container(cfg.eval, resolve=True), log,
                                   history_length=cfg.model.history.length, store=prep.store, seed=cfg.seed,
-                                  eval_split=prep.eval_split, new_users=cfg.index.new_users)
+                                  eval_split=prep.eval_split, new_users=cfg.index.new_users,
+                                  popularity_weights=(cfg.loss.conversion_weight, cfg.loss.engagement_weight))
     results["checkpoint"] = ckpt_dir
     if cfg.export:
         model, _ = load_model(ckpt_dir)
         export_run(model, prep.store, os.path.join(run_dir, "export"), OmegaConf.to_container(cfg.index, resolve=True),
                    eval_events=prep.eval_split[0], train_path=cfg.data.train_path, seed=cfg.seed, log=log,
-                   ray_min_rows=cfg.eval.ray_inference_min_rows)
+                   ray_min_rows=cfg.eval.ray_inference_min_rows,
+                   popularity_weights=(cfg.loss.conversion_weight, cfg.loss.engagement_weight))
     else:
         log(f"export: off (export=false); `python -m raycg.export run_dir={run_dir}` writes it from the checkpoint")
     results["train_metrics"] = result.metrics

@@ -44,7 +44,9 @@ def check_config(cfg: DictConfig) -> None:
 
     require_complete(cfg)
     _choice(cfg, "loss.duration_weighting", ("auto", True, False))  # a bool or a string: not a schema enum
-    for key, low in (("trainer.epochs", 1), ("trainer.batch_size", 1), ("trainer.num_workers", 1),
+    _at_least(cfg, "trainer.epochs", 1, allow_none=True)  # None: auto (raycg.train.driver.fit_epochs)
+    _at_least(cfg, "trainer.min_steps", 0)
+    for key, low in (("trainer.batch_size", 1), ("trainer.num_workers", 1),
                      ("trainer.transfer_batches", 1), ("trainer.prefetch_batches", 1),
                      ("trainer.log_every_steps", 1), ("trainer.lr", 0), ("trainer.cpus_per_worker", 0),
                      ("model.cross_layers", 0), ("model.embedding_dim", 1), ("model.temperature", 1e-6),

@@ -143,6 +143,9 @@ def check_sweep(cfg: DictConfig) -> dict:
         raise ValueError(f"tune.metric={ts.metric!r} is not reported; one of {valid} (eval.ks)")
     if ts.num_samples < 1:
         raise ValueError(f"tune.num_samples={ts.num_samples}: expected at least 1")
+    if cfg.trainer.epochs is None:
+        raise ValueError("trainer.epochs=null (auto) in a sweep: trials and ASHA's rungs need a fixed number of "
+                         "epochs; set trainer.epochs (sweep.yaml's 4)")
     if ts.scheduler == "asha":
         check_scheduler(cfg, ks)
     space = OmegaConf.to_container(ts.search_space, resolve=True)
