@@ -186,6 +186,24 @@ def test_small_split_gets_a_smaller_batch(capsys):
     assert big.trainer.batch_size == 1024
 
 
+def test_auto_epochs_reach_min_steps_on_a_small_split_and_an_explicit_count_is_kept(capsys):
+    from raycg.train.driver import fit_epochs
+
+    cfg = compose([])
+    assert cfg.trainer.epochs is None and cfg.trainer.min_steps == 250 and cfg.trainer.batch_size == 1024
+    fit_epochs(cfg, 14 * 1024)  # 14 steps per epoch (the REES46 sample): 4 epochs are 56 steps -> 18 epochs
+    assert cfg.trainer.epochs == 18 and "14 steps per epoch: 18 epochs for trainer.min_steps=250" in capsys.readouterr().out
+    big = compose([])
+    fit_epochs(big, 106 * 1024)  # the simulated default: 4 x 106 = 424 steps >= 250
+    assert big.trainer.epochs == 4 and capsys.readouterr().out == ""
+    streamed = compose([])
+    fit_epochs(streamed, None)  # rows not counted (data.materialize=false): 4
+    assert streamed.trainer.epochs == 4
+    given = compose(["trainer.epochs=2"])
+    fit_epochs(given, 10 * 1024)
+    assert given.trainer.epochs == 2
+
+
 def raycg_train(tmp_path, *args, env=None, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "raycg.train", f"paths.runs_dir={tmp_path}/runs", "run_name=x",
                            "ray.num_cpus=2", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
