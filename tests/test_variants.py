@@ -47,6 +47,8 @@ def test_structure_and_heads_train_checkpoint_and_export(structure, heads, tmp_p
     items = corpus(rng)
     torch.manual_seed(0)
     model = TwoTowerModel(cfg_model, spec())
+    # model.item_bias=prior (the default): as the workers do, from the training window's counts
+    model.set_item_prior(items.item_id, np.random.default_rng(1).integers(0, 50, len(items.item_id)))
     assert model.user_tower.body.structure == model.item_tower.body.structure == structure
     opt = build_optimizer(model, cfg_train, torch.device("cpu"))
     ctx = StepContext(cfg_loss, items, seed=0, freq_buckets=cfg_model["buckets"]["item"])
