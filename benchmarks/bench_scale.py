@@ -3,7 +3,8 @@
 Simulates (once; cached under data/sim/) --items items and --users users with about
 --requests-per-user x 10 impression events each (the simulator's parallel mode above 5M
 impressions), trains --epochs epoch(s) through the real pipeline (`raycg.train`'s driver: Ray
-Data -> Ray Train, sparse id tables + SparseAdam by default), evaluates on the full corpus, and
+Data -> Ray Train; sparse id tables + SparseAdam with the CPU trainer, dense tables with the
+compiled GPU trainer, unless model.sparse_tables is given), evaluates on the full corpus, and
 measures the step time at this table size against the 10k-item default side by side in this
 process (`benchmarks/table_scale.py`'s synthetic step, same batch and device).
 
@@ -49,9 +50,13 @@ def main() -> None:
     cfg = compose([
         f"data.sim.n_users={a.users}", f"data.sim.n_items={a.items}",
         f"data.sim.n_advertisers={max(500, a.items // 200)}", "data.sim.n_categories=300",
-        f"data.sim.requests_per_user={a.requests_per_user}", "model.sparse_tables=true",
+        f"data.sim.requests_per_user={a.requests_per_user}",
         f"trainer.epochs={a.epochs}", "export=false", "eval.baselines=[popularity]", "run_name=bench_scale",
         f"paths.runs_dir={a.runs_dir or tempfile.mkdtemp(prefix='raycg-bench-scale-')}", *a.overrides])
+    if not any(o.startswith("model.sparse_tables=") for o in a.overrides):
+        # sparse tables + SparseAdam where the trainer runs eagerly (trainer=cpu); dense tables where it
+        # compiles (trainer=gpu): torch.compile cannot differentiate sparse embeddings (preflight)
+        cfg.model.sparse_tables = not cfg.trainer.compile
     resolve_paths(cfg)
     init_ray(cfg)
     cached = os.path.exists(os.path.join(cfg.data.dir, "meta.json"))

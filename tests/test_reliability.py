@@ -315,3 +315,14 @@ def test_gpu_shares_reach_ray_and_bad_ones_fail_before_it():
     for bad in (["trainer.gpus_per_worker=1.5"], ["trainer.gpus_per_worker=0"], ["eval.actor_gpus=-1"]):
         with pytest.raises(PreflightError, match=re.escape(bad[0]) + ": expected a fraction"):
             check_config(compose(["trainer=gpu", *bad]))
+
+
+def test_sparse_tables_under_torch_compile_are_refused_with_the_two_ways_out():
+    from raycg.train.preflight import check_config
+
+    # torch.compile's backward of a sparse embedding fails (CPU and CUDA): refused before Ray starts
+    with pytest.raises(PreflightError, match=r"model.sparse_tables=true with trainer.compile=true: .* set "
+                                             r"trainer.compile=false .*or model.sparse_tables=false"):
+        check_config(compose(["trainer=gpu", "model.sparse_tables=true"]))
+    check_config(compose(["trainer=gpu", "model.sparse_tables=true", "trainer.compile=false"]))
+    check_config(compose(["model.sparse_tables=true"]))  # the CPU trainer does not compile
