@@ -323,7 +323,9 @@ def run_epochs(config: dict, start_epoch: int, feed, forward, core, optimizer, s
             t_val = time.perf_counter()
             metrics.update(validation_recall(core, vset, device, ks, step_ctx.autocast()))
             improved = stopper.update(epoch, metrics)
-            stop = stopper.stop
+            # not before trainer.min_steps: a small log's first epochs are noisy (on the Tmall sample a
+            # run stopped after epoch 2 at the prior's epoch-0 recall while others peaked at epochs 4-8)
+            stop = stopper.stop and step_ctx.step >= int(cfg_train["min_steps"])
             metrics.update(best_epoch=stopper.best_epoch, validation_s=time.perf_counter() - t_val)
         if stopper is not None and world > 1:  # every rank stops after the same epoch
             flag = torch.tensor([int(stop)], device=device)

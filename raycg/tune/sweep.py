@@ -19,6 +19,7 @@ Layout under <paths.runs_dir>/<tune.name>/ (the Tune experiment directory):
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
@@ -262,7 +263,11 @@ def run_sweep(cfg: DictConfig) -> tuple[tune.ResultGrid, dict]:
     space = check_sweep(cfg)  # before Ray: a bad setting costs seconds
     resolve_paths(cfg)
     if cfg.ray.include_dashboard is None:
-        cfg.ray.include_dashboard = True  # without it a finished trial's worker reservation leaks
+        # without it a finished trial's worker reservation leaked on the 2-core box; a host without
+        # the dashboard's packages (the lent GPU machine's wheel set) runs the sweep without it
+        cfg.ray.include_dashboard = importlib.util.find_spec("aiohttp_cors") is not None
+        if not cfg.ray.include_dashboard:
+            log("tune: Ray's dashboard packages are not installed (ray[default]); starting Ray without it")
     init_ray(cfg)
     ensure_data(cfg)  # once, here: trials then only read it
 
