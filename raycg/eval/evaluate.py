@@ -222,6 +222,7 @@ def _get(d: dict, k):
 def _recall_rows(results: dict, tasks: list[str], short: dict, width: int = 12) -> list[str]:
     ks = results["ks"]
     cols = [(task, k) for task in tasks for k in ks]
+    width = max([width] + [len(f"{short[t]} R@{k}") + 2 for t, k in cols])  # headers never run together
     head = f"{'method':<20}" + "".join(f"{short[t] + ' R@' + str(k):>{width}}" for t, k in cols)
     lines = [head, "-" * len(head)]
     for method in results.get("methods", ["model", "popularity"]):
