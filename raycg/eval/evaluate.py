@@ -138,7 +138,9 @@ def score_retrievers(retrievers: list[Retriever], eval_events, ks: list[int], co
     each corpus row). `known_items`: positives on other items are left out (eval.cold_items).
     `known_users` (the users with a training-split event): queries are also split into
     `<task>_known_user` and `<task>_new_user` (cold-start users, whose query tower sees no
-    history or id of their own), with `new_user_share` per task.
+    history or id of their own), with `new_user_share` per task. (The training split includes
+    its validation window; `index.new_users` asks the feature store, whose statistics stop
+    before that window, so a user seen only in it is "known" here and new to that rule.)
 
     Returns (results, seconds): results as in eval.json (one block per retriever name);
     seconds = {"retrieve": time in each retriever's `retrieve`, "scoring": retrieving and
