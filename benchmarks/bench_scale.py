@@ -32,6 +32,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from raycg.config import compose  # noqa: E402
+from raycg.eval.evaluate import format_phases  # noqa: E402
 from raycg.train.driver import ensure_data, init_ray, resolve_paths, run  # noqa: E402
 from table_scale import time_mode  # noqa: E402
 
@@ -91,6 +92,7 @@ def main() -> None:
           f"{sec['total']:.0f}s: embedding + queries + features {eval_rest:.0f}s, exact search {sec['search']:.0f}s, "
           f"baselines + scoring {sec['scoring_and_baselines']:.0f}s; model conv R@100 "
           f"{results['model']['conversion'][100]:.4f}")
+    print("eval phases:\n" + format_phases(results))
     print(f"step    {mode} at {a.small_items:,} items {small['ms']:.1f} ms, at {a.items:,} items {large['ms']:.1f} ms: "
           f"{large['ms'] / small['ms']:.2f}x (target <= 1.25x)")
     print(f"total   {sim_s + run_s:.0f}s (simulation {sim_s:.0f}s, train + eval {run_s:.0f}s)")

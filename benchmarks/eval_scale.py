@@ -15,6 +15,7 @@ Prints the phase times and the faiss share of the total.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import sys
@@ -28,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from raycg.data.spec import FeatureSpec  # noqa: E402
-from raycg.eval.evaluate import evaluate_checkpoint, format_table  # noqa: E402
+from raycg.eval.evaluate import evaluate_checkpoint, format_phases, format_table  # noqa: E402
 from raycg.model.two_tower import TwoTowerModel  # noqa: E402
 from raycg.report.grid import compose_run  # noqa: E402
 from raycg.model.checkpoint import save  # noqa: E402
@@ -43,12 +44,17 @@ def main() -> None:
                    help="comma list of eval.baselines; the ALS ones add one more exact search over the "
                         "corpus per query each")
     p.add_argument("--ks", default="100,1000")
+    p.add_argument("--max-queries", type=int, default=None,
+                   help="eval.max_queries: score a uniform sample of this many queries per task")
+    p.add_argument("--json", default=None, help="also write the results (eval.json's content) here")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides of the run (e.g. eval.device=cpu)")
     args = p.parse_args()
     cfg = compose_run([
         f"data.sim.n_users={args.users}", f"data.sim.n_items={args.items}",
         f"data.sim.n_advertisers={max(500, args.items // 200)}", "data.sim.n_categories=300",
         f"eval.ks=[{args.ks}]", f"eval.baselines=[{args.baselines}]", "run_name=eval_scale",
-        f"paths.runs_dir={tempfile.mkdtemp(prefix='raycg-eval-scale-')}",
+        f"eval.max_queries={'null' if args.max_queries is None else args.max_queries}",
+        f"paths.runs_dir={tempfile.mkdtemp(prefix='raycg-eval-scale-')}", *args.overrides,
     ])
     resolve_paths(cfg)
     init_ray(cfg)
@@ -75,6 +81,9 @@ def main() -> None:
                                   popularity_weights=(cfg.loss.conversion_weight, cfg.loss.engagement_weight))
     wall = time.perf_counter() - t1
     print("\n" + format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
     sec = results["seconds"]
     nq = results["n_queries"]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -85,6 +94,7 @@ def main() -> None:
           f"{sec['scoring_and_baselines']:.1f}s, the rest (Ray Data embedding, query building, feature "
           f"store) {sec['total'] - sec['search'] - sec['scoring_and_baselines']:.1f}s; "
           f"driver peak RSS {peak:.1f} GiB")
+    print("[eval_scale] evaluation phases:\n" + format_phases(results))
 
 
 if __name__ == "__main__":

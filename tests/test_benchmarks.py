@@ -23,7 +23,8 @@ BENCH_DIR = os.path.join(ROOT, "benchmarks")
 # script -> (tiny arguments, a pattern its final output must contain)
 SMOKE = {
     "bench_scale.py": (["--items", "20000", "--users", "3000", "--small-items", "2000", "--step-steps", "3"],
-                       r"train +[\d,]+ rows/epoch .*\neval .*\nstep +sparse_adam at 2,000 items .* [\d.]+x"),
+                       r"train +[\d,]+ rows/epoch .*\neval .*\neval phases:\n(  .*\n)+step +sparse_adam at 2,000 items "
+                       r".* [\d.]+x"),
     "retrieve_latency.py": (["--items", "3000", "--users", "300", "--requests", "30", "--batch-requests", "300",
                              "--index", "hnsw"], r"single request .* p99 .*\nbatch in-process .* requests/s"),
     "table_scale.py": (["--items", "1000", "4000", "--steps", "3", "--warmup", "1"],
@@ -31,7 +32,9 @@ SMOKE = {
     "ingest.py": (["--users", "200", "--items", "200", "--epochs", "1"], r"ray_packed_mat +[\d,]+ +[\d.]+x"),
     "ingest_gil.py": (["--users", "300", "--items", "300", "--epochs", "1", "--repeats", "1"],
                       r"process +[\d.]+ +[\d,]+ +[\d.]+x"),
-    "eval_scale.py": (["--items", "3000", "--users", "300"], r"\[eval_scale\] evaluate_checkpoint [\d.]+s"),
+    "eval_scale.py": (["--items", "3000", "--users", "300", "--max-queries", "50"],
+                      r"\[eval_scale\] evaluate_checkpoint [\d.]+s.*\n\[eval_scale\] evaluation phases:\n(  .*\n)*"
+                      r"  model exact search +[\d.]+s"),
     "gpu_train.py": (["--cpu-smoke", "--users", "500", "--epochs", "1", "--warmup", "2", "--batch-size", "256",
                       "--history", "on"], r"on +ray x1 GPU, compile default +[\d,]+"),
     "gpu_step_check.py": (["--cpu", "--steps", "3"], r"compiled-bf16 +[\d.]+ "),

@@ -50,3 +50,25 @@ def test_vocabulary_rows_through_the_helper():
     ids = torch.tensor([-1, 7, 2**40, 5])
     assert table.rows(ids).tolist() == [0, 3, 5, 2]
     assert torch.compile(table.rows, backend="eager", fullgraph=True)(ids).tolist() == [0, 3, 5, 2]
+
+
+def test_the_dense_position_array_gives_the_binary_search_answer():
+    """Many ids against a dense integer table take the position-array route: same positions
+    and hits as searchsorted, misses (gaps, below, above) included."""
+    from raycg.data import lookup
+
+    rng = np.random.default_rng(0)
+    table = np.sort(rng.choice(np.arange(1000, 5000), 3000, replace=False)).astype(np.int64)
+    ids = rng.integers(900, 5100, size=lookup.DENSE_MIN_IDS + 7).astype(np.int64)
+    assert lookup._dense_slots(table, ids) is not None  # the fast route is the one under test
+    pos, hit = find_sorted(table, ids)
+    want_pos = np.searchsorted(table, ids).clip(0, len(table) - 1)
+    assert (pos == want_pos).all() and (hit == (table[want_pos] == ids)).all()
+    assert 0 < hit.mean() < 1
+    inside = rng.integers(table[0], table[-1] + 1, size=lookup.DENSE_MIN_IDS)  # every id in range
+    pos, hit = find_sorted(table, inside)
+    want_pos = np.searchsorted(table, inside).clip(0, len(table) - 1)
+    assert (pos == want_pos).all() and (hit == (table[want_pos] == inside)).all() and 0 < hit.mean() < 1
+    # a table with a repeated id, or ids too sparse for the array, take the binary search
+    assert lookup._dense_slots(np.array([1, 2, 2, 3]), ids) is None
+    assert lookup._dense_slots(table * 10, ids) is None

@@ -143,6 +143,37 @@ def test_vectorised_ranks_and_one_bootstrap_draw_agree_with_the_per_query_defini
     per_query = {k: np.array([np.isin(p, row[:k]).mean() for row, p in zip(top, positives)]) for k in (5, 20)}
     for k in (5, 20):
         assert report[k]["mean"] == pytest.approx(per_query[k].mean())
-        assert tuple(report[k]["ci95"]) == pytest.approx(bootstrap_ci(per_query[k], n_boot=200))
-    assert bootstrap_cis(np.stack([per_query[5], per_query[20]]), n_boot=200)[1] == pytest.approx(
-        bootstrap_ci(per_query[20], n_boot=200))
+        lo, hi = report[k]["ci95"]
+        assert lo < per_query[k].mean() < hi
+
+
+def _resampling_bootstrap(values: np.ndarray, n_boot: int, seed: int) -> list[tuple[float, float]]:
+    """The textbook bootstrap, written out: draw Q query indices with replacement, take each row's mean."""
+    rng = np.random.default_rng(seed)
+    means = np.stack([values[:, rng.integers(0, values.shape[1], values.shape[1])].mean(axis=1)
+                      for _ in range(n_boot)], axis=1)
+    return [tuple(np.quantile(m, [0.025, 0.975])) for m in means]
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_bootstrap_intervals_match_resampling_queries(continuous):
+    """Few distinct recall values (class counts drawn as one multinomial per replicate) and many
+    (index draws): both give the textbook bootstrap's interval, up to Monte Carlo error."""
+    from raycg.eval.recall import bootstrap_cis
+
+    rng = np.random.default_rng(11)
+    if continuous:
+        v5 = rng.random(600)
+    else:  # recall of 1-2 positives: 0, 1/2 or 1
+        v5 = rng.choice([0.0, 0.5, 1.0], size=2000, p=[0.6, 0.15, 0.25])
+    v20 = np.maximum(v5, rng.choice([0.0, 0.5, 1.0], size=len(v5)))
+    values = np.stack([v5, v20])
+    got = bootstrap_cis(values, n_boot=4000, seed=1)
+    want = _resampling_bootstrap(values, n_boot=4000, seed=2)
+    for (lo, hi), (wlo, whi), v in zip(got, want, values):
+        half = 1.96 * v.std() / np.sqrt(len(v))  # the normal approximation's half-width
+        assert lo == pytest.approx(wlo, abs=0.12 * half) and hi == pytest.approx(whi, abs=0.12 * half)
+        assert lo == pytest.approx(v.mean() - half, abs=0.15 * half)
+    # one draw for every row: a row shifted by a constant gets the same interval, shifted
+    shifted = bootstrap_cis(np.stack([v5, v5 + 0.25]), n_boot=300)
+    assert shifted[1] == pytest.approx((shifted[0][0] + 0.25, shifted[0][1] + 0.25), abs=1e-12)

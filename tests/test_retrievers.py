@@ -107,3 +107,65 @@ def test_the_model_retriever_answers_requests_with_nothing_to_go_on_by_the_given
                            new_users=(is_new, np.array([8, 7, 9])))
     assert model.retrieve(queries, 2).tolist() == [[9, 8], [8, 7]]
     assert model.served_popularity == {"engagement": 1}
+
+
+class PerUser:
+    """A random ranking per query, fixed by the query's user (so the test can recompute it)."""
+
+    name = "per_user"
+
+    def retrieve(self, queries: Queries, k: int) -> np.ndarray:
+        return np.stack([np.random.default_rng(int(u)).permutation(CORPUS_BIG)[:k] for u in queries.users])
+
+
+CORPUS_BIG = np.arange(1, 41)
+
+
+def test_every_part_scores_as_if_its_queries_and_positives_were_scored_alone():
+    """Repeat / novel positives and known / new users are read off one ranking pass; each must
+    equal recall@K computed by its definition on that part's queries and positives alone."""
+    rng = np.random.default_rng(3)
+    train = events([(int(u), int(i), "click", int(t)) for u, i, t in
+                    zip(rng.integers(0, 60, 400), rng.integers(1, 41, 400), rng.integers(0, 1000, 400))])
+    held = events([(int(u), int(i), str(e), int(t)) for u, i, e, t in
+                   zip(rng.integers(0, 80, 600), rng.integers(1, 41, 600),
+                       rng.choice(["click", "save"], 600), rng.integers(1000, 2000, 600))])
+    timeline = EngagementTimeline(HistoryIndex.from_events(pa.concat_tables([train, held])))
+    known_users = np.unique(train.column("user_id").to_numpy())
+    results, _ = score_retrievers([PerUser()], held, [3, 10], CORPUS_BIG, CORPUS_BIG % 7, timeline,
+                                  log=lambda msg: None, known_users=known_users)
+
+    from raycg.eval.queries import build_queries
+
+    queries, positives = build_queries(held, "engagement")
+    users, times = queries.column("user_id").to_numpy(), queries.column("timestamp").to_numpy()
+    tops = PerUser().retrieve(Queries.of("engagement", queries), 10)
+    want = {"repeat": [], "novel": [], "known_user": [], "new_user": []}
+    for u, t, pos, top in zip(users, times, positives, tops):
+        first = timeline.first_time(np.full(len(pos), u), pos)
+        for part, keep in (("repeat", first < t), ("novel", first >= t),
+                           ("known_user", np.full(len(pos), u in known_users)),
+                           ("new_user", np.full(len(pos), u not in known_users))):
+            if keep.any():
+                want[part].append([np.isin(pos[keep], top[:k]).mean() for k in (3, 10)])
+    for part, rows in want.items():
+        assert len(rows) >= 10, part  # every part is populated, so the comparison means something
+        assert results["n_queries"][f"engagement_{part}"] == len(rows)
+        got = results["per_user"][f"engagement_{part}"]
+        assert [got[3], got[10]] == pytest.approx(np.mean(rows, axis=0).tolist())
+
+
+def test_max_queries_scores_a_seeded_sample_and_says_so():
+    held = events([(u, 1 + u % 6, "click", 100 + u) for u in range(50)])
+    timeline = EngagementTimeline(HistoryIndex.from_events(held))
+    runs = [score_retrievers([Fixed([5, 3, 1, 2, 4, 6])], held, [1, 2], CORPUS, ADVERTISER, timeline,
+                             log=lambda msg: None, max_queries=20, seed=s)[0] for s in (0, 0, 1)]
+    assert runs[0]["n_queries"]["engagement"] == 20
+    assert runs[0]["sampled_queries"] == {"engagement": {"used": 20, "of": 50}}
+    assert runs[0]["fixed"] == runs[1]["fixed"]  # the same seed, the same sample
+    assert runs[0]["detail"]["fixed"]["engagement"] != runs[2]["detail"]["fixed"]["engagement"]
+    assert "scored on a uniform sample (eval.max_queries): engagement 20 of 50 queries" in format_table(
+        dict(runs[0], model=runs[0]["fixed"], methods=["fixed"]))
+    full = score_retrievers([Fixed([5, 3, 1, 2, 4, 6])], held, [1, 2], CORPUS, ADVERTISER, timeline,
+                            log=lambda msg: None, max_queries=50)[0]
+    assert full["sampled_queries"] == {} and full["n_queries"]["engagement"] == 50

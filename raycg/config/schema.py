@@ -245,6 +245,7 @@ class EvalConfig:
     actor_gpus: float = MISSING  # GPUs of each Ray Data embedding actor on a GPU cluster
     baselines: List[Baseline] = MISSING
     als: AlsConfig = MISSING
+    max_queries: Optional[int] = MISSING  # per task, a seeded uniform sample; null: every query
 
 
 # -- the run config (raycg/conf/config.yaml: python -m raycg.train) ----------------------------

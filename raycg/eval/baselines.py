@@ -27,16 +27,48 @@ def _task_rows(train_events: pa.Table, event_types, corpus_ids: np.ndarray) -> t
     return mask, row
 
 
-def _rank_by_counts(train_events: pa.Table, task: str, corpus_ids: np.ndarray, k: int,
-                    subset: np.ndarray | None = None) -> np.ndarray:
-    task_mask, row = _task_rows(train_events, TASKS[task], corpus_ids)
-    any_mask, _ = _task_rows(train_events, sum(TASKS.values(), ()), corpus_ids)
-    if subset is not None:
-        task_mask, any_mask = task_mask & subset, any_mask & subset
-    task_count = np.bincount(row[task_mask], minlength=len(corpus_ids))
-    any_count = np.bincount(row[any_mask], minlength=len(corpus_ids))
-    order = np.lexsort((corpus_ids, -any_count, -task_count))
-    return corpus_ids[order[:k]]
+class EventCounts:
+    """The training window's positive events reduced once to what popularity rankings need:
+    each event's corpus row, task (index into TASKS) and surface code. Rankings are then a
+    bincount and a sort over the corpus, not a pass over the events' columns.
+
+        counts = EventCounts(train_events, corpus_ids)
+        counts.ranking("conversion", 100)                  # global top-100 item ids
+        counts.ranking("conversion", 100, surface="search")
+    """
+
+    def __init__(self, train_events: pa.Table, corpus_ids: np.ndarray):
+        self.corpus_ids = corpus_ids
+        etype = pc.dictionary_encode(train_events.column("event_type")).combine_chunks()
+        names = etype.dictionary.to_pylist()
+        task_of_type = np.array([next((t for t, (_, types) in enumerate(TASKS.items()) if n in types), -1)
+                                 for n in names] + [-1], dtype=np.int64)  # -1: not a positive event (or null)
+        task = task_of_type[etype.indices.fill_null(len(names)).to_numpy()]
+        row, known = find_sorted(corpus_ids, train_events.column("item_id").to_numpy())
+        keep = known & (task >= 0)
+        if "surface" in train_events.column_names:
+            surface = pc.dictionary_encode(train_events.column("surface")).combine_chunks()
+            self.surfaces = [str(x) for x in surface.dictionary.to_pylist()]
+            codes = surface.indices.fill_null(len(self.surfaces)).to_numpy()
+        else:  # global rankings only
+            self.surfaces, codes = [], np.zeros(train_events.num_rows, np.int64)
+        self.row, self.task, self.surface = row[keep], task[keep], codes[keep]
+        self._cache: dict = {}
+
+    def ranking(self, task: str, k: int, surface: str | None = None) -> np.ndarray:
+        """Top-k corpus item ids by count of the task's events (on `surface` only, if given; a
+        surface with no training event gets the global ranking). Ties break by all-positive
+        count, then item id."""
+        if surface is not None and surface not in self.surfaces:
+            surface = None
+        key = (task, surface)
+        if key not in self._cache or len(self._cache[key]) < min(k, len(self.corpus_ids)):
+            on = np.ones(len(self.row), bool) if surface is None else self.surface == self.surfaces.index(surface)
+            n = len(self.corpus_ids)
+            task_count = np.bincount(self.row[on & (self.task == list(TASKS).index(task))], minlength=n)
+            any_count = np.bincount(self.row[on], minlength=n)
+            self._cache[key] = self.corpus_ids[np.lexsort((self.corpus_ids, -any_count, -task_count))[:k]]
+        return self._cache[key][:k]
 
 
 def popularity_ranking(train_events: pa.Table, task: str, corpus_ids: np.ndarray, k: int) -> np.ndarray:
@@ -44,20 +76,16 @@ def popularity_ranking(train_events: pa.Table, task: str, corpus_ids: np.ndarray
 
     Ties (e.g. items with no conversions) break by all-positive count, then item id.
     """
-    return _rank_by_counts(train_events, task, corpus_ids, k)
+    return EventCounts(train_events, corpus_ids).ranking(task, k)
 
 
 def surface_popularity_rankings(train_events: pa.Table, task: str, corpus_ids: np.ndarray, k: int,
-                                surfaces) -> dict[str, np.ndarray]:
+                                surfaces, counts: EventCounts | None = None) -> dict[str, np.ndarray]:
     """{surface: top-k item ids} counting only that surface's training events (same tie
-    breaks as `popularity_ranking`); a surface absent from training gets the global ranking."""
-    train_surface = train_events.column("surface").to_numpy(zero_copy_only=False).astype(str)
-    out = {}
-    for s in np.unique(np.asarray(surfaces, dtype=str)):
-        subset = train_surface == s
-        out[str(s)] = (_rank_by_counts(train_events, task, corpus_ids, k, subset) if subset.any()
-                       else popularity_ranking(train_events, task, corpus_ids, k))
-    return out
+    breaks as `popularity_ranking`); a surface absent from training gets the global ranking.
+    `counts`: an EventCounts of these events, to reuse."""
+    counts = counts or EventCounts(train_events, corpus_ids)
+    return {str(s): counts.ranking(task, k, str(s)) for s in np.unique(np.asarray(surfaces, dtype=str))}
 
 
 class ALSBaseline:

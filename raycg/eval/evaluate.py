@@ -8,17 +8,20 @@ import dataclasses
 import json
 import os
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import ray
 import torch
 
 from raycg.data.history import HistoryIndex
+from raycg.data.lookup import find_sorted
 from raycg.data.pipeline import checked_events, event_files, feature_store_from_config, validation_cutoff
 
 from raycg.eval.embed import embed_corpus, embed_queries
-from raycg.eval.queries import TASKS, build_queries, drop_cold, drop_cold_positives, read_event_columns
-from raycg.eval.recall import recall_report
+from raycg.eval.queries import (TASKS, build_queries, drop_cold, drop_cold_positives, read_event_columns,
+                                 sample_queries)
+from raycg.eval.recall import flat_positive_ranks, recall_report, recall_report_from_ranks
 from raycg.eval.reengagement import EngagementTimeline
 from raycg.eval.retrievers import ModelRetriever, Queries, Retriever, TrainingWindow, build_baselines
 from raycg.logs import get_logger
@@ -29,6 +32,24 @@ USER_PARTS = ("known_user", "new_user")  # queries whose user has a training-spl
 
 
 DEVICES = ("auto", "cpu", "cuda")
+
+
+class PhaseTimes:
+    """Wall seconds per named phase, summed over repeats: `with phases("corpus embedding"): ...`."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - t0)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
 
 def eval_devices(setting: str) -> tuple[bool, str]:
@@ -66,6 +87,7 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
     embed_gpu, search_device = eval_devices(eval_cfg["device"])
     baselines = list(eval_cfg["baselines"])
     t_start = time.perf_counter()
+    phases = PhaseTimes()
     if store is None:  # as the training run built it: stats from before its validation window
         store = feature_store_from_config(data_cfg, before_ts=validation_cutoff(
             data_cfg["train_path"], data_cfg["validation_fraction"]))
@@ -76,18 +98,21 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
     eval_events, eval_rows = eval_split
     # every action of the training split and the checked eval split: the history feature,
     # repeat/novel positives and the recent_engaged baseline (lookups only see the past)
-    actions = HistoryIndex.build(event_files(data_cfg["train_path"]), extra=eval_events)
-    timeline = EngagementTimeline(actions)
+    with phases("action history + timeline"):
+        actions = HistoryIndex.build(event_files(data_cfg["train_path"]), extra=eval_events)
+        timeline = EngagementTimeline(actions)
     if history_length > 0:
         store = dataclasses.replace(store, history_length=history_length, history=actions)
     store_ref = [ray.put(store)]
     ray_min = int(eval_cfg["ray_inference_min_rows"])
     log(f"eval: embedding the item corpus {data_cfg['items_path']} (Ray Data, {'GPU' if embed_gpu else 'CPU'} "
         f"actors, or this process below {ray_min:,} rows; exact top-K on {search_device})")
-    corpus_ids, item_emb = embed_corpus(data_cfg["items_path"], checkpoint_dir, store_ref,
-                                        eval_cfg["inference_batch_size"], use_gpu=embed_gpu, ray_min_rows=ray_min,
-                                        actor_gpus=eval_cfg["actor_gpus"])
-    train_events = read_event_columns(data_cfg["train_path"], ["user_id", "item_id", "event_type", "surface"])
+    with phases("corpus embedding"):
+        corpus_ids, item_emb = embed_corpus(data_cfg["items_path"], checkpoint_dir, store_ref,
+                                            eval_cfg["inference_batch_size"], use_gpu=embed_gpu,
+                                            ray_min_rows=ray_min, actor_gpus=eval_cfg["actor_gpus"])
+    with phases("training events read"):
+        train_events = read_event_columns(data_cfg["train_path"], ["user_id", "item_id", "event_type", "surface"])
     known_items = None
     if drop_cold(eval_cfg["cold_items"], data_cfg["items_path"]):
         known_items = np.unique(train_events.column("item_id").to_numpy())
@@ -95,8 +120,9 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
             f"{len(corpus_ids) - len(known_items):,} items without a training-split event are left out "
             "(eval.cold_items=auto; they are in the corpus only because they are engaged later)")
     t_base = time.perf_counter()
-    window = TrainingWindow(train_events, corpus_ids, timeline, eval_cfg, seed, search_device, log)
-    retrievers = build_baselines(baselines, window)
+    with phases("baselines fit"):
+        window = TrainingWindow(train_events, corpus_ids, timeline, eval_cfg, seed, search_device, log)
+        retrievers = build_baselines(baselines, window)
     baseline_s = time.perf_counter() - t_base
 
     def embed(queries):  # the query tower (Ray Data batch inference from ray_min rows)
@@ -116,22 +142,30 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
     adv_of = store.items.cat[:, 1][np.searchsorted(store.items.item_id, corpus_ids)]  # advertiser per corpus row
     known_users = np.unique(train_events.column("user_id").to_numpy())
     results, seconds = score_retrievers([model, *retrievers], eval_events, ks, corpus_ids, adv_of, timeline,
-                                        known_items, log, known_users=known_users)
+                                        known_items, log, known_users=known_users, phases=phases,
+                                        max_queries=eval_cfg.get("max_queries"), seed=seed)
     results["eval_rows"] = eval_rows
     results["new_users"] = {"policy": new_users, "served_popularity": model.served_popularity,
                             "popularity_weights": {"conversion": popularity_weights[0],
                                                    "engagement": popularity_weights[1]}}
     # baselines and recall scoring: fitting, then every retriever's ranking and scoring but the model's
     baseline_s += seconds["scoring"] - seconds["retrieve"][model.name]
+    # the model's retrieve phases split into query embedding and exact search
+    retrieve_s = sum(phases.seconds.pop(f"{task}: model retrieve", 0.0) for task in TASKS)
+    phases.add("model query embedding", model.embed_s)
+    phases.add("model exact search", model.search_s)
+    phases.add("model id mapping + new-user rule", retrieve_s - model.embed_s - model.search_s)
     results["seconds"] = {"total": time.perf_counter() - t_start, "search": model.search_s,
-                          "scoring_and_baselines": baseline_s}
+                          "scoring_and_baselines": baseline_s, "phases": phases.seconds}
     results["search_backend"] = "faiss" if search_device == "cpu" else f"torch ({search_device})"
     return results
 
 
 def score_retrievers(retrievers: list[Retriever], eval_events, ks: list[int], corpus_ids: np.ndarray,
                      adv_of: np.ndarray, timeline: EngagementTimeline, known_items: np.ndarray | None = None,
-                     log=get_logger("eval").info, known_users: np.ndarray | None = None) -> tuple[dict, dict]:
+                     log=get_logger("eval").info, known_users: np.ndarray | None = None,
+                     phases: PhaseTimes | None = None, max_queries: int | None = None,
+                     seed: int = 0) -> tuple[dict, dict]:
     """Every retriever on the same queries of each task (raycg.eval.queries.build_queries):
     recall@K with bootstrap intervals and per surface, for repeat and novel positives apart
     (`timeline`), and for conversions at the advertiser level (`adv_of`: the advertiser of
@@ -141,73 +175,89 @@ def score_retrievers(retrievers: list[Retriever], eval_events, ks: list[int], co
     history or id of their own), with `new_user_share` per task. (The training split includes
     its validation window; `index.new_users` asks the feature store, whose statistics stop
     before that window, so a user seen only in it is "known" here and new to that rule.)
+    `max_queries` (eval.max_queries): each task scores a uniform sample of that many queries
+    (fixed by `seed`), recorded under `sampled_queries` as {"used", "of"}.
 
     Returns (results, seconds): results as in eval.json (one block per retriever name);
     seconds = {"retrieve": time in each retriever's `retrieve`, "scoring": retrieving and
     scoring altogether}."""
     methods = [r.name for r in retrievers]
     results: dict = {"ks": ks, "n_items": int(len(corpus_ids)), "methods": methods, "n_queries": {},
-                     "repeat_share": {}, "new_user_share": {}, "cold_dropped": {},
+                     "repeat_share": {}, "new_user_share": {}, "cold_dropped": {}, "sampled_queries": {},
                      "detail": {m: {} for m in methods}, "als_coverage": {}, **{m: {} for m in methods}}
     seconds = {"retrieve": {m: 0.0 for m in methods}, "scoring": 0.0}
+    phases = phases or PhaseTimes()
     K = max(ks)
     for task in TASKS:
-        queries, positives = build_queries(eval_events, task)
-        if known_items is not None:
-            queries, positives, results["cold_dropped"][task] = drop_cold_positives(queries, positives, known_items)
+        with phases(f"{task}: queries"):
+            queries, positives = build_queries(eval_events, task)
+            if known_items is not None:
+                queries, positives, results["cold_dropped"][task] = drop_cold_positives(queries, positives,
+                                                                                        known_items)
+            n_all = len(positives)
+            queries, positives = sample_queries(queries, positives, max_queries, seed)
+            if len(positives) < n_all:
+                results["sampled_queries"][task] = {"used": len(positives), "of": n_all}
+                log(f"eval: {task}: scoring a uniform sample of {len(positives):,} of {n_all:,} queries "
+                    "(eval.max_queries)")
         results["n_queries"][task] = len(positives)
         if not positives:
             log(f"eval: no {task} queries in the eval split")
             continue
         log(f"eval: {task}: {len(positives):,} queries over {len(corpus_ids):,} items, {len(methods)} methods")
+        t_task = time.perf_counter()
         batch = Queries.of(task, queries)
         surfaces, users, times = batch.surfaces, batch.users, batch.times
-        adv_pos = [np.unique(adv_of[np.searchsorted(corpus_ids, p)]) for p in positives]
-        repeat = timeline.repeat_masks(users, times, positives)
-        n_pos = sum(len(p) for p in positives)
-        results["repeat_share"][task] = float(sum(int(r.sum()) for r in repeat) / n_pos)
-        parts = {}
-        for part in PARTS:
-            keep = [r if part == "repeat" else ~r for r in repeat]
-            idx = np.array([q for q, k in enumerate(keep) if k.any()], dtype=np.int64)
-            parts[part] = (idx, [positives[q][keep[q]] for q in idx])
-            results["n_queries"][f"{task}_{part}"] = len(idx)
+        lengths = np.fromiter((len(p) for p in positives), dtype=np.int64, count=len(positives))
+        # subsets of one task's queries, as flat masks over all positives (query q's are
+        # lengths[q] consecutive entries): each part's ranks are read off the full ranking pass
+        repeat = timeline.repeat_flags(users, times, lengths, np.concatenate(positives))
+        results["repeat_share"][task] = float(repeat.mean())
+        parts = {"repeat": repeat, "novel": ~repeat}
         log(f"eval: {task}: {100 * results['repeat_share'][task]:.1f}% of positives are repeat (the user "
             f"acted on the item before the query time)")
         if known_users is not None:
             known = np.isin(users, known_users)
             results["new_user_share"][task] = float((~known).mean())
-            for part, mask in zip(USER_PARTS, (known, ~known)):
-                idx = np.flatnonzero(mask)
-                parts[part] = (idx, [positives[q] for q in idx])
-                results["n_queries"][f"{task}_{part}"] = len(idx)
+            parts.update({"known_user": np.repeat(known, lengths), "new_user": np.repeat(~known, lengths)})
             log(f"eval: {task}: {100 * results['new_user_share'][task]:.1f}% of queries are new users (no "
                 f"training-split event)")
-        t_task = time.perf_counter()
+        starts = np.cumsum(lengths) - lengths
+        subsets = {}
+        for part, flat_mask in parts.items():
+            per_query = np.add.reduceat(flat_mask.astype(np.int64), starts)
+            subsets[part] = (flat_mask, per_query[per_query > 0], per_query > 0)
+            results["n_queries"][f"{task}_{part}"] = int((per_query > 0).sum())
+        if task == "conversion":  # advertiser level: the conversion's advertisers among the top-K items' ones
+            adv_pos = [np.unique(adv_of[np.searchsorted(corpus_ids, p)]) for p in positives]
+            results["n_queries"]["conversion_advertiser"] = len(adv_pos)
+        seconds["scoring"] += time.perf_counter() - t_task
+        phases.add(f"{task}: repeat / new-user split", time.perf_counter() - t_task)
         for retriever in retrievers:
             method = retriever.name
             t0 = time.perf_counter()
-            top = retriever.retrieve(batch, K)
+            with phases(f"{task}: {method} retrieve"):
+                top = retriever.retrieve(batch, K)
             seconds["retrieve"][method] += time.perf_counter() - t0
+            t_score = time.perf_counter()
             if hasattr(retriever, "coverage"):
                 results["als_coverage"].setdefault(method, {})[task] = retriever.coverage(batch)
-            report = recall_report(top, positives, ks, groups=surfaces)
-            results[method][task] = {k: v["mean"] for k, v in report.items()}
-            results["detail"][method][task] = report
-            for part, (idx, pos) in parts.items():
-                if len(idx):
-                    report = recall_report(np.asarray(top)[idx], pos, ks, groups=surfaces[idx])
-                    results[method][f"{task}_{part}"] = {k: v["mean"] for k, v in report.items()}
-                    results["detail"][method][f"{task}_{part}"] = report
-            if task == "conversion":
-                # advertiser level: the held-out conversion's advertiser among the top-K items' advertisers
-                report = recall_report(adv_of[np.searchsorted(corpus_ids, top)], adv_pos, ks, groups=surfaces)
-                results[method]["conversion_advertiser"] = {k: v["mean"] for k, v in report.items()}
-                results["detail"][method]["conversion_advertiser"] = report
+            with phases(f"{task}: scoring"):
+                ranks, _ = flat_positive_ranks(top, positives)
+                reports = {task: recall_report_from_ranks(ranks, lengths, ks, surfaces)}
+                for part, (flat_mask, part_lengths, keep) in subsets.items():
+                    if len(part_lengths):
+                        reports[f"{task}_{part}"] = recall_report_from_ranks(ranks[flat_mask], part_lengths, ks,
+                                                                             surfaces[keep])
+                if task == "conversion":
+                    reports["conversion_advertiser"] = recall_report(adv_of[find_sorted(corpus_ids, top)[0]],
+                                                                     adv_pos, ks, groups=surfaces)
+                for name, report in reports.items():
+                    results[method][name] = {k: v["mean"] for k, v in report.items()}
+                    results["detail"][method][name] = report
             del top
-        if task == "conversion":
-            results["n_queries"]["conversion_advertiser"] = len(adv_pos)
-        seconds["scoring"] += time.perf_counter() - t_task
+            seconds["scoring"] += time.perf_counter() - t_score
+    seconds["scoring"] += sum(seconds["retrieve"].values())
     return results, seconds
 
 def timing_line(results: dict, path: str) -> str:
@@ -215,6 +265,13 @@ def timing_line(results: dict, path: str) -> str:
     return (f"[raycg] eval: exact search ({results.get('search_backend', 'faiss')}) {sec['search']:.1f}s of "
             f"{sec['total']:.1f}s total (baselines and recall scoring {sec['scoring_and_baselines']:.1f}s); "
             f"results -> {path}")
+
+
+def format_phases(results: dict, indent: str = "  ") -> str:
+    """results["seconds"]["phases"] as lines, the longest first (query embedding, exact search,
+    scoring, ... : where evaluation time goes)."""
+    phases = results.get("seconds", {}).get("phases", {})
+    return "\n".join(f"{indent}{name:<44}{secs:8.1f}s" for name, secs in sorted(phases.items(), key=lambda kv: -kv[1]))
 
 
 def _get(d: dict, k):
@@ -243,6 +300,10 @@ def format_table(results: dict) -> str:
     lines = _recall_rows(results, tasks, short)
     nq = results["n_queries"]
     lines.append("queries: " + ", ".join(f"{t} {nq.get(t, 0):,}" for t in TASKS) + f"; corpus {results['n_items']:,} items")
+    sampled = results.get("sampled_queries") or {}
+    if sampled:
+        lines.append("scored on a uniform sample (eval.max_queries): " + ", ".join(
+            f"{t} {c['used']:,} of {c['of']:,} queries" for t, c in sampled.items()))
     cold = results.get("cold_dropped") or {}
     if cold:
         lines.append("left out (items without a training event; eval.cold_items): " + ", ".join(

@@ -47,8 +47,25 @@ def build_queries(events: pa.Table, task: str) -> tuple[pa.Table, list[np.ndarra
     grouped = grouped.sort_by([(k, "ascending") for k in by])
     keys = grouped.select(QUERY_KEYS + ["query_ts_min"]).rename_columns(QUERY_KEYS + ["timestamp"])
     # sorted: "distinct" lists a group's items in the order its threads met them
-    positives = [np.sort(np.asarray(v, dtype=np.int64)) for v in grouped.column("item_id_distinct").to_pylist()]
-    return keys, positives
+    lists = grouped.column("item_id_distinct").combine_chunks()
+    offsets = lists.offsets.to_numpy().astype(np.int64)
+    offsets -= offsets[0]  # a sliced array's offsets start past 0; flatten() starts at its first list
+    items = lists.flatten().to_numpy().astype(np.int64)
+    group = np.repeat(np.arange(len(lists)), np.diff(offsets))
+    items = items[np.lexsort((items, group))]
+    return keys, np.split(items, offsets[1:-1])
+
+
+def sample_queries(queries: pa.Table, positives: list[np.ndarray], max_queries: int | None, seed: int = 0,
+                   ) -> tuple[pa.Table, list[np.ndarray]]:
+    """At most `max_queries` of the queries, drawn uniformly without replacement with `seed`
+    (kept in their order); all of them when `max_queries` is None or not smaller."""
+    if max_queries is None or len(positives) <= max_queries:
+        return queries, positives
+    if max_queries < 1:
+        raise ValueError(f"max_queries={max_queries}: expected a positive number of queries or null (all)")
+    rows = np.sort(np.random.default_rng(seed).choice(len(positives), max_queries, replace=False))
+    return queries.take(pa.array(rows)), [positives[r] for r in rows]
 
 
 def drop_cold_positives(queries: pa.Table, positives: list[np.ndarray], known_items: np.ndarray,

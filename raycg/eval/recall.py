@@ -136,16 +136,28 @@ def recall_at_k(top, positives: list[np.ndarray], ks) -> dict[int, float]:
 
 def bootstrap_cis(values: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> list[tuple[float, float]]:
     """Percentile bootstrap intervals of the mean of each row of `values` ([n, Q] per-query
-    values, e.g. recall at each K), resampling queries: one draw of query indices serves every row."""
+    values, e.g. recall at each K), resampling queries: one draw serves every row.
+
+    Recall takes few distinct values (0, 1/2, 1, ...), so queries fall into C classes of equal
+    value columns. Resampling Q queries with replacement draws each class Multinomial(Q, n_c / Q)
+    times: the same distribution as drawing indices, at C instead of Q numbers per replicate
+    (100k queries: ~10 classes). Index draws serve the case of many classes.
+    """
     values = np.atleast_2d(np.asarray(values, dtype=np.float64))
-    if values.shape[1] == 0:
+    Q = values.shape[1]
+    if Q == 0:
         return [(float("nan"), float("nan"))] * len(values)
     rng = np.random.default_rng(seed)
-    means = np.empty((len(values), n_boot))
-    for b in range(0, n_boot, 100):  # chunks keep memory at 100 x Q indices
-        idx = rng.integers(0, values.shape[1], size=(min(100, n_boot - b), values.shape[1]))
-        for row, v in enumerate(values):
-            means[row, b:b + len(idx)] = v[idx].mean(axis=1)
+    classes, inverse = np.unique(values.T, axis=0, return_inverse=True)  # [C, n] distinct columns
+    if len(classes) * 4 <= Q:
+        counts = rng.multinomial(Q, np.bincount(inverse.ravel(), minlength=len(classes)) / Q, size=n_boot)
+        means = (counts @ classes).T / Q  # [n, n_boot]
+    else:
+        means = np.empty((len(values), n_boot))
+        for b in range(0, n_boot, 100):  # chunks keep memory at 100 x Q indices
+            idx = rng.integers(0, Q, size=(min(100, n_boot - b), Q))
+            for row, v in enumerate(values):
+                means[row, b:b + len(idx)] = v[idx].mean(axis=1)
     lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2], axis=1)
     return [(float(a), float(b)) for a, b in zip(lo, hi)]
 
@@ -158,13 +170,23 @@ def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, level: float = 0.95, se
 def recall_report(top_ids: np.ndarray, positives: list[np.ndarray], ks, groups: np.ndarray | None = None,
                   n_boot: int = 1000) -> dict:
     """{k: {"mean", "ci95": [lo, hi], "by_group": {g: mean}}} from per-query recall@k."""
-    ranks, lengths = flat_positive_ranks(top_ids, positives)
+    return recall_report_from_ranks(*flat_positive_ranks(top_ids, positives), ks, groups, n_boot)
+
+
+def recall_report_from_ranks(ranks: np.ndarray, lengths: np.ndarray, ks, groups: np.ndarray | None = None,
+                             n_boot: int = 1000) -> dict:
+    """`recall_report` from `flat_positive_ranks` output: one ranking pass can feed several
+    reports (e.g. a subset of queries or of positives, selected on the flat arrays)."""
     per_query = np.stack([_recall_from_flat_ranks(ranks, lengths, k) for k in ks]) if len(ks) else np.zeros((0, 0))
     cis = bootstrap_cis(per_query, n_boot)
+    if groups is not None:
+        names, group_of = np.unique(np.asarray(groups), return_inverse=True)
+        size = np.bincount(group_of.ravel(), minlength=len(names))
     out = {}
     for i, k in enumerate(ks):
         entry = {"mean": float(per_query[i].mean()), "ci95": list(cis[i])}
         if groups is not None:
-            entry["by_group"] = {str(g): float(per_query[i][groups == g].mean()) for g in np.unique(groups)}
+            sums = np.bincount(group_of.ravel(), weights=per_query[i], minlength=len(names))
+            entry["by_group"] = {str(g): float(sums[j] / size[j]) for j, g in enumerate(names)}
         out[int(k)] = entry
     return out

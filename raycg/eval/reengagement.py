@@ -56,9 +56,12 @@ class EngagementTimeline:
         lengths = np.array([len(p) for p in positives], dtype=np.int64)
         if lengths.sum() == 0:
             return [np.zeros(0, bool) for _ in positives]
-        flat = np.concatenate(positives).astype(np.int64)
-        rep = self.first_time(np.repeat(users, lengths), flat) < np.repeat(times, lengths)
+        rep = self.repeat_flags(users, times, lengths, np.concatenate(positives))
         return np.split(rep, np.cumsum(lengths)[:-1])
+
+    def repeat_flags(self, users: np.ndarray, times: np.ndarray, lengths: np.ndarray, flat: np.ndarray) -> np.ndarray:
+        """`repeat_masks` on flat arrays: `flat` holds every query's positives, `lengths[q]` of them for query q."""
+        return self.first_time(np.repeat(users, lengths), np.asarray(flat, np.int64)) < np.repeat(times, lengths)
 
     def recent_engaged(self, users: np.ndarray, times: np.ndarray, k: int, fallback: np.ndarray,
                        chunk: int = 4096) -> np.ndarray:

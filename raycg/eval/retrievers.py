@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Protocol
 
 import numpy as np
 import pyarrow as pa
 
-from raycg.eval.baselines import ALSBaseline, popularity_ranking, surface_popularity_rankings
+from raycg.eval.baselines import ALSBaseline, EventCounts, surface_popularity_rankings
 from raycg.eval.recall import exact_top_k
 from raycg.eval.reengagement import EngagementTimeline
 from raycg.logs import get_logger
@@ -73,6 +74,11 @@ class TrainingWindow:
     device: str = "cpu"  # of exact top-K searches (raycg.eval.recall.exact_top_k)
     log: Callable[[str], None] = get_logger("eval").info
 
+    @cached_property
+    def counts(self) -> EventCounts:
+        """Per-item event counts for the popularity rankings, built on first use and shared."""
+        return EventCounts(self.events, self.corpus_ids)
+
 
 class ModelRetriever:
     """The two-tower model: each query embedded by `embed(queries.table)` (Ray Data batch
@@ -87,10 +93,13 @@ class ModelRetriever:
         self.batch_size, self.threads, self.device = batch_size, threads, device
         self.new_users = new_users  # (queries -> bool mask, the ranking they get): index.new_users=popularity
         self.search_s = 0.0  # exact search time so far (the embedding excluded)
+        self.embed_s = 0.0  # query embedding time so far
         self.served_popularity = {}  # task -> queries answered by the new-user ranking
 
     def retrieve(self, queries: Queries, k: int) -> np.ndarray:
+        t0 = time.perf_counter()
         q_emb = self.embed(queries.table)
+        self.embed_s += time.perf_counter() - t0
         top_rows, secs = exact_top_k(self.item_emb, q_emb, k, self.batch_size, self.threads, self.device)
         self.search_s += secs
         top = self.corpus_ids[top_rows]
@@ -111,7 +120,7 @@ class Popularity:
         self.window = window
 
     def retrieve(self, queries: Queries, k: int) -> np.ndarray:
-        pop = popularity_ranking(self.window.events, queries.task, self.window.corpus_ids, k)
+        pop = self.window.counts.ranking(queries.task, k)
         return np.broadcast_to(pop, (len(queries), len(pop)))
 
 
@@ -125,7 +134,7 @@ class SurfacePopularity:
 
     def retrieve(self, queries: Queries, k: int) -> np.ndarray:
         per_surface = surface_popularity_rankings(self.window.events, queries.task, self.window.corpus_ids, k,
-                                                  queries.surfaces)
+                                                  queries.surfaces, counts=self.window.counts)
         names = sorted(per_surface)
         return np.stack([per_surface[n] for n in names])[np.searchsorted(names, queries.surfaces)]
 
@@ -142,7 +151,7 @@ class RecentEngaged:
     def retrieve(self, queries: Queries, k: int) -> np.ndarray:
         w = self.window
         return w.timeline.recent_engaged(queries.users, queries.times, k,
-                                         popularity_ranking(w.events, queries.task, w.corpus_ids, k))
+                                         w.counts.ranking(queries.task, k))
 
 
 class ALSRetriever:

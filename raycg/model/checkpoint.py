@@ -39,7 +39,7 @@ LEGACY_KEYS = {
     "data": {"users_path": None, "item_categorical": [], "user_categorical": [], "on_bad_rows": "fail",
              "validation_fraction": 0.0, "check_duplicates": True},
     "eval": {"cold_items": "auto", "device": "auto", "baselines": ["popularity"], "faiss_threads": None, "als": {},
-             "ray_inference_min_rows": 0, "actor_gpus": 1},  # before in-process embedding of small tables: always Ray Data
+             "ray_inference_min_rows": 0, "actor_gpus": 1, "max_queries": None},  # before in-process embedding of small tables: always Ray Data
     "index": {"exact_max_items": 100_000, "kind": "ivf", "nlist": None, "nprobe": 32, "hnsw_m": 32, "ef_search": 128,
               "recall_k": 100, "recall_queries": 10_000, "batch_size": 4096,
               "new_users": "model"},  # exports before the item index

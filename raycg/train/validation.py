@@ -26,7 +26,7 @@ import torch
 
 from raycg.data.lookup import find_sorted
 from raycg.data.schema import find_problems, event_columns
-from raycg.eval.queries import TASKS, build_queries, drop_cold_positives
+from raycg.eval.queries import TASKS, build_queries, drop_cold_positives, sample_queries
 from raycg.eval.recall import recall_at_k, torch_top_k
 
 
@@ -65,8 +65,7 @@ class ValidationSet:
                 queries, positives, _ = drop_cold_positives(queries, positives, known_items)
             if max_queries is not None and len(positives) > max_queries:
                 out.sampled_from[task] = len(positives)
-                rows = np.sort(np.random.default_rng(seed).choice(len(positives), max_queries, replace=False))
-                queries, positives = queries.take(pa.array(rows)), [positives[r] for r in rows]
+            queries, positives = sample_queries(queries, positives, max_queries, seed)
             if positives:
                 out.queries[task] = (store.pack_users(queries), positives)
         return out
