@@ -139,6 +139,10 @@ def test_vectorised_ranks_and_one_bootstrap_draw_agree_with_the_per_query_defini
             hit = np.flatnonzero(row == p)
             want.append(hit[0] if len(hit) else 20)
     assert ranks.tolist() == want and lengths.tolist() == [len(p) for p in positives]
+    # one list for every query (a broadcast view, as the popularity baselines return) takes a lookup
+    shared = np.broadcast_to(top[0], top.shape)
+    ranks, _ = flat_positive_ranks(shared, positives)
+    assert ranks.tolist() == [(np.flatnonzero(top[0] == p)[:1].tolist() or [20])[0] for pos in positives for p in pos]
     report = recall_report(top, positives, [5, 20], n_boot=200)
     per_query = {k: np.array([np.isin(p, row[:k]).mean() for row, p in zip(top, positives)]) for k in (5, 20)}
     for k in (5, 20):

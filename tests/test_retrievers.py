@@ -169,3 +169,16 @@ def test_max_queries_scores_a_seeded_sample_and_says_so():
     full = score_retrievers([Fixed([5, 3, 1, 2, 4, 6])], held, [1, 2], CORPUS, ADVERTISER, timeline,
                             log=lambda msg: None, max_queries=50)[0]
     assert full["sampled_queries"] == {} and full["n_queries"]["engagement"] == 50
+
+
+def test_where_evaluation_embeds(ray_session):
+    """eval.device: auto on a one-node cluster whose driver has a GPU embeds in the driver; on a
+    CPU, or with an explicit device, the Ray Data actors (above eval.ray_inference_min_rows)."""
+    from raycg.eval.evaluate import embed_in_driver, eval_devices
+
+    assert eval_devices("cpu") == (False, "cpu")
+    assert eval_devices("auto")[0] is False  # this test cluster has no GPU
+    assert embed_in_driver("auto", "cuda") is True  # one node: nothing to distribute
+    assert embed_in_driver("auto", "cpu") is False and embed_in_driver("cuda", "cuda") is False
+    with pytest.raises(ValueError, match=r"eval.device='tpu': expected one of \['auto', 'cpu', 'cuda'\]"):
+        eval_devices("tpu")

@@ -95,6 +95,8 @@ def flat_positive_ranks(top: np.ndarray, positives: list[np.ndarray]) -> tuple[n
     ranks = np.full(len(flat), K, dtype=np.int64)
     if K == 0:
         return ranks, lengths
+    if top.strides[0] == 0:  # one list for every query (np.broadcast_to, e.g. global popularity)
+        return _ranks_in_one_list(top[0], flat), lengths
     starts = np.cumsum(lengths) - lengths
     chunk = max(1, (1 << 24) // K)  # ~16M comparisons (16 MB of booleans) at a time
     for j in range(int(lengths.max())):
@@ -102,9 +104,19 @@ def flat_positive_ranks(top: np.ndarray, positives: list[np.ndarray]) -> tuple[n
         at = starts[q] + j
         for s in range(0, len(q), chunk):
             rows = top[s:s + chunk] if j == 0 else top[q[s:s + chunk]]  # pass 0: every query, a view
-            eq = rows == flat[at[s:s + chunk], None]
-            ranks[at[s:s + chunk]] = np.where(eq.any(axis=1), eq.argmax(axis=1), K)
+            want = flat[at[s:s + chunk]]
+            first = (rows == want[:, None]).argmax(axis=1)  # 0 where absent too: checked below
+            ranks[at[s:s + chunk]] = np.where(rows[np.arange(len(rows)), first] == want, first, K)
     return ranks, lengths
+
+
+def _ranks_in_one_list(row: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """0-based first position of each id in `row`, len(row) where absent."""
+    order = np.argsort(row, kind="stable")  # stable: equal ids keep their first position first
+    sorted_row = row[order]
+    pos = np.searchsorted(sorted_row, ids).clip(0, max(len(row) - 1, 0))
+    found = sorted_row[pos] == ids if len(row) else np.zeros(len(ids), bool)
+    return np.where(found, order[pos], len(row)).astype(np.int64)
 
 
 def positive_ranks(top: np.ndarray, positives: list[np.ndarray]) -> list[np.ndarray]:
