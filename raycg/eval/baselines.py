@@ -44,15 +44,17 @@ class EventCounts:
         task_of_type = np.array([next((t for t, (_, types) in enumerate(TASKS.items()) if n in types), -1)
                                  for n in names] + [-1], dtype=np.int64)  # -1: not a positive event (or null)
         task = task_of_type[etype.indices.fill_null(len(names)).to_numpy()]
-        row, known = find_sorted(corpus_ids, train_events.column("item_id").to_numpy())
-        keep = known & (task >= 0)
+        positive = np.flatnonzero(task >= 0)  # impressions are most of a log: look up only the rest
+        row, known = find_sorted(corpus_ids, train_events.column("item_id").to_numpy()[positive])
+        keep = positive[known]
+        row = row[known]
         if "surface" in train_events.column_names:
             surface = pc.dictionary_encode(train_events.column("surface")).combine_chunks()
             self.surfaces = [str(x) for x in surface.dictionary.to_pylist()]
             codes = surface.indices.fill_null(len(self.surfaces)).to_numpy()
         else:  # global rankings only
             self.surfaces, codes = [], np.zeros(train_events.num_rows, np.int64)
-        self.row, self.task, self.surface = row[keep], task[keep], codes[keep]
+        self.row, self.task, self.surface = row, task[keep], codes[keep]
         self._cache: dict = {}
 
     def ranking(self, task: str, k: int, surface: str | None = None) -> np.ndarray:
