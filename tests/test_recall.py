@@ -143,6 +143,13 @@ def test_vectorised_ranks_and_one_bootstrap_draw_agree_with_the_per_query_defini
     shared = np.broadcast_to(top[0], top.shape)
     ranks, _ = flat_positive_ranks(shared, positives)
     assert ranks.tolist() == [(np.flatnonzero(top[0] == p)[:1].tolist() or [20])[0] for pos in positives for p in pos]
+    # a few lists shared by the queries (one per surface): each positive looked up in its query's list
+    from raycg.eval.recall import shared_positive_ranks
+
+    which = rng.integers(0, 3, size=len(positives))
+    ranks, lengths = shared_positive_ranks(top[:3], which, positives)
+    assert ranks.tolist() == flat_positive_ranks(top[:3][which], positives)[0].tolist()
+    assert lengths.tolist() == [len(p) for p in positives]
     report = recall_report(top, positives, [5, 20], n_boot=200)
     per_query = {k: np.array([np.isin(p, row[:k]).mean() for row, p in zip(top, positives)]) for k in (5, 20)}
     for k in (5, 20):

@@ -21,7 +21,7 @@ from raycg.data.pipeline import checked_events, event_files, feature_store_from_
 from raycg.eval.embed import embed_corpus, embed_queries
 from raycg.eval.queries import (TASKS, build_queries, drop_cold, drop_cold_positives, read_event_columns,
                                  sample_queries)
-from raycg.eval.recall import flat_positive_ranks, recall_report, recall_report_from_ranks
+from raycg.eval.recall import flat_positive_ranks, recall_report_from_ranks, shared_positive_ranks
 from raycg.eval.reengagement import EngagementTimeline
 from raycg.eval.retrievers import ModelRetriever, Queries, Retriever, TrainingWindow, build_baselines
 from raycg.logs import get_logger
@@ -254,21 +254,27 @@ def score_retrievers(retrievers: list[Retriever], eval_events, ks: list[int], co
             method = retriever.name
             t0 = time.perf_counter()
             with phases(f"{task}: {method} retrieve"):
-                top = retriever.retrieve(batch, K)
+                if hasattr(retriever, "shared"):  # a few lists shared by the queries: ranked by lookup
+                    top, which = retriever.shared(batch, K)
+                else:
+                    top, which = retriever.retrieve(batch, K), None
             seconds["retrieve"][method] += time.perf_counter() - t0
             t_score = time.perf_counter()
             if hasattr(retriever, "coverage"):
                 results["als_coverage"].setdefault(method, {})[task] = retriever.coverage(batch)
             with phases(f"{task}: scoring"):
-                ranks, _ = flat_positive_ranks(top, positives)
+                ranks = (flat_positive_ranks(top, positives) if which is None
+                         else shared_positive_ranks(top, which, positives))[0]
                 reports = {task: recall_report_from_ranks(ranks, lengths, ks, surfaces)}
                 for part, (flat_mask, part_lengths, keep) in subsets.items():
                     if len(part_lengths):
                         reports[f"{task}_{part}"] = recall_report_from_ranks(ranks[flat_mask], part_lengths, ks,
                                                                              surfaces[keep])
                 if task == "conversion":
-                    reports["conversion_advertiser"] = recall_report(adv_of[find_sorted(corpus_ids, top)[0]],
-                                                                     adv_pos, ks, groups=surfaces)
+                    adv_top = adv_of[find_sorted(corpus_ids, top)[0]]
+                    adv_ranks, adv_lengths = (flat_positive_ranks(adv_top, adv_pos) if which is None
+                                              else shared_positive_ranks(adv_top, which, adv_pos))
+                    reports["conversion_advertiser"] = recall_report_from_ranks(adv_ranks, adv_lengths, ks, surfaces)
                 for name, report in reports.items():
                     results[method][name] = {k: v["mean"] for k, v in report.items()}
                     results["detail"][method][name] = report

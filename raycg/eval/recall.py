@@ -119,6 +119,23 @@ def _ranks_in_one_list(row: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return np.where(found, order[pos], len(row)).astype(np.int64)
 
 
+def shared_positive_ranks(lists: np.ndarray, list_of_query: np.ndarray, positives: list[np.ndarray],
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """`flat_positive_ranks` where query q's list is `lists[list_of_query[q]]` ([R, K] ids, R small:
+    one popularity list per surface, say): a lookup per positive, no [Q, K] comparison."""
+    lengths = np.fromiter((len(p) for p in positives), dtype=np.int64, count=len(positives))
+    K = lists.shape[1]
+    if lengths.sum() == 0:
+        return np.zeros(0, dtype=np.int64), lengths
+    flat = np.concatenate([np.asarray(p).ravel() for p in positives])
+    which = np.repeat(np.asarray(list_of_query), lengths)
+    ranks = np.full(len(flat), K, dtype=np.int64)
+    for r in np.unique(which):
+        at = which == r
+        ranks[at] = _ranks_in_one_list(lists[r], flat[at])
+    return ranks, lengths
+
+
 def positive_ranks(top: np.ndarray, positives: list[np.ndarray]) -> list[np.ndarray]:
     """0-based rank of each positive in its query's list `top[i]` ([Q, K] ids); K if absent."""
     ranks, lengths = flat_positive_ranks(top, positives)

@@ -10,7 +10,9 @@ A retriever answers one task's queries with item ids, best first:
 `eval.baselines` (`build_baselines`) and scores them all on the same queries in the same way
 (`score_retrievers`). A retriever that falls back to something else for some queries may
 also have `coverage(queries) -> float` (the share it answers itself), reported in eval.json
-under `als_coverage`.
+under `als_coverage`. One whose queries share a few lists may also have
+`shared(queries, k) -> (lists [R, k], list_of_query [len(queries)])`: scoring then looks each
+positive up in its list instead of comparing [Q, k] rows (popularity: one list; per surface: three).
 
 Adding a baseline: a class with `name` and `retrieve` (the ranking itself can live in
 raycg.eval.baselines), and an entry in `BASELINES`: name -> factory(`TrainingWindow`) ->
@@ -120,8 +122,11 @@ class Popularity:
         self.window = window
 
     def retrieve(self, queries: Queries, k: int) -> np.ndarray:
-        pop = self.window.counts.ranking(queries.task, k)
-        return np.broadcast_to(pop, (len(queries), len(pop)))
+        lists, which = self.shared(queries, k)
+        return np.broadcast_to(lists[0], (len(queries), lists.shape[1]))
+
+    def shared(self, queries: Queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.window.counts.ranking(queries.task, k)[None, :], np.zeros(len(queries), np.int64)
 
 
 class SurfacePopularity:
@@ -133,10 +138,14 @@ class SurfacePopularity:
         self.window = window
 
     def retrieve(self, queries: Queries, k: int) -> np.ndarray:
+        lists, which = self.shared(queries, k)
+        return lists[which]
+
+    def shared(self, queries: Queries, k: int) -> tuple[np.ndarray, np.ndarray]:
         per_surface = surface_popularity_rankings(self.window.events, queries.task, self.window.corpus_ids, k,
                                                   queries.surfaces, counts=self.window.counts)
         names = sorted(per_surface)
-        return np.stack([per_surface[n] for n in names])[np.searchsorted(names, queries.surfaces)]
+        return np.stack([per_surface[n] for n in names]), np.searchsorted(names, queries.surfaces)
 
 
 class RecentEngaged:
