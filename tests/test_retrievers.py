@@ -182,3 +182,39 @@ def test_where_evaluation_embeds(ray_session):
     assert embed_in_driver("auto", "cpu") is False and embed_in_driver("cuda", "cuda") is False
     with pytest.raises(ValueError, match=r"eval.device='tpu': expected one of \['auto', 'cpu', 'cuda'\]"):
         eval_devices("tpu")
+
+
+class IdsOf:
+    """Another retriever's `retrieve` (ids) alone: scoring then takes the id path."""
+
+    def __init__(self, retriever):
+        self.inner, self.name = retriever, "ids"
+
+    def retrieve(self, queries: Queries, k: int) -> np.ndarray:
+        return self.inner.retrieve(queries, k)
+
+
+def test_the_model_scores_the_same_through_corpus_rows_as_through_ids():
+    """ModelRetriever.retrieve_rows skips the [Q, K] id gather; every number in the results,
+    new-user rows (a ranking with an item outside the corpus, id 0) and advertisers included, must
+    equal scoring its ids."""
+    rng = np.random.default_rng(5)
+    held = events([(int(u), int(i), str(e), int(t)) for u, i, e, t in
+                   zip(rng.integers(0, 50, 500), rng.integers(1, 41, 500),
+                       rng.choice(["click", "save", "checkout"], 500), rng.integers(0, 1000, 500))])
+    timeline = EngagementTimeline(HistoryIndex.from_events(held))
+    item_emb = rng.normal(size=(len(CORPUS_BIG), 4)).astype(np.float32)
+
+    def model():  # one per path, each with the same query embeddings
+        queries_rng = np.random.default_rng(7)
+        return ModelRetriever(CORPUS_BIG, item_emb,
+                              lambda table: queries_rng.normal(size=(table.num_rows, 4)).astype(np.float32),
+                              batch_size=16, new_users=(lambda q: q.users % 3 == 0, np.r_[40, 0, 1:19]))
+
+    scored = {}
+    for name, retriever in (("rows", model()), ("ids", IdsOf(model()))):
+        results, _ = score_retrievers([retriever], held, [1, 2, 20], CORPUS_BIG, CORPUS_BIG % 2, timeline,
+                                      log=lambda msg: None, known_users=np.arange(0, 50, 2))
+        scored[name] = results["detail"]["model" if name == "rows" else "ids"]
+    assert scored["rows"] == scored["ids"]
+    assert scored["rows"]["conversion"][20]["mean"] > 0 and scored["rows"]["conversion_advertiser"][2]["mean"] > 0

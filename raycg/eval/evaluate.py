@@ -248,13 +248,17 @@ def score_retrievers(retrievers: list[Retriever], eval_events, ks: list[int], co
         if task == "conversion":  # advertiser level: the conversion's advertisers among the top-K items' ones
             adv_pos = [np.unique(adv_of[np.searchsorted(corpus_ids, p)]) for p in positives]
             results["n_queries"]["conversion_advertiser"] = len(adv_pos)
+        positive_rows = None  # the positives as corpus rows, for retrievers that rank rows
         seconds["scoring"] += time.perf_counter() - t_task
         phases.add(f"{task}: repeat / new-user split", time.perf_counter() - t_task)
         for retriever in retrievers:
             method = retriever.name
             t0 = time.perf_counter()
             with phases(f"{task}: {method} retrieve"):
-                if hasattr(retriever, "shared"):  # a few lists shared by the queries: ranked by lookup
+                rows = hasattr(retriever, "retrieve_rows")  # corpus rows, compared with the positives' rows
+                if rows:
+                    top, which = retriever.retrieve_rows(batch, K), None
+                elif hasattr(retriever, "shared"):  # a few lists shared by the queries: ranked by lookup
                     top, which = retriever.shared(batch, K)
                 else:
                     top, which = retriever.retrieve(batch, K), None
@@ -263,7 +267,9 @@ def score_retrievers(retrievers: list[Retriever], eval_events, ks: list[int], co
             if hasattr(retriever, "coverage"):
                 results["als_coverage"].setdefault(method, {})[task] = retriever.coverage(batch)
             with phases(f"{task}: scoring"):
-                ranks = (flat_positive_ranks(top, positives) if which is None
+                if rows and positive_rows is None:
+                    positive_rows = corpus_rows(corpus_ids, positives)
+                ranks = (flat_positive_ranks(top, positive_rows if rows else positives) if which is None
                          else shared_positive_ranks(top, which, positives))[0]
                 reports = {task: recall_report_from_ranks(ranks, lengths, ks, surfaces)}
                 for part, (flat_mask, part_lengths, keep) in subsets.items():
@@ -271,7 +277,8 @@ def score_retrievers(retrievers: list[Retriever], eval_events, ks: list[int], co
                         reports[f"{task}_{part}"] = recall_report_from_ranks(ranks[flat_mask], part_lengths, ks,
                                                                              surfaces[keep])
                 if task == "conversion":
-                    adv_top = adv_of[find_sorted(corpus_ids, top)[0]]
+                    at, inside = (top, top >= 0) if rows else find_sorted(corpus_ids, top)
+                    adv_top = np.where(inside, adv_of[at], -1)  # an item outside the corpus: no advertiser
                     adv_ranks, adv_lengths = (flat_positive_ranks(adv_top, adv_pos) if which is None
                                               else shared_positive_ranks(adv_top, which, adv_pos))
                     reports["conversion_advertiser"] = recall_report_from_ranks(adv_ranks, adv_lengths, ks, surfaces)
@@ -282,6 +289,16 @@ def score_retrievers(retrievers: list[Retriever], eval_events, ks: list[int], co
             seconds["scoring"] += time.perf_counter() - t_score
     seconds["scoring"] += sum(seconds["retrieve"].values())
     return results, seconds
+
+def corpus_rows(corpus_ids: np.ndarray, positives: list[np.ndarray]) -> list[np.ndarray]:
+    """Each query's positive ids as rows of the sorted `corpus_ids`; -2 for an id outside it (a
+    row retrievers never name: they use -1 for an item outside the corpus)."""
+    lengths = np.fromiter((len(p) for p in positives), dtype=np.int64, count=len(positives))
+    if lengths.sum() == 0:
+        return [np.zeros(0, np.int64) for _ in positives]
+    at, found = find_sorted(corpus_ids, np.concatenate(positives))
+    return np.split(np.where(found, at, -2), np.cumsum(lengths)[:-1])
+
 
 def timing_line(results: dict, path: str) -> str:
     sec = results["seconds"]
