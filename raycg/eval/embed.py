@@ -36,22 +36,28 @@ class _Embedder:
             batch = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in packed.items()}
             return fn(batch).float().cpu().numpy()
 
+    def items(self, batch: pa.Table) -> dict:
+        """item-table rows -> {item_id, embedding}"""
+        ids = batch.column("item_id").to_numpy().astype(np.int64)
+        items = self.store.items
+        return {"item_id": ids, "embedding": self.embed(self.model.embed_items, items.pack(items.rows(ids, "items")))}
+
+    def queries(self, batch: pa.Table) -> dict:
+        """query rows (user_id, surface, context_item_id, query_id, timestamp, row) -> {row, embedding}"""
+        return {"row": batch.column("row").to_numpy(),
+                "embedding": self.embed(self.model.embed_users, self.store.pack_users(batch))}
+
 
 class ItemEmbedder(_Embedder):
     """map_batches callable: item-table rows -> {item_id, embedding}."""
 
-    def __call__(self, batch: pa.Table) -> dict:
-        ids = batch.column("item_id").to_numpy().astype(np.int64)
-        items = self.store.items
-        return {"item_id": ids, "embedding": self.embed(self.model.embed_items, items.pack(items.rows(ids, "items")))}
+    __call__ = _Embedder.items
 
 
 class QueryEmbedder(_Embedder):
     """map_batches callable: query rows (user_id, surface, context_item_id, query_id, timestamp) -> embedding."""
 
-    def __call__(self, batch: pa.Table) -> dict:
-        return {"row": batch.column("row").to_numpy(),
-                "embedding": self.embed(self.model.embed_users, self.store.pack_users(batch))}
+    __call__ = _Embedder.queries
 
 
 def _collect(ds: ray.data.Dataset, key: str, total: int | None, desc: str) -> tuple[np.ndarray, np.ndarray]:
@@ -81,28 +87,35 @@ def _map_kwargs(checkpoint_dir: str, store_ref: list, batch_size: int, use_gpu: 
 GPU_IN_PROCESS_BATCH = 65536  # rows per tower call when this process embeds on its GPU
 
 
-def _in_process(embedder_cls, table: pa.Table, key: str, checkpoint_dir: str, store_ref: list, batch_size: int,
-                use_gpu: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The actor's work in this process (a small table): (key column, embeddings)."""
-    embedder = embedder_cls(checkpoint_dir, store_ref, use_gpu=use_gpu and torch.cuda.is_available(), in_actor=False)
+def _in_process(what: str, table: pa.Table, key: str, checkpoint_dir: str, store_ref: list, batch_size: int,
+                use_gpu: bool, loaded: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The actor's work (`what`: "items" or "queries") in this process: (key column, embeddings).
+    `loaded`: a dict the caller keeps for one evaluation, so that the corpus and every query
+    batch share one loaded checkpoint (a 1M-item model takes ~0.7 s to build and load on a CPU)."""
+    use_gpu = use_gpu and torch.cuda.is_available()
+    loaded = {} if loaded is None else loaded
+    if (checkpoint_dir, use_gpu) not in loaded:
+        loaded[(checkpoint_dir, use_gpu)] = _Embedder(checkpoint_dir, store_ref, use_gpu=use_gpu, in_actor=False)
+    embedder = loaded[(checkpoint_dir, use_gpu)]
     if embedder.device.type == "cuda":  # the towers take microseconds there: fewer, larger batches
         batch_size = max(batch_size, GPU_IN_PROCESS_BATCH)
     keys, embs = [], []
     for start in range(0, table.num_rows, batch_size):
-        out = embedder(table.slice(start, batch_size))
+        out = getattr(embedder, what)(table.slice(start, batch_size))
         keys.append(out[key])
         embs.append(out["embedding"])
     return np.concatenate(keys), np.concatenate(embs).astype(np.float32)
 
 
 def embed_corpus(items_path: str, checkpoint_dir: str, store_ref: list, batch_size: int,
-                 use_gpu: bool = False, ray_min_rows: int = 0, actor_gpus: float = 1) -> tuple[np.ndarray, np.ndarray]:
+                 use_gpu: bool = False, ray_min_rows: int = 0, actor_gpus: float = 1,
+                 loaded: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(item ids sorted ascending, embeddings [N, d]) for the whole item table; Ray Data actors
-    from `ray_min_rows` items up, this process below."""
+    from `ray_min_rows` items up, this process below (`loaded`: see `_in_process`)."""
     n = _row_count(items_path)
     if n is not None and n < ray_min_rows:
-        ids, emb = _in_process(ItemEmbedder, pads.dataset(items_path, format="parquet").to_table(columns=["item_id"]),
-                               "item_id", checkpoint_dir, store_ref, batch_size, use_gpu)
+        ids, emb = _in_process("items", pads.dataset(items_path, format="parquet").to_table(columns=["item_id"]),
+                               "item_id", checkpoint_dir, store_ref, batch_size, use_gpu, loaded)
     else:
         ds = ray.data.read_parquet(items_path, columns=["item_id"]).map_batches(
             ItemEmbedder, **_map_kwargs(checkpoint_dir, store_ref, batch_size, use_gpu, actor_gpus))
@@ -112,12 +125,13 @@ def embed_corpus(items_path: str, checkpoint_dir: str, store_ref: list, batch_si
 
 
 def embed_queries(queries: pa.Table, checkpoint_dir: str, store_ref: list, batch_size: int,
-                  use_gpu: bool = False, ray_min_rows: int = 0, actor_gpus: float = 1) -> np.ndarray:
+                  use_gpu: bool = False, ray_min_rows: int = 0, actor_gpus: float = 1,
+                  loaded: dict | None = None) -> np.ndarray:
     """Embeddings [Q, d] in the row order of `queries`; Ray Data actors from `ray_min_rows`
-    queries up, this process below."""
+    queries up, this process below (`loaded`: see `_in_process`)."""
     table = queries.append_column("row", pa.array(np.arange(queries.num_rows, dtype=np.int64)))
     if queries.num_rows < ray_min_rows:
-        return _in_process(QueryEmbedder, table, "row", checkpoint_dir, store_ref, batch_size, use_gpu)[1]
+        return _in_process("queries", table, "row", checkpoint_dir, store_ref, batch_size, use_gpu, loaded)[1]
     ds = ray.data.from_arrow(table).map_batches(
         QueryEmbedder, **_map_kwargs(checkpoint_dir, store_ref, batch_size, use_gpu, actor_gpus))
     rows, emb = _collect(ds, "row", queries.num_rows, "embedding queries")

@@ -124,10 +124,11 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
     else:
         log(f"eval: embedding the item corpus {data_cfg['items_path']} (Ray Data, {'GPU' if embed_gpu else 'CPU'} "
             f"actors, or this process below {ray_min:,} rows; exact top-K on {search_device})")
+    towers = {}  # the checkpoint, loaded once for the corpus and the queries embedded in this process
     with phases("corpus embedding"):
         corpus_ids, item_emb = embed_corpus(data_cfg["items_path"], checkpoint_dir, store_ref,
                                             eval_cfg["inference_batch_size"], use_gpu=embed_gpu,
-                                            ray_min_rows=ray_min, actor_gpus=eval_cfg["actor_gpus"])
+                                            ray_min_rows=ray_min, actor_gpus=eval_cfg["actor_gpus"], loaded=towers)
     with phases("training events read"):
         train_events = read_event_columns(data_cfg["train_path"], ["user_id", "item_id", "event_type", "surface"])
     known_items = None
@@ -144,7 +145,7 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
 
     def embed(queries):  # the query tower (Ray Data batch inference from ray_min rows)
         return embed_queries(queries, checkpoint_dir, store_ref, eval_cfg["query_batch_size"], use_gpu=embed_gpu,
-                             ray_min_rows=ray_min, actor_gpus=eval_cfg["actor_gpus"])
+                             ray_min_rows=ray_min, actor_gpus=eval_cfg["actor_gpus"], loaded=towers)
 
     fallback = None
     if new_users == "popularity":  # the served Retriever's rule: FeatureStore.new_users
