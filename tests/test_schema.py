@@ -170,3 +170,21 @@ def test_quarantine_sets_bad_rows_aside_with_reasons(tmp_path):
         pack_events(t, store())  # without quarantine the batch fails
     # kept: click, impression, impression, checkout -> 2 positives
     assert pack_events(t, store(), quarantine_dir=str(tmp_path / "q2"))["user_cat"].shape == (2, 4)
+
+
+def test_duplicated_rows_agrees_with_pandas_on_every_column():
+    """The hash prefilter must find exactly pandas' duplicates (keep="first"): copies, rows equal
+    but for a string or a float column, nulls, and rows whose numeric columns all agree."""
+    from raycg.data.schema import duplicated_rows
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    table = pa.table({"user_id": rng.integers(0, 40, n), "item_id": rng.integers(0, 5, n),
+                      "event_type": rng.choice(["click", "save"], n),
+                      "click_duration": pa.array(rng.choice([0.5, 1.5, np.nan], n), pa.float32()),
+                      "query_id": pa.array([None if x < 2 else int(x) for x in rng.integers(0, 4, n)], pa.int64())})
+    want = table.to_pandas().duplicated(keep="first").to_numpy()
+    assert 100 < want.sum() < n - 100  # both kinds of rows are plentiful
+    assert duplicated_rows(table).tolist() == want.tolist()
+    strings_only = table.select(["event_type"])
+    assert duplicated_rows(strings_only).tolist() == strings_only.to_pandas().duplicated().tolist()
