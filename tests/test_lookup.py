@@ -1,7 +1,9 @@
 """The sorted-id lookup (raycg.data.lookup): golden values by hand, numpy and torch alike."""
 import numpy as np
+import pytest
 import torch
 
+from raycg.data import lookup
 from raycg.data.lookup import find_sorted, find_sorted_torch
 
 TABLE = [10, 20, 30]
@@ -55,7 +57,6 @@ def test_vocabulary_rows_through_the_helper():
 def test_the_dense_position_array_gives_the_binary_search_answer():
     """Many ids against a dense integer table take the position-array route: same positions
     and hits as searchsorted, misses (gaps, below, above) included."""
-    from raycg.data import lookup
 
     rng = np.random.default_rng(0)
     table = np.sort(rng.choice(np.arange(1000, 5000), 3000, replace=False)).astype(np.int64)
@@ -72,3 +73,12 @@ def test_the_dense_position_array_gives_the_binary_search_answer():
     # a table with a repeated id, or ids too sparse for the array, take the binary search
     assert lookup._dense_slots(np.array([1, 2, 2, 3]), ids) is None
     assert lookup._dense_slots(table * 10, ids) is None
+
+
+@pytest.mark.parametrize("span", [50, 10**12])  # dense: marks over the range; sparse: np.unique
+def test_unique_ids_is_np_unique(span):
+    rng = np.random.default_rng(1)
+    ids = rng.integers(-7, span, size=lookup.DENSE_MIN_IDS + 11).astype(np.int64)
+    got = lookup.unique_ids(ids)
+    assert got.dtype == ids.dtype and got.tolist() == np.unique(ids).tolist()
+    assert lookup.unique_ids(ids[:5]).tolist() == np.unique(ids[:5]).tolist()

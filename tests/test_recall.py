@@ -188,3 +188,14 @@ def test_bootstrap_intervals_match_resampling_queries(continuous):
     # one draw for every row: a row shifted by a constant gets the same interval, shifted
     shifted = bootstrap_cis(np.stack([v5, v5 + 0.25]), n_boot=300)
     assert shifted[1] == pytest.approx((shifted[0][0] + 0.25, shifted[0][1] + 0.25), abs=1e-12)
+
+
+def test_distinct_columns_are_np_unique_of_the_queries():
+    from raycg.eval.recall import _distinct_columns
+
+    rng = np.random.default_rng(2)
+    values = rng.integers(0, 4, size=(3, 5000)) / 4  # recall at 3 Ks of 5,000 queries
+    classes, inverse = _distinct_columns(values)
+    want, want_inverse = np.unique(values.T, axis=0, return_inverse=True)
+    assert classes.tolist() == want.tolist() and inverse.tolist() == want_inverse.ravel().tolist()
+    assert (classes[inverse].T == values).all()

@@ -15,7 +15,7 @@ import ray
 import torch
 
 from raycg.data.history import HistoryIndex
-from raycg.data.lookup import find_sorted
+from raycg.data.lookup import find_sorted, unique_ids
 from raycg.data.pipeline import checked_events, event_files, feature_store_from_config, validation_cutoff
 
 from raycg.eval.embed import embed_corpus, embed_queries
@@ -133,7 +133,7 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
         train_events = read_event_columns(data_cfg["train_path"], ["user_id", "item_id", "event_type", "surface"])
     known_items = None
     if drop_cold(eval_cfg["cold_items"], data_cfg["items_path"]):
-        known_items = np.unique(train_events.column("item_id").to_numpy())
+        known_items = unique_ids(train_events.column("item_id").to_numpy())
         log(f"eval: the item table was derived from the log: positives on the "
             f"{len(corpus_ids) - len(known_items):,} items without a training-split event are left out "
             "(eval.cold_items=auto; they are in the corpus only because they are engaged later)")
@@ -158,7 +158,7 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
     model = ModelRetriever(corpus_ids, item_emb, embed, eval_cfg["query_batch_size"], eval_cfg["faiss_threads"],
                            search_device, new_users=fallback)
     adv_of = store.items.cat[:, 1][np.searchsorted(store.items.item_id, corpus_ids)]  # advertiser per corpus row
-    known_users = np.unique(train_events.column("user_id").to_numpy())
+    known_users = unique_ids(train_events.column("user_id").to_numpy())
     results, seconds = score_retrievers([model, *retrievers], eval_events, ks, corpus_ids, adv_of, timeline,
                                         known_items, log, known_users=known_users, phases=phases,
                                         max_queries=eval_cfg.get("max_queries"), seed=seed)

