@@ -225,7 +225,9 @@ def score_retrievers(retrievers: list[Retriever], eval_events, ks: list[int], co
         log(f"eval: {task}: {len(positives):,} queries over {len(corpus_ids):,} items, {len(methods)} methods")
         t_task = time.perf_counter()
         batch = Queries.of(task, queries)
-        surfaces, users, times = batch.surfaces, batch.users, batch.times
+        users, times = batch.users, batch.times
+        surface_names, surfaces = np.unique(batch.surfaces, return_inverse=True)  # codes: no string sort per report
+        surface_names = surface_names.tolist()
         lengths = np.fromiter((len(p) for p in positives), dtype=np.int64, count=len(positives))
         # subsets of one task's queries, as flat masks over all positives (query q's are
         # lengths[q] consecutive entries): each part's ranks are read off the full ranking pass
@@ -272,17 +274,18 @@ def score_retrievers(retrievers: list[Retriever], eval_events, ks: list[int], co
                     positive_rows = corpus_rows(corpus_ids, positives)
                 ranks = (flat_positive_ranks(top, positive_rows if rows else positives) if which is None
                          else shared_positive_ranks(top, which, positives))[0]
-                reports = {task: recall_report_from_ranks(ranks, lengths, ks, surfaces)}
+                reports = {task: recall_report_from_ranks(ranks, lengths, ks, surfaces, group_names=surface_names)}
                 for part, (flat_mask, part_lengths, keep) in subsets.items():
                     if len(part_lengths):
                         reports[f"{task}_{part}"] = recall_report_from_ranks(ranks[flat_mask], part_lengths, ks,
-                                                                             surfaces[keep])
+                                                                             surfaces[keep], group_names=surface_names)
                 if task == "conversion":
                     at, inside = (top, top >= 0) if rows else find_sorted(corpus_ids, top)
                     adv_top = np.where(inside, adv_of[at], -1)  # an item outside the corpus: no advertiser
                     adv_ranks, adv_lengths = (flat_positive_ranks(adv_top, adv_pos) if which is None
                                               else shared_positive_ranks(adv_top, which, adv_pos))
-                    reports["conversion_advertiser"] = recall_report_from_ranks(adv_ranks, adv_lengths, ks, surfaces)
+                    reports["conversion_advertiser"] = recall_report_from_ranks(adv_ranks, adv_lengths, ks, surfaces,
+                                                                                group_names=surface_names)
                 for name, report in reports.items():
                     results[method][name] = {k: v["mean"] for k, v in report.items()}
                     results["detail"][method][name] = report

@@ -215,13 +215,20 @@ def recall_report(top_ids: np.ndarray, positives: list[np.ndarray], ks, groups: 
 
 
 def recall_report_from_ranks(ranks: np.ndarray, lengths: np.ndarray, ks, groups: np.ndarray | None = None,
-                             n_boot: int = 1000) -> dict:
+                             n_boot: int = 1000, group_names: list[str] | None = None) -> dict:
     """`recall_report` from `flat_positive_ranks` output: one ranking pass can feed several
-    reports (e.g. a subset of queries or of positives, selected on the flat arrays)."""
+    reports (e.g. a subset of queries or of positives, selected on the flat arrays).
+    `group_names`: `groups` are already codes into it (saves a string sort per report)."""
     per_query = np.stack([_recall_from_flat_ranks(ranks, lengths, k) for k in ks]) if len(ks) else np.zeros((0, 0))
     cis = bootstrap_cis(per_query, n_boot)
     if groups is not None:
-        names, group_of = np.unique(np.asarray(groups), return_inverse=True)
+        if group_names is None:
+            names, group_of = np.unique(np.asarray(groups), return_inverse=True)
+        else:
+            group_of = np.asarray(groups, np.int64)
+            present = np.bincount(group_of, minlength=len(group_names)) > 0
+            names = np.asarray(group_names, dtype=object)[present]  # as np.unique: only groups with queries
+            group_of = (np.cumsum(present) - 1)[group_of]
         size = np.bincount(group_of.ravel(), minlength=len(names))
     out = {}
     for i, k in enumerate(ks):
