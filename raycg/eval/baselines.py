@@ -48,13 +48,13 @@ class EventCounts:
         row, known = find_sorted(corpus_ids, train_events.column("item_id").to_numpy()[positive])
         keep = positive[known]
         row = row[known]
-        if "surface" in train_events.column_names:
-            surface = pc.dictionary_encode(train_events.column("surface")).combine_chunks()
+        if "surface" in train_events.column_names:  # of the kept events only
+            surface = pc.dictionary_encode(train_events.column("surface").take(pa.array(keep))).combine_chunks()
             self.surfaces = [str(x) for x in surface.dictionary.to_pylist()]
             codes = surface.indices.fill_null(len(self.surfaces)).to_numpy()
         else:  # global rankings only
-            self.surfaces, codes = [], np.zeros(train_events.num_rows, np.int64)
-        self.row, self.task, self.surface = row, task[keep], codes[keep]
+            self.surfaces, codes = [], np.zeros(len(keep), np.int64)
+        self.row, self.task, self.surface = row, task[keep], codes
         self._cache: dict = {}
 
     def ranking(self, task: str, k: int, surface: str | None = None) -> np.ndarray:

@@ -130,7 +130,8 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
                                             eval_cfg["inference_batch_size"], use_gpu=embed_gpu,
                                             ray_min_rows=ray_min, actor_gpus=eval_cfg["actor_gpus"], loaded=towers)
     with phases("training events read"):
-        train_events = read_event_columns(data_cfg["train_path"], ["user_id", "item_id", "event_type", "surface"])
+        train_events = read_event_columns(data_cfg["train_path"], ["user_id", "item_id", "event_type", "surface"],
+                                          dictionary=("event_type", "surface"))
     known_items = None
     if drop_cold(eval_cfg["cold_items"], data_cfg["items_path"]):
         known_items = unique_ids(train_events.column("item_id").to_numpy())
