@@ -72,3 +72,21 @@ def test_exported_towers_carry_the_item_bias(tmp_path):
     E = CFG["embedding_dim"]
     assert v.shape[1] == E + 1 and v[:, E].std() > 0 and torch.allclose(u[:, E], model.temperature.expand(9))
     assert json.loads((tmp_path / "feature_spec.json").read_text())["embedding_dim"] == E + 1
+
+
+def test_exported_towers_carry_the_repeat_match(tmp_path):
+    """model.history.match_dim: the exported towers compute the hashed item codes and the
+    history term themselves (raw ids in, the same vectors out), the item bias beside them."""
+    torch.manual_seed(0)
+    spec = FeatureSpec(user_dense=3, item_dense=5, history_length=6)
+    cfg = dict(CFG, item_bias="learned", history=dict(CFG["history"], match_dim=32, match_init=2.0))
+    model = TwoTowerModel(cfg, spec).eval()
+    export_towers(model, str(tmp_path))
+    user, item, _ = load_towers(str(tmp_path))
+    batch = _inputs(9, torch.Generator().manual_seed(1))
+    batch["item_cat"][:, 0] += 10**12  # ids beyond every table: hashed codes need none
+    with torch.no_grad():
+        u, v = user(*user_inputs(batch)), item(batch["item_cat"], batch["item_dense"])
+        assert (u - model.embed_users(batch)).abs().max() < 1e-5 and (v - model.embed_items(batch)).abs().max() < 1e-5
+    assert u.shape[1] == v.shape[1] == CFG["embedding_dim"] + 1 + 32
+    assert v[:, -32:].abs().min() > 0 and u[:, -32:].abs().max() > 0

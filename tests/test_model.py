@@ -230,7 +230,7 @@ def test_item_bias_learns_popularity_under_log_q_correction():
         batch["signals"] = torch.tensor([[0, 1, 0, 0.0]]).expand(n, 4)  # engagement rows
         freq.update(items, step)
         user_out, item_out = model(batch)
-        loss, _ = training_loss(user_out, item_out, batch, loss_cfg, model.temperature, freq=freq, item_bias="learned")
+        loss, _ = training_loss(user_out, item_out, batch, loss_cfg, model.temperature, freq=freq, score_extras=1)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -129,6 +129,8 @@ class HistoryConfig:
     layers: int = MISSING
     heads: int = MISSING
     share_item_embedding: bool = MISSING
+    match_dim: int = MISSING
+    match_init: float = MISSING
 
 
 @dataclass

@@ -65,12 +65,13 @@ EAGER = LossKernels()
 def training_loss(
     user_out: dict, item_out: dict, batch: dict, cfg: dict, temperature,
     extra: Candidates | None = None, freq: StreamingFrequencyEstimator | None = None,
-    serve_head: str | None = None, kernels: LossKernels = EAGER, item_bias: bool = False,
+    serve_head: str | None = None, kernels: LossKernels = EAGER, score_extras: int = 0,
 ) -> tuple[torch.Tensor, dict]:
     """Total loss and its named parts (detached 0-d tensors on the loss's device: reading them
-    is a host synchronisation, so the caller decides when). `item_bias`: the last column of the
-    embeddings is the bias pair [T | b] (raycg.model.two_tower); the advertiser softmax, which
-    averages item vectors per advertiser, reads the unit embeddings without it."""
+    is a host synchronisation, so the caller decides when). `score_extras`: the last columns of
+    the embeddings are score terms (the bias pair [T | b], the repeat match [T m | c];
+    raycg.model.two_tower); the advertiser softmax, which averages item vectors per advertiser,
+    reads the unit embeddings without them."""
     extra = extra or Candidates()
     weights = task_weights(batch["signals"], cfg)
     pos_ids = batch["item_cat"][:, 0]
@@ -100,7 +101,9 @@ def training_loss(
         )
     if cfg["advertiser_weight"] > 0:
         head = serve_head if serve_head in user_out else next(iter(user_out))
-        u, v = (user_out[head][:, :-1], item_out[head][:, :-1]) if item_bias else (user_out[head], item_out[head])
+        u, v = user_out[head], item_out[head]
+        if score_extras:
+            u, v = u[:, :-score_extras], v[:, :-score_extras]
         parts["advertiser"] = cfg["advertiser_weight"] * kernels.advertiser(
             u, v, batch["item_cat"][:, 1], weights["conversion"], temperature)
     total = sum(parts.values())

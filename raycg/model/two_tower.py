@@ -5,6 +5,10 @@ reads out of its body (prior: plus w * log(1 + the item's training-window events
 nothing else: item vector [v, b] [B, E + 1], user vector [u, T] [B, E + 1], and
 <[u, T], [v, b]> / T = <u, v> / T + b. Example (T = 0.5): u = v = [1, 0], b = 2 -> score 2 + 2 = 4.
 
+`model.history.match_dim=D > 0` (with a history): an exact-match term for the user's recent
+items, served the same way: user [.., T m(u)], item [.., c(i)] adds <m(u), c(i)>
+(raycg.model.repeat_match). `score_extras` counts these trailing columns.
+
 `model.heads=unified`: one embedding per tower, trained on both tasks.
 `model.heads=multi_head`: separate `engagement` and `conversion` heads on shared encoders;
 retrieval/evaluation serves `model.serve_head` (default: conversion).
@@ -33,7 +37,8 @@ class TwoTowerModel(nn.Module):
     Config keys (raycg/conf/model/*.yaml, every one required: raycg.config.schema.ModelConfig): cross,
     cross_layers, low_rank, num_experts, mlp_dims, head_dims, embedding_dim, id_dim,
     embedding_dropout, buckets.<name>, vocab.oov_buckets, sparse_tables, temperature,
-    learn_temperature, item_bias, heads, serve_head, history.{layers, heads, share_item_embedding}.
+    learn_temperature, item_bias, heads, serve_head, history.{layers, heads, share_item_embedding,
+    match_dim, match_init}.
     """
 
     def __init__(self, cfg: dict, spec: FeatureSpec | int):
@@ -62,6 +67,15 @@ class TwoTowerModel(nn.Module):
                                      sparse=bool(cfg["sparse_tables"]))
         self.user_tower = Tower(spec.user_cat, cfg["id_dim"], spec.user_dense, cfg,
                                 spec.user_dense_mean, spec.user_dense_std, history)
+        match_dim = int(cfg["history"].get("match_dim", 0))
+        if match_dim > 0 and spec.history_length > 0:  # raycg.model.repeat_match
+            if spec.item_cat[:1] != ["item"]:
+                raise ValueError("model.history.match_dim > 0 needs the item id as the item tower's first column")
+            from raycg.model.repeat_match import RepeatMatch
+
+            self.repeat_match = RepeatMatch(match_dim, spec.history_length, cfg["history"]["match_init"])
+        # trailing columns of both vectors that are score terms, not the unit embedding: [T | b], [T m | c]
+        self.score_extras = int(self.item_bias) + (match_dim if hasattr(self, "repeat_match") else 0)
         heads = tuple(self.user_tower.heads)
         self.serve_head = cfg["serve_head"] or ("conversion" if "conversion" in heads else heads[0])
         if self.serve_head not in heads:
@@ -95,10 +109,17 @@ class TwoTowerModel(nn.Module):
         if self.item_bias:  # [u, T]: its inner product with [v, b], over T, adds b (module docstring)
             out = {h: torch.cat([u, torch.ones_like(u[:, :1]) * self.temperature.to(u.dtype)], dim=-1)
                    for h, u in out.items()}  # ones_like: the batch size stays symbolic for torch.export
+        if hasattr(self, "repeat_match"):  # [.., T m]: its inner product with [.., c], over T, adds <m, c>
+            m = self.repeat_match(batch["hist_items"], batch["hist_actions"])
+            out = {h: torch.cat([u, (m * self.temperature).to(u.dtype)], dim=-1) for h, u in out.items()}
         return out
 
     def item_heads(self, batch: dict) -> dict[str, torch.Tensor]:
-        return self.item_tower(batch["item_cat"], batch.get("item_dense"))
+        out = self.item_tower(batch["item_cat"], batch.get("item_dense"))
+        if hasattr(self, "repeat_match"):
+            c = self.repeat_match.codes(batch["item_cat"][:, 0])
+            out = {h: torch.cat([v, c.to(v.dtype)], dim=-1) for h, v in out.items()}
+        return out
 
     def embed_users(self, batch: dict) -> torch.Tensor:
         """Serving embedding of the user/query tower [B, E]."""

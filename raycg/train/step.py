@@ -139,7 +139,7 @@ def train_step(model, core: TwoTowerModel, batch: dict, optimizer, ctx: StepCont
         if M:
             extra.mixed = {h: v[len(v) - M:] for h, v in item_all.items()}
         loss, parts = training_loss(user_out, item_out, batch, ctx.cfg, core.temperature, extra, ctx.freq,
-                                    core.serve_head, kernels=ctx.kernels, item_bias=core.item_bias)
+                                    core.serve_head, kernels=ctx.kernels, score_extras=core.score_extras)
     with record_function("raycg.backward"):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
