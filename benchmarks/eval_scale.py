@@ -33,6 +33,7 @@ from raycg.eval.evaluate import evaluate_checkpoint, format_phases, format_table
 from raycg.model.two_tower import TwoTowerModel  # noqa: E402
 from raycg.report.grid import compose_run  # noqa: E402
 from raycg.model.checkpoint import save  # noqa: E402
+from raycg.model.repeat_match import history_lookup_length  # noqa: E402
 from raycg.train.driver import build_trainer, ensure_data, init_ray, resolve_paths  # noqa: E402
 
 
@@ -76,7 +77,7 @@ def main() -> None:
     t1 = time.perf_counter()
     results = evaluate_checkpoint(ckpt, OmegaConf.to_container(cfg.data, resolve=True),
                                   OmegaConf.to_container(cfg.eval, resolve=True),
-                                  history_length=cfg.model.history.length, store=store, seed=cfg.seed,
+                                  history_length=history_lookup_length(cfg.model.history), store=store, seed=cfg.seed,
                                   new_users=cfg.index.new_users,
                                   popularity_weights=(cfg.loss.conversion_weight, cfg.loss.engagement_weight))
     wall = time.perf_counter() - t1

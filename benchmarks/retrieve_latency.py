@@ -39,6 +39,7 @@ from raycg.data.batches import FeatureStore, ItemTable  # noqa: E402
 from raycg.data.features import UserTable  # noqa: E402
 from raycg.data.history import ACTION_CODES  # noqa: E402
 from raycg.data.spec import FeatureSpec  # noqa: E402
+from raycg.model.repeat_match import history_lookup_length  # noqa: E402
 from raycg.model.two_tower import TwoTowerModel  # noqa: E402
 from raycg.retrieve import Retriever, retrieve_parquet  # noqa: E402
 from raycg.retrieve.build import export_run  # noqa: E402
@@ -65,7 +66,7 @@ def synthetic(items: int, users: int, seed: int = 0):
     cfg["buckets"] = {**{k: 1 + cfg["vocab"]["oov_buckets"] + len(v) for k, v in vocab.items()}, "surface": 8}
     spec = FeatureSpec(user_cat=["user", "surface", "context_item", "query", "segment"],
                        item_cat=["item", "advertiser", "category", "tier"], user_dense=6 + CONTENT_DIM,
-                       item_dense=CONTENT_DIM + 6, history_length=cfg["history"]["length"])
+                       item_dense=CONTENT_DIM + 6, history_length=history_lookup_length(cfg["history"]))
     torch.manual_seed(seed)
     model = TwoTowerModel(cfg, spec).eval()
     model.set_vocabularies(vocab)

@@ -35,6 +35,7 @@ def main(cfg: DictConfig, overrides: list[str]) -> None:
     # torch and Ray load only once the command line is known to be complete
     from raycg.eval.evaluate import evaluate_checkpoint, format_table, timing_line, write_results
     from raycg.model.checkpoint import evaluation_checkpoint, load_model
+    from raycg.model.repeat_match import history_lookup_length
     from raycg.train.driver import init_ray
 
     ckpt = evaluation_checkpoint(cfg.run_dir)  # <run>/best, else the newest intact one
@@ -43,7 +44,7 @@ def main(cfg: DictConfig, overrides: list[str]) -> None:
                                       resolve=True)
     init_ray(OmegaConf.create(config))  # the run's own Ray settings (embedded: loopback only)
     results = evaluate_checkpoint(ckpt, config["data"], eval_cfg,
-                                  history_length=config["model"]["history"]["length"],
+                                  history_length=history_lookup_length(config["model"]["history"]),
                                   seed=config["seed"], new_users=config["index"]["new_users"],
                                   popularity_weights=(config["loss"]["conversion_weight"],
                                                       config["loss"]["engagement_weight"]),

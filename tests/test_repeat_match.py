@@ -85,3 +85,30 @@ def test_codes_and_the_history_term_are_the_same_on_cuda():
     items, actions = torch.tensor([[-1, 12, 40]]), torch.tensor([[0, 1, 4]])
     torch.testing.assert_close(match.cuda()(items.cuda(), actions.cuda()).cpu(),
                                match.cpu()(items, actions))
+
+
+def test_the_match_reads_further_back_than_the_encoder():
+    """match_length 6, length 3: the data packs 6 actions; the three older ones move only the
+    match columns of the user vector, the encoder reads the last three."""
+    from tests.test_model import _model_cfg
+    from raycg.data.spec import FeatureSpec
+    from raycg.model.repeat_match import history_lookup_length
+    from raycg.model.two_tower import TwoTowerModel
+
+    history = {"length": 3, "layers": 1, "heads": 2, "share_item_embedding": False,
+               "match_dim": 16, "match_length": 6, "match_init": 1.0}
+    assert history_lookup_length(history) == 6
+    assert history_lookup_length(dict(history, match_dim=0)) == 3  # no channel: the encoder's length
+    assert history_lookup_length(dict(history, length=0)) == 0  # no history at all
+    torch.manual_seed(0)
+    model = TwoTowerModel(dict(_model_cfg("parallel"), history=history),
+                          FeatureSpec(user_dense=3, item_dense=5, history_length=6)).eval()
+    assert model.user_tower.history.max_len == 3
+    n = 4
+    batch = {"user_cat": torch.zeros(n, 4, dtype=torch.long), "user_dense": torch.zeros(n, 3),
+             "hist_items": torch.arange(n * 6).reshape(n, 6), "hist_actions": torch.ones(n, 6, dtype=torch.long)}
+    older = dict(batch, hist_items=batch["hist_items"].clone())
+    older["hist_items"][:, :3] += 100
+    with torch.no_grad():
+        a, b = model.embed_users(batch), model.embed_users(older)
+    assert torch.equal(a[:, :-16], b[:, :-16]) and not torch.allclose(a[:, -16:], b[:, -16:])

@@ -130,6 +130,7 @@ class HistoryConfig:
     heads: int = MISSING
     share_item_embedding: bool = MISSING
     match_dim: int = MISSING
+    match_length: int = MISSING
     match_init: float = MISSING
 
 

@@ -36,7 +36,7 @@ LEGACY_KEYS = {
     "model": {"low_rank": None, "num_experts": 1, "embedding_dropout": 0.0, "sparse_tables": False,
               "learn_temperature": False, "item_bias": "none", "heads": "unified", "serve_head": None,
               "history": {"length": 0, "layers": 1, "heads": 2, "share_item_embedding": False,
-                          "match_dim": 0, "match_init": 1.0}},
+                          "match_dim": 0, "match_length": 0, "match_init": 1.0}},
     "data": {"users_path": None, "item_categorical": [], "user_categorical": [], "on_bad_rows": "fail",
              "validation_fraction": 0.0, "check_duplicates": True},
     "eval": {"cold_items": "auto", "device": "auto", "baselines": ["popularity"], "faiss_threads": None, "als": {},

@@ -12,7 +12,9 @@ there. This channel adds an exact-match term to both vectors:
 <c(i), c(i)> = 1, and for two different ids <c(i), c(k)> has mean 0 and standard deviation
 1/sqrt(D). So a candidate in the history gains w for each time it appears there (w learned
 per action type and recency r = L - 1 - j, most recent r = 0), others gain noise of order
-w * sqrt(L / D). Codes come from a hash of the raw id: no table, out-of-vocabulary items
+w * sqrt(L / D). It reads the last `model.history.match_length` actions, the history encoder
+only the last `model.history.length` of them (a repeat is often further back: on the Tmall
+sample 39% of repeat conversions are among the user's last 10 actions, 92% among the last 100). Codes come from a hash of the raw id: no table, out-of-vocabulary items
 match too, and the exported towers compute them the same way.
 
 Served like the item bias (raycg.model.two_tower): the user vector gains T * m(u), the item
@@ -45,6 +47,15 @@ def item_codes(ids: torch.Tensor, dim: int) -> torch.Tensor:
     x = (x ^ _shift_right(x, 27)) * _MIX[2]
     x = x ^ _shift_right(x, 31)
     return ((x & 1).to(torch.float32) * 2 - 1) * dim ** -0.5
+
+
+def history_lookup_length(history_cfg: dict) -> int:
+    """How many recent actions the data packs per row (FeatureSpec.history_length): the
+    encoder's `length`, or more when the match channel reads further back (`match_length`)."""
+    length = int(history_cfg["length"])
+    if length > 0 and int(history_cfg.get("match_dim", 0)) > 0:
+        return max(length, int(history_cfg.get("match_length", 0)))
+    return length
 
 
 class RepeatMatch(nn.Module):

@@ -38,7 +38,7 @@ class TwoTowerModel(nn.Module):
     cross_layers, low_rank, num_experts, mlp_dims, head_dims, embedding_dim, id_dim,
     embedding_dropout, buckets.<name>, vocab.oov_buckets, sparse_tables, temperature,
     learn_temperature, item_bias, heads, serve_head, history.{layers, heads, share_item_embedding,
-    match_dim, match_init}.
+    match_dim, match_length, match_init}.
     """
 
     def __init__(self, cfg: dict, spec: FeatureSpec | int):
@@ -61,8 +61,10 @@ class TwoTowerModel(nn.Module):
             h = cfg["history"]
             share = h["share_item_embedding"] and spec.item_cat and spec.item_cat[0] == "item"
             item_rows = b["item"] if "item" in b else self.item_tower.embeddings[0].num_buckets
+            # the data packs spec.history_length actions; the encoder reads the last `length`
+            self.encoder_length = min(int(h.get("length") or spec.history_length), spec.history_length)
             history = HistoryEncoder(item_rows, cfg["id_dim"], num_layers=h["layers"],
-                                     num_heads=h["heads"], max_len=spec.history_length,
+                                     num_heads=h["heads"], max_len=self.encoder_length,
                                      item_embedding=self.item_tower.embeddings[0] if share else None,
                                      sparse=bool(cfg["sparse_tables"]))
         self.user_tower = Tower(spec.user_cat, cfg["id_dim"], spec.user_dense, cfg,
@@ -104,8 +106,10 @@ class TwoTowerModel(nn.Module):
         return self.log_temperature.exp()
 
     def user_heads(self, batch: dict) -> dict[str, torch.Tensor]:
-        out = self.user_tower(batch["user_cat"], batch.get("user_dense"), batch.get("hist_items"),
-                              batch.get("hist_actions"))
+        hist_items, hist_actions = batch.get("hist_items"), batch.get("hist_actions")
+        if hist_items is not None and hasattr(self, "encoder_length"):  # most recent last: the tail
+            hist_items, hist_actions = hist_items[:, -self.encoder_length:], hist_actions[:, -self.encoder_length:]
+        out = self.user_tower(batch["user_cat"], batch.get("user_dense"), hist_items, hist_actions)
         if self.item_bias:  # [u, T]: its inner product with [v, b], over T, adds b (module docstring)
             out = {h: torch.cat([u, torch.ones_like(u[:, :1]) * self.temperature.to(u.dtype)], dim=-1)
                    for h, u in out.items()}  # ones_like: the batch size stays symbolic for torch.export

@@ -37,6 +37,7 @@ from raycg.data.spec import FeatureSpec
 from raycg.data.vocab import build_vocabularies, store_counts
 from raycg.model.card import model_card, training_bytes
 from raycg.model.checkpoint import load_model
+from raycg.model.repeat_match import history_lookup_length
 from raycg.model.two_tower import TwoTowerModel
 from raycg.eval.evaluate import evaluate_checkpoint, format_table, timing_line, write_results
 from raycg.eval.queries import drop_cold
@@ -222,7 +223,7 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
     before_ts = validation_cutoff(cfg.data.train_path, cfg.data.validation_fraction)
     resolve_duration_weighting(cfg)
     use_vocab = bool(cfg.model.vocab.enabled)
-    store = feature_store_from_config(data_cfg, cfg.model.history.length,
+    store = feature_store_from_config(data_cfg, history_lookup_length(cfg.model.history),
                                       quarantine_dir=quarantine_dir(cfg, run_dir, "users"), before_ts=before_ts,
                                       count_context_ids=use_vocab)
     items = store.items
@@ -272,7 +273,7 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
         user_dense=len(moments["user_dense"][0]), item_dense=items.dense_dim,
         user_dense_mean=moments["user_dense"][0], user_dense_std=moments["user_dense"][1],
         item_dense_mean=moments["item_dense"][0], item_dense_std=moments["item_dense"][1],
-        history_length=cfg.model.history.length,
+        history_length=history_lookup_length(cfg.model.history),
     )
     log(f"data: {stats} ({time.perf_counter() - t0:.1f}s)")
     os.makedirs(run_dir, exist_ok=True)
@@ -405,7 +406,8 @@ def train_evaluate_export(cfg: DictConfig, prep: PreparedRun, trainer: TorchTrai
             f"({best_dir})")
     results = evaluate_checkpoint(ckpt_dir, OmegaConf.to_container(cfg.data, resolve=True),
                                   OmegaConf.to_container(cfg.eval, resolve=True), log,
-                                  history_length=cfg.model.history.length, store=prep.store, seed=cfg.seed,
+                                  history_length=history_lookup_length(cfg.model.history), store=prep.store,
+                                  seed=cfg.seed,
                                   eval_split=prep.eval_split, new_users=cfg.index.new_users,
                                   popularity_weights=(cfg.loss.conversion_weight, cfg.loss.engagement_weight))
     results["checkpoint"] = ckpt_dir
