@@ -69,7 +69,7 @@ class TwoTowerModel(nn.Module):
                                      sparse=bool(cfg["sparse_tables"]))
         self.user_tower = Tower(spec.user_cat, cfg["id_dim"], spec.user_dense, cfg,
                                 spec.user_dense_mean, spec.user_dense_std, history)
-        match_dim = int(cfg["history"].get("match_dim", 0))
+        match_dim = int(cfg.get("history", {}).get("match_dim", 0))
         if match_dim > 0 and spec.history_length > 0:  # raycg.model.repeat_match
             if spec.item_cat[:1] != ["item"]:
                 raise ValueError("model.history.match_dim > 0 needs the item id as the item tower's first column")
