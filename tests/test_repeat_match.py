@@ -112,3 +112,9 @@ def test_the_match_reads_further_back_than_the_encoder():
     with torch.no_grad():
         a, b = model.embed_users(batch), model.embed_users(older)
     assert torch.equal(a[:, :-16], b[:, :-16]) and not torch.allclose(a[:, -16:], b[:, -16:])
+
+
+def test_codes_of_repeated_ids_are_hashed_once_and_equal_hashing_each():
+    match = RepeatMatch(dim=32, max_len=4)
+    ids = torch.tensor([[5, 9, 5, -3], [9, 9, 2**40, 5]])
+    assert torch.equal(match.codes(ids), item_codes(ids, 32))  # bit for bit: same hash, gathered

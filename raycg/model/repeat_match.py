@@ -68,7 +68,13 @@ class RepeatMatch(nn.Module):
         self.weight = nn.Parameter(torch.full((NUM_ACTION_CODES, max_len), float(init)))  # [action, recency]
 
     def codes(self, item_ids: torch.Tensor) -> torch.Tensor:
-        return item_codes(item_ids, self.dim)
+        """c(i) for every id of `item_ids` [...] -> [..., dim]. Eager on a CPU, each distinct id is
+        hashed once (a batch of 512 x 50 history items repeats most ids: 65 -> 13 ms per step
+        with backward); compiled or on a GPU, every id (static shapes, and hashing is cheap there)."""
+        if item_ids.device.type != "cpu" or torch.compiler.is_compiling():
+            return item_codes(item_ids, self.dim)
+        distinct, where = torch.unique(item_ids, return_inverse=True)
+        return item_codes(distinct, self.dim)[where]
 
     def forward(self, hist_items: torch.Tensor, hist_actions: torch.Tensor) -> torch.Tensor:
         L = hist_items.shape[1]
