@@ -286,9 +286,10 @@ def run_sweep(cfg: DictConfig) -> tuple[tune.ResultGrid, dict]:
         # the same tune.name again (e.g. after the sweep was killed): Tune restores the trials and
         # the searcher's state (Optuna's study); finished trials (evaluated or stopped by ASHA)
         # are kept, unfinished and errored ones run again
+        # Tune keeps exactly the TERMINATED trials. Their last result's "done" flag is no proof:
+        # Tune 2.60 sets it in memory after the function returns and may never save it.
+        reused = [t.trial_id for t in tune.ExperimentAnalysis(sweep_dir).trials if t.status == "TERMINATED"]
         tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
-        reused = [r.metrics["trial_id"] for r in tuner.get_results()
-                  if r.error is None and r.metrics and r.metrics.get("done")]
         log(f"tune: resuming sweep {name} from {sweep_dir}: {len(reused)} finished trial(s) reused "
             f"({', '.join(map(str, reused)) or 'none'}); the others run (again)")
     else:
