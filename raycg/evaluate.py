@@ -34,7 +34,7 @@ def main(cfg: DictConfig, overrides: list[str]) -> None:
     set_level(cfg.log_level)
     # torch and Ray load only once the command line is known to be complete
     from raycg.eval.evaluate import evaluate_checkpoint, format_table, timing_line, write_results
-    from raycg.model.checkpoint import evaluation_checkpoint, load_model
+    from raycg.model.checkpoint import evaluation_checkpoint, load_model, recent_boost
     from raycg.model.repeat_match import history_lookup_length
     from raycg.train.driver import init_ray
 
@@ -48,6 +48,7 @@ def main(cfg: DictConfig, overrides: list[str]) -> None:
                                   seed=config["seed"], new_users=config["index"]["new_users"],
                                   popularity_weights=(config["loss"]["conversion_weight"],
                                                       config["loss"]["engagement_weight"]),
+                                  recent_boost=recent_boost(ckpt, config),
                                   quarantine_dir=os.path.join(cfg.run_dir, "quarantine", "eval"))
     results["checkpoint"] = ckpt
     path = write_results(cfg.run_dir, results)

@@ -15,7 +15,7 @@ def main(cfg: DictConfig, overrides: list[str]) -> None:
     set_level(cfg.log_level)
     # torch and Ray load only once the command line is known to be complete
     from raycg.data.pipeline import checked_events, feature_store_from_config, validation_cutoff
-    from raycg.model.checkpoint import evaluation_checkpoint, load_model
+    from raycg.model.checkpoint import evaluation_checkpoint, load_model, recent_boost
     from raycg.retrieve.build import export_run
     from raycg.train.driver import init_ray
 
@@ -30,7 +30,8 @@ def main(cfg: DictConfig, overrides: list[str]) -> None:
     eval_events = checked_events(data["eval_path"], store, quarantine_dir=quarantine)[0]
     export_run(model, store, out, config["index"], eval_events=eval_events, train_path=data["train_path"],
                seed=config["seed"], ray_min_rows=config["eval"]["ray_inference_min_rows"],
-               popularity_weights=(config["loss"]["conversion_weight"], config["loss"]["engagement_weight"]))
+               popularity_weights=(config["loss"]["conversion_weight"], config["loss"]["engagement_weight"]),
+               recent_boost=recent_boost(ckpt, config))
     print(f"[raycg] exported {ckpt} -> {out}")
     for name in sorted(os.listdir(out)):
         print(f"  {name}")

@@ -69,6 +69,13 @@ def test_two_workers_resume_and_validate_every_epoch(trained):
                for v, m in zip(val, lines))
     assert lines[-1]["best_epoch"] == int(np.argmax(val))
     assert trained.saved["checkpoint"] == str(trained.run_dir / "best")
+    # the recent-item boost: fitted each epoch (b = 0, the towers alone, is a candidate), the best
+    # epoch's saved with its checkpoint and evaluated
+    assert all(m["val_mean_recall"] >= m["val_towers_mean_recall"] and m["val_recent_boost"] >= 0 for m in lines)
+    best = json.loads((trained.run_dir / "best" / "meta.json").read_text())
+    assert best["recent_boost"] == lines[best["epoch"]]["val_recent_boost"] == trained.saved["recent_boost"]["boost"]
+    assert trained.saved["recent_boost"] == {"items": 50, "boost": best["recent_boost"],
+                                             "source": "fitted on the validation window"}
     assert trained.first["model"]["conversion"][1000] <= 1.0
 
 
@@ -173,7 +180,9 @@ def test_export_cli_writes_a_complete_export_elsewhere(trained, tmp_path):
             "item_embeddings.parquet", "items.faiss", "index.json", "checksums.json"} <= set(os.listdir(out))
     verify_checksums(str(out))
     assert json.loads((out / "feature_spec.json").read_text())["format_version"] == FORMAT_VERSION
-    assert json.loads((out / "index.json").read_text())["recall"]["value"] == 1.0  # exact index: small corpus
+    index = json.loads((out / "index.json").read_text())
+    assert index["recall"]["value"] == 1.0  # exact index: small corpus
+    assert (index["recent_items"], index["recent_boost"]) == (50, trained.saved["recent_boost"]["boost"])
 
 
 class _Captured(Exception):

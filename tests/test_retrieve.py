@@ -188,6 +188,29 @@ def test_retrieve_returns_the_evaluation_top_k(world):
     assert table.column("request_id").to_pylist()[3] == 3
 
 
+def test_a_request_s_recent_items_score_the_fitted_boost_higher(world, tmp_path):
+    model, store, events, history, plain = world
+    out, boost, k = str(tmp_path / "export"), 0.4, 25
+    export_run(model, dataclasses.replace(store, history=history, history_length=L), out,
+               index_cfg(recall_k=20, new_users="model"), use_ray=False, log=lambda *_: None,
+               recent_boost=(L, boost, "fitted on the validation window"))
+    meta = json.load(open(os.path.join(out, "index.json")))
+    assert (meta["recent_items"], meta["recent_boost"], meta["recent_boost_source"]) == (
+        L, boost, "fitted on the validation window")
+    requests = evaluation_requests(events, history, L, max_queries=10**9)
+    got, scores = Retriever(out).search(requests, k)
+    # golden: every item's inner product, + boost for the distinct items of the request's actions
+    emb = pq.read_table(os.path.join(out, "item_embeddings.parquet"))
+    ids, items = emb.column("item_id").to_numpy(), np.stack(emb.column("embedding").to_numpy(zero_copy_only=False))
+    full = Retriever(plain).embed(requests) @ items.T
+    for row, recent in enumerate(requests.column("recent_item_ids").to_pylist()):
+        full[row, np.searchsorted(ids, sorted(set(recent)))] += boost
+    np.testing.assert_array_equal(got, ids[np.argsort(-full, axis=1, kind="stable")[:, :k]])
+    np.testing.assert_allclose(scores, -np.sort(-full, axis=1)[:, :k], atol=1e-5)
+    unboosted, _ = Retriever(plain).search(requests, k)
+    assert (got != unboosted).any(axis=1).mean() > 0.5  # the boost moved most lists
+
+
 def test_requests_without_optional_columns_and_unknown_users(world):
     *_, out = world
     r = Retriever(out)

@@ -287,6 +287,8 @@ class IndexConfig:
     recall_queries: int = MISSING
     batch_size: int = MISSING
     new_users: NewUsers = MISSING
+    recent_items: int = MISSING
+    recent_boost: Optional[float] = MISSING
 
 
 @dataclass

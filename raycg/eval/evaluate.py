@@ -25,6 +25,7 @@ from raycg.eval.recall import flat_positive_ranks, recall_report_from_ranks, sha
 from raycg.eval.reengagement import EngagementTimeline
 from raycg.eval.retrievers import ModelRetriever, Queries, Retriever, TrainingWindow, build_baselines
 from raycg.logs import get_logger
+from raycg.model.recent_boost import distinct_recent, rows_of
 
 
 PARTS = ("repeat", "novel")  # positives the user acted on before the query time, and the others
@@ -76,7 +77,8 @@ def embed_in_driver(setting: str, search_device: str) -> bool:
 def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log=get_logger("eval").info,
                         history_length: int = 0, store=None, seed: int = 0, eval_split=None,
                         quarantine_dir: str | None = None, new_users: str = "model",
-                        popularity_weights: tuple[float, float] = (1.0, 1.0)) -> dict:
+                        popularity_weights: tuple[float, float] = (1.0, 1.0),
+                        recent_boost: tuple[int, float, str] = (0, 0.0, "off")) -> dict:
     """Features come from the training split exactly as for training (`store`, the training
     run's FeatureStore, or rebuilt when None); the history index also sees the eval split
     (lookups only use events strictly before each query). Baselines (`eval.baselines`) are
@@ -91,7 +93,11 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
     `new_users` (index.new_users): "popularity" answers the queries of users with no
     training-window event, no earlier action and no context (FeatureStore.new_users) with the
     popular items (ItemTable.popular with `popularity_weights` = the loss's (conversion_weight,
-    engagement_weight)), as the exported Retriever does; "model": the towers."""
+    engagement_weight)), as the exported Retriever does; "model": the towers.
+
+    `recent_boost` (N, b, where b came from; raycg.model.checkpoint.recent_boost): the distinct
+    items of each user's last N actions before the query score b higher
+    (raycg.model.recent_boost), as the exported Retriever serves them; b = 0: the towers alone."""
     ks = sorted(int(k) for k in eval_cfg["ks"])
     embed_gpu, search_device = eval_devices(eval_cfg["device"])
     baselines = list(eval_cfg["baselines"])
@@ -156,14 +162,23 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
             return store.new_users(queries.table, recent)
 
         fallback = (is_new, store.items.popular(max(ks), *popularity_weights))
+    n_recent, boost, boost_source = recent_boost
+
+    def recent_rows(queries: Queries) -> np.ndarray:  # the served rule: the request's recent actions
+        return rows_of(distinct_recent(actions.lookup(queries.users, queries.times, n_recent)[0]), corpus_ids)
+
+    if n_recent > 0:
+        log(f"eval: recent-item boost {boost:.4g} ({boost_source}) on the distinct items of each user's last "
+            f"{n_recent} actions before the query")
     model = ModelRetriever(corpus_ids, item_emb, embed, eval_cfg["query_batch_size"], eval_cfg["faiss_threads"],
-                           search_device, new_users=fallback)
+                           search_device, new_users=fallback, recent=(recent_rows, boost) if n_recent > 0 else None)
     adv_of = store.items.cat[:, 1][np.searchsorted(store.items.item_id, corpus_ids)]  # advertiser per corpus row
     known_users = unique_ids(train_events.column("user_id").to_numpy())
     results, seconds = score_retrievers([model, *retrievers], eval_events, ks, corpus_ids, adv_of, timeline,
                                         known_items, log, known_users=known_users, phases=phases,
                                         max_queries=eval_cfg.get("max_queries"), seed=seed)
     results["eval_rows"] = eval_rows
+    results["recent_boost"] = {"items": n_recent, "boost": boost, "source": boost_source}
     results["new_users"] = {"policy": new_users, "served_popularity": model.served_popularity,
                             "popularity_weights": {"conversion": popularity_weights[0],
                                                    "engagement": popularity_weights[1]}}
@@ -173,7 +188,8 @@ def evaluate_checkpoint(checkpoint_dir: str, data_cfg: dict, eval_cfg: dict, log
     retrieve_s = sum(phases.seconds.pop(f"{task}: model retrieve", 0.0) for task in TASKS)
     phases.add("model query embedding", model.embed_s)
     phases.add("model exact search", model.search_s)
-    phases.add("model id mapping + new-user rule", retrieve_s - model.embed_s - model.search_s)
+    phases.add("model recent-item boost", model.boost_s)
+    phases.add("model id mapping + new-user rule", retrieve_s - model.embed_s - model.search_s - model.boost_s)
     results["seconds"] = {"total": time.perf_counter() - t_start, "search": model.search_s,
                           "scoring_and_baselines": baseline_s, "phases": phases.seconds}
     results["search_backend"] = "faiss" if search_device == "cpu" else f"torch ({search_device})"

@@ -17,8 +17,9 @@ import torch
 
 
 def exact_top_k(item_emb: np.ndarray, query_emb: np.ndarray, k: int, batch_size: int = 4096,
-                threads: int | None = None, device: str = "cpu") -> tuple[np.ndarray, float]:
+                threads: int | None = None, device: str = "cpu", with_scores: bool = False) -> tuple:
     """Row indices [Q, k] of the k highest inner products over the full corpus; search seconds.
+    `with_scores`: (rows, their inner products [Q, k] float32 (numpy), seconds).
 
     device "cpu": faiss `IndexFlatIP`; "cuda": `torch_top_k` on the GPU (same neighbours; faiss
     is not needed there).
@@ -26,7 +27,10 @@ def exact_top_k(item_emb: np.ndarray, query_emb: np.ndarray, k: int, batch_size:
     k = min(k, item_emb.shape[0])
     if torch.device(device).type == "cuda":
         t0 = time.perf_counter()
-        return torch_top_k(item_emb, query_emb, k, device=device), time.perf_counter() - t0
+        if not with_scores:
+            return torch_top_k(item_emb, query_emb, k, device=device), time.perf_counter() - t0
+        rows, scores = torch_top_k(item_emb, query_emb, k, device=device, with_scores=True)
+        return rows, scores.cpu().numpy(), time.perf_counter() - t0
     import faiss  # CPU path only: GPU machines may not have faiss
 
     if threads:
@@ -36,10 +40,11 @@ def exact_top_k(item_emb: np.ndarray, query_emb: np.ndarray, k: int, batch_size:
     t0 = time.perf_counter()
     index.add(item_emb)
     out = np.empty((len(query_emb), k), dtype=np.int64)
+    scores = np.empty((len(query_emb), k), dtype=np.float32)
     for s in range(0, len(query_emb), batch_size):
         q = np.ascontiguousarray(query_emb[s:s + batch_size], dtype=np.float32)
-        _, out[s:s + batch_size] = index.search(q, k)
-    return out, time.perf_counter() - t0
+        scores[s:s + batch_size], out[s:s + batch_size] = index.search(q, k)
+    return (out, scores, time.perf_counter() - t0) if with_scores else (out, time.perf_counter() - t0)
 
 
 def _as_device_tensor(x, device) -> torch.Tensor:
@@ -49,8 +54,9 @@ def _as_device_tensor(x, device) -> torch.Tensor:
 
 
 def torch_top_k(item_emb, query_emb, k: int, device: str = "cuda",
-                block_elements: int = 1 << 28) -> np.ndarray:
-    """Exact top-k by inner product with torch: chunked matrix product + `topk`, row indices [Q, k].
+                block_elements: int = 1 << 28, with_scores: bool = False):
+    """Exact top-k by inner product with torch: chunked matrix product + `topk`, row indices [Q, k]
+    (`with_scores`: and their inner products, a float32 tensor [Q, k] on `device`).
 
     Scores are fp32 in blocks of at most `block_elements` (queries x items, 1 GiB by default);
     a query block that needs several item blocks merges their top-k lists (the top-k of the
@@ -63,6 +69,7 @@ def torch_top_k(item_emb, query_emb, k: int, device: str = "cuda",
     q_block = max(1, min(len(query_emb), block_elements // max(n, 1)))
     i_block = max(k, min(n, block_elements // q_block))
     out = np.empty((len(query_emb), k), dtype=np.int64)
+    values = torch.empty((len(query_emb), k), dtype=torch.float32, device=device) if with_scores else None
     with torch.no_grad():
         for s in range(0, len(query_emb), q_block):
             q = _as_device_tensor(query_emb[s:s + q_block], device)
@@ -75,7 +82,9 @@ def torch_top_k(item_emb, query_emb, k: int, device: str = "cuda",
                     i = torch.gather(torch.cat([best_i, i], dim=1), 1, pick)
                 best_v, best_i = v, i
             out[s:s + len(q)] = best_i.cpu().numpy()
-    return out
+            if with_scores:
+                values[s:s + len(q)] = best_v
+    return (out, values) if with_scores else out
 
 
 def flat_positive_ranks(top: np.ndarray, positives: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

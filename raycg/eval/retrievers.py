@@ -29,11 +29,13 @@ from typing import Callable, Protocol
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from raycg.data.lookup import find_sorted
 from raycg.eval.baselines import ALSBaseline, EventCounts, surface_popularity_rankings
 from raycg.eval.recall import exact_top_k
 from raycg.eval.reengagement import EngagementTimeline
+from raycg.model.recent_boost import merge_recent, recent_scores
 from raycg.logs import get_logger
 
 
@@ -93,12 +95,17 @@ class ModelRetriever:
 
     def __init__(self, corpus_ids: np.ndarray, item_emb: np.ndarray, embed: Callable[[pa.Table], np.ndarray],
                  batch_size: int, threads: int | None = None, device: str = "cpu",
-                 new_users: tuple[Callable[[Queries], np.ndarray], np.ndarray] | None = None):
+                 new_users: tuple[Callable[[Queries], np.ndarray], np.ndarray] | None = None,
+                 recent: tuple[Callable[[Queries], np.ndarray], float] | None = None):
         self.corpus_ids, self.item_emb, self.embed = corpus_ids, item_emb, embed
         self.batch_size, self.threads, self.device = batch_size, threads, device
         self.new_users = new_users  # (queries -> bool mask, the ranking they get): index.new_users=popularity
+        # (queries -> [Q, N] corpus rows of their recent items, boost b): the recent-item boost
+        # (raycg.model.recent_boost), as the served Retriever applies it; None or b = 0: off
+        self.recent = recent if recent is not None and recent[1] > 0 else None
         self.search_s = 0.0  # exact search time so far (the embedding excluded)
         self.embed_s = 0.0  # query embedding time so far
+        self.boost_s = 0.0  # recent-item lookups and merges so far
         self.served_popularity = {}  # task -> queries answered by the new-user ranking
 
     def retrieve(self, queries: Queries, k: int) -> np.ndarray:
@@ -114,7 +121,17 @@ class ModelRetriever:
         t0 = time.perf_counter()
         q_emb = self.embed(queries.table)
         self.embed_s += time.perf_counter() - t0
-        rows, secs = exact_top_k(self.item_emb, q_emb, k, self.batch_size, self.threads, self.device)
+        if self.recent is None:
+            rows, secs = exact_top_k(self.item_emb, q_emb, k, self.batch_size, self.threads, self.device)
+        else:
+            rows, scores, secs = exact_top_k(self.item_emb, q_emb, k, self.batch_size, self.threads, self.device,
+                                             with_scores=True)
+            t0 = time.perf_counter()
+            recent_rows, boost = self.recent[0](queries), self.recent[1]
+            rec_s = recent_scores(torch.from_numpy(np.asarray(q_emb, np.float32)), torch.from_numpy(self.item_emb),
+                                  torch.from_numpy(recent_rows))
+            rows = merge_recent(rows, scores, recent_rows, rec_s, boost)[0].numpy()
+            self.boost_s += time.perf_counter() - t0
         self.search_s += secs
         if self.new_users is not None:  # as the served Retriever does (raycg.retrieve.retriever)
             is_new, ranking = self.new_users

@@ -43,7 +43,7 @@ LEGACY_KEYS = {
              "ray_inference_min_rows": 0, "actor_gpus": 1, "max_queries": None},  # before in-process embedding of small tables: always Ray Data
     "index": {"exact_max_items": 100_000, "kind": "ivf", "nlist": None, "nprobe": 32, "hnsw_m": 32, "ef_search": 128,
               "recall_k": 100, "recall_queries": 10_000, "batch_size": 4096,
-              "new_users": "model"},  # exports before the item index
+              "new_users": "model", "recent_items": 0, "recent_boost": None},  # exports before the item index
 }
 
 
@@ -59,17 +59,19 @@ def verify(directory: str) -> None:
 
 
 def save(directory: str, model, optimizer, epoch: int, config: dict, spec: dict,
-         scheduler=None, step_state: dict | None = None) -> None:
+         scheduler=None, step_state: dict | None = None, recent_boost: float | None = None) -> None:
     """`step_state` (raycg.train.step.StepContext.state_dict: global step, logQ estimator,
     generator) resumes the loss state. Tensors are saved from wherever they live (a GPU
-    checkpoint loads on a CPU-only machine: `load_state` maps everything to the CPU)."""
+    checkpoint loads on a CPU-only machine: `load_state` maps everything to the CPU).
+    `recent_boost`: the boost of recent items fitted on this epoch's validation window
+    (raycg.model.recent_boost), in meta.json."""
     torch.save(
         {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
          "scheduler": scheduler.state_dict() if scheduler is not None else None, **(step_state or {})},
         os.path.join(directory, "model.pt"),
     )
     with open(os.path.join(directory, "meta.json"), "w") as f:
-        json.dump({"config": config, "feature_spec": spec, "epoch": epoch}, f)
+        json.dump({"config": config, "feature_spec": spec, "epoch": epoch, "recent_boost": recent_boost}, f)
     write_checksums(directory, CHECKPOINT_FILES)
 
 
@@ -104,6 +106,23 @@ def load_model(directory: str) -> tuple[TwoTowerModel, dict]:
     model.load_state_dict(state["model"])
     model.eval()
     return model, config
+
+
+def recent_boost(directory: str, config: dict) -> tuple[int, float, str]:
+    """(N, b, where b came from) of the recent-item boost a checkpoint serves with
+    (raycg.model.recent_boost): `index.recent_boost` when the config fixes it, else the value
+    fitted on the validation window and saved in meta.json, else 0 (no validation window)."""
+    index = stored_config(config)["index"]
+    n = int(index["recent_items"])
+    if n <= 0:
+        return 0, 0.0, "off (index.recent_items=0)"
+    if index["recent_boost"] is not None:
+        return n, float(index["recent_boost"]), "index.recent_boost"
+    with open(os.path.join(directory, "meta.json")) as f:
+        fitted = json.load(f).get("recent_boost")
+    if fitted is None:
+        return n, 0.0, "none fitted (no validation window): the towers alone"
+    return n, float(fitted), "fitted on the validation window"
 
 
 def run_checkpoints(run_dir: str) -> list[str]:

@@ -114,7 +114,8 @@ def evaluation_requests(eval_events: pa.Table, history: HistoryIndex | None, his
 
 def write_index(export_dir: str, store: FeatureStore, layout: dict, history_length: int, index_cfg: dict | None,
                 requests: pa.Table | None = None, use_ray: bool = True, log=None,
-                popularity_weights: tuple[float, float] = (1.0, 1.0)) -> dict:
+                popularity_weights: tuple[float, float] = (1.0, 1.0),
+                recent_boost: tuple[int, float, str] = (0, 0.0, "off")) -> dict:
     """Item embeddings -> item_embeddings.parquet, the faiss index -> items.faiss, index.json
     (recall against exact search on `requests`, when given); returns index.json's content, or
     None without faiss (a GPU host may lack it): then the embeddings are written, the index is not."""
@@ -138,7 +139,10 @@ def write_index(export_dir: str, store: FeatureStore, layout: dict, history_leng
     faiss.write_index(index, os.path.join(export_dir, INDEX_FILE))
     meta = {"format_version": FORMAT_VERSION, **desc, "embed_s": round(embed_s, 3), "tables": layout,
             "new_users": cfg["new_users"],  # and the weights of its popularity (ItemTable.popular): the loss's
-            "new_users_weights": {"conversion": float(popularity_weights[0]), "engagement": float(popularity_weights[1])}}
+            "new_users_weights": {"conversion": float(popularity_weights[0]), "engagement": float(popularity_weights[1])},
+            # the served score of the request's recent items (raycg.model.recent_boost)
+            "recent_items": int(recent_boost[0]), "recent_boost": float(recent_boost[1]),
+            "recent_boost_source": recent_boost[2]}
     if requests is not None and requests.num_rows:
         checked = check_requests(requests, "evaluation queries")
         user = load_tower(export_dir, "user_tower")
@@ -161,14 +165,16 @@ def write_index(export_dir: str, store: FeatureStore, layout: dict, history_leng
 def export_run(model, store: FeatureStore, export_dir: str, index_cfg: dict | None = None,
                eval_events: pa.Table | None = None, history: HistoryIndex | None = None,
                train_path: str | None = None, use_ray: bool = True, seed: int = 0, log=None,
-               ray_min_rows: int = 0, popularity_weights: tuple[float, float] = (1.0, 1.0)) -> str:
+               ray_min_rows: int = 0, popularity_weights: tuple[float, float] = (1.0, 1.0),
+               recent_boost: tuple[int, float, str] = (0, 0.0, "off")) -> str:
     """Towers (torch.export), feature tables, item embeddings, item index and checksums ->
     `export_dir`. With `eval_events`, the index's recall is measured on the evaluation
     queries; their histories come from `history`, else from `train_path` + `eval_events`.
     The items are embedded by Ray Data actors with `use_ray` from `ray_min_rows` items up (the
     run's eval.ray_inference_min_rows), in this process otherwise. `popularity_weights` (the
     loss's conversion and engagement weights) rank the items that `index.new_users=popularity`
-    serves."""
+    serves; `recent_boost` (N, b, source: raycg.model.checkpoint.recent_boost) goes to index.json
+    and the Retriever serves it."""
     cfg = settings(index_cfg)
     use_ray = use_ray and len(store.items.item_id) >= ray_min_rows
     export_towers(model, export_dir)
@@ -182,7 +188,7 @@ def export_run(model, store: FeatureStore, export_dir: str, index_cfg: dict | No
             history = HistoryIndex.build(event_files(train_path), extra=eval_events)
         requests = evaluation_requests(eval_events, history, length, int(cfg["recall_queries"]), seed)
     indexed = write_index(export_dir, store, layout, length, cfg, requests, use_ray, log,
-                          popularity_weights) is not None
+                          popularity_weights, recent_boost) is not None
     write_checksums(export_dir, [*TOWER_FILES.values(), SPEC_FILE, ITEMS_FILE, USERS_FILE, EMBEDDINGS_FILE,
                                  *([INDEX_FILE, INDEX_META] if indexed else [])])
     return export_dir

@@ -19,7 +19,7 @@ import numpy as np
 KINDS = ("ivf", "hnsw")
 NEW_USERS = ("model", "popularity")  # what a request with nothing personal gets (FeatureStore.new_users)
 KEYS = ("exact_max_items", "kind", "nlist", "nprobe", "hnsw_m", "ef_search", "recall_k", "recall_queries", "batch_size",
-        "new_users")
+        "new_users", "recent_items", "recent_boost")
 
 
 def settings(cfg: dict) -> dict:
@@ -35,6 +35,11 @@ def settings(cfg: dict) -> dict:
         raise ValueError(f"index.kind={cfg['kind']!r}: expected one of {list(KINDS)}")
     if cfg["new_users"] not in NEW_USERS:
         raise ValueError(f"index.new_users={cfg['new_users']!r}: expected one of {list(NEW_USERS)}")
+    if int(cfg["recent_items"]) < 0:
+        raise ValueError(f"index.recent_items={cfg['recent_items']}: expected 0 (off) or a positive number of actions")
+    if cfg["recent_boost"] is not None and not float(cfg["recent_boost"]) >= 0:
+        raise ValueError(f"index.recent_boost={cfg['recent_boost']}: expected null (fitted on the validation window) "
+                         "or a boost >= 0")
     return cfg
 
 

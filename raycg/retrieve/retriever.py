@@ -14,6 +14,11 @@ default; index.json says which), with NaN scores: the user tower would give ever
 request the same generic query, and evaluation measured the popularity list as the better
 answer on real logs (docs/real_logs.md).
 
+The request's recent items (the distinct items of its last `recent_items` recent actions) score
+`recent_boost` higher than their inner product (raycg.model.recent_boost; index.json holds both,
+fitted on the training run's validation window): the index's top-K merged with them, so a
+boosted item's score is its inner product + the boost.
+
 A request is packed into user-tower inputs by the same code as training and evaluation rows
 (`FeatureStore.pack_users`, over the export's own feature tables), embedded by the exported
 user tower (torch.export) and searched in the export's faiss index. Scores are inner products
@@ -31,9 +36,10 @@ import torch
 
 from raycg.data.batches import FeatureStore
 from raycg.model.export import FORMAT_VERSION, ExportError, load_tower, read_meta, user_inputs
+from raycg.model.recent_boost import distinct_recent, merge_recent, recent_scores, rows_of
 from raycg.retrieve.index import search
 from raycg.retrieve.requests import RequestError, check_requests, has_recent_actions, recent_actions, request_table
-from raycg.retrieve.tables import ITEMS_FILE, USERS_FILE, read_items, read_users
+from raycg.retrieve.tables import ITEMS_FILE, USERS_FILE, column_matrix, read_items, read_users
 
 INDEX_FILE = "items.faiss"
 EMBEDDINGS_FILE = "item_embeddings.parquet"
@@ -90,8 +96,18 @@ class Retriever:
         layout = self.index_meta["tables"]
         self.store = FeatureStore(items=read_items(export_dir, layout), users=read_users(export_dir, layout))
         self.history_length = int(self.meta.get("history_length", 0))
-        self.item_ids = pq.read_table(os.path.join(export_dir, EMBEDDINGS_FILE),
-                                      columns=["item_id"]).column("item_id").to_numpy().astype(np.int64)
+        self.recent_items = int(self.index_meta.get("recent_items", 0))  # absent: an export before the boost
+        self.recent_boost = float(self.index_meta.get("recent_boost", 0.0))
+        boosted = self.recent_items > 0 and self.recent_boost > 0
+        embeddings = pq.read_table(os.path.join(export_dir, EMBEDDINGS_FILE),
+                                   columns=["item_id", "embedding"] if boosted else ["item_id"])
+        self.item_ids = embeddings.column("item_id").to_numpy().astype(np.int64)
+        self.item_emb = None  # [I, E] rows of item_ids: the recent items' scores
+        if boosted:
+            if np.any(np.diff(self.item_ids) <= 0):
+                raise ExportError(f"{export_dir}/{EMBEDDINGS_FILE}: item ids are not sorted and unique")
+            width = len(embeddings.column("embedding")[0]) if embeddings.num_rows else 0
+            self.item_emb = torch.from_numpy(column_matrix(embeddings, "embedding", width, np.float32))
         self.new_users = self.index_meta.get("new_users", "model")  # absent: an export before 2026-12
         weights = self.index_meta.get("new_users_weights", {"conversion": 1.0, "engagement": 1.0})
         self.popular = (self.store.items.popular(len(self.store.items.item_id), weights["conversion"],
@@ -121,7 +137,12 @@ class Retriever:
         if checked.num_rows == 0:
             k = min(int(k), self.num_items)
             return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
-        rows, scores = search(self.index, self.embed(checked), k)
+        q_emb = self.embed(checked)
+        rows, scores = search(self.index, q_emb, k)
+        if self.item_emb is not None:
+            recent = rows_of(distinct_recent(recent_actions(checked, self.recent_items)[0]), self.item_ids)
+            rec_s = recent_scores(torch.from_numpy(q_emb), self.item_emb, torch.from_numpy(recent))
+            rows, scores = (t.numpy() for t in merge_recent(rows, scores, recent, rec_s, self.recent_boost))
         ids = np.where(rows >= 0, self.item_ids[rows.clip(min=0)], -1)  # -1: an approximate index found fewer
         if self.popular is not None:
             new = self.store.new_users(checked, has_recent_actions(checked) if self.history_length

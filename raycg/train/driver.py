@@ -22,9 +22,11 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from raycg.data.features import dense_moments
+from raycg.data.history import HistoryIndex
 from raycg.data.pipeline import (
     auto_buckets,
     checked_events,
+    event_files,
     feature_store_from_config,
     max_from_footers,
     nonempty_event_files,
@@ -36,7 +38,7 @@ from raycg.data.simulate import SimConfig, write_dataset
 from raycg.data.spec import FeatureSpec
 from raycg.data.vocab import build_vocabularies, store_counts
 from raycg.model.card import model_card, training_bytes
-from raycg.model.checkpoint import load_model
+from raycg.model.checkpoint import load_model, recent_boost
 from raycg.model.repeat_match import history_lookup_length
 from raycg.model.two_tower import TwoTowerModel
 from raycg.eval.evaluate import evaluate_checkpoint, format_table, timing_line, write_results
@@ -243,8 +245,12 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
     validation_ref = None
     if before_ts is not None:
         known = store.item_counts[0] if drop_cold(cfg.eval.cold_items, cfg.data.items_path) else None
+        history = store.history
+        if cfg.index.recent_items > 0 and history is None:  # the recent-item boost needs every query's recent actions
+            history = HistoryIndex.build(event_files(cfg.data.train_path))
         vset = ValidationSet.build(nonempty_event_files(cfg.data.train_path)[0], store, before_ts, known,
-                                   max_queries=cfg.trainer.early_stopping.max_queries, seed=cfg.seed)
+                                   max_queries=cfg.trainer.early_stopping.max_queries, seed=cfg.seed,
+                                   recent_items=cfg.index.recent_items, history=history)
         stats["validation"] = {"cutoff_ts": before_ts, "rows": vset.rows,
                                **{f"{t}_queries": len(p) for t, (_, p) in vset.queries.items()}}
         check_validation_metric(cfg, vset)
@@ -404,19 +410,22 @@ def train_evaluate_export(cfg: DictConfig, prep: PreparedRun, trainer: TorchTrai
             best_epoch = json.load(f)["epoch"]
         log(f"eval: the best checkpoint by {cfg.trainer.early_stopping.metric} is epoch {best_epoch} "
             f"({best_dir})")
+    boost = recent_boost(ckpt_dir, OmegaConf.to_container(cfg, resolve=True))
     results = evaluate_checkpoint(ckpt_dir, OmegaConf.to_container(cfg.data, resolve=True),
                                   OmegaConf.to_container(cfg.eval, resolve=True), log,
                                   history_length=history_lookup_length(cfg.model.history), store=prep.store,
                                   seed=cfg.seed,
                                   eval_split=prep.eval_split, new_users=cfg.index.new_users,
-                                  popularity_weights=(cfg.loss.conversion_weight, cfg.loss.engagement_weight))
+                                  popularity_weights=(cfg.loss.conversion_weight, cfg.loss.engagement_weight),
+                                  recent_boost=boost)
     results["checkpoint"] = ckpt_dir
     if cfg.export:
         model, _ = load_model(ckpt_dir)
         export_run(model, prep.store, os.path.join(run_dir, "export"), OmegaConf.to_container(cfg.index, resolve=True),
                    eval_events=prep.eval_split[0], train_path=cfg.data.train_path, seed=cfg.seed, log=log,
                    ray_min_rows=cfg.eval.ray_inference_min_rows,
-                   popularity_weights=(cfg.loss.conversion_weight, cfg.loss.engagement_weight))
+                   popularity_weights=(cfg.loss.conversion_weight, cfg.loss.engagement_weight),
+                   recent_boost=boost)
     else:
         log(f"export: off (export=false); `python -m raycg.export run_dir={run_dir}` writes it from the checkpoint")
     results["train_metrics"] = result.metrics

@@ -321,7 +321,8 @@ def run_epochs(config: dict, start_epoch: int, feed, forward, core, optimizer, s
         improved = stop = False
         if vset is not None:  # rank 0: recall on the validation window with this epoch's model
             t_val = time.perf_counter()
-            metrics.update(validation_recall(core, vset, device, ks, step_ctx.autocast()))
+            metrics.update(validation_recall(core, vset, device, ks, step_ctx.autocast(),
+                                             boost=config["index"]["recent_boost"]))
             improved = stopper.update(epoch, metrics)
             # not before trainer.min_steps: a small log's first epochs are noisy (on the Tmall sample a
             # run stopped after epoch 2 at the prior's epoch-0 recall while others peaked at epochs 4-8)
@@ -351,7 +352,7 @@ def run_epochs(config: dict, start_epoch: int, feed, forward, core, optimizer, s
                 step_state = dict(step_ctx.state_dict(),
                                   early_stopping=stopper.state_dict() if stopper is not None else None)
                 ckpt_io.save(d, core, optimizer, epoch, saved_config, config["feature_spec"], scheduler=scheduler,
-                             step_state=step_state)
+                             step_state=step_state, recent_boost=metrics.get("val_recent_boost"))
                 if improved:
                     keep_best(d, os.path.join(config["run_dir"], "best"))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))

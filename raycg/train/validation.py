@@ -13,6 +13,11 @@ conversions and engagements become queries exactly like the evaluation split's
 After each epoch rank 0 embeds the item corpus and the validation queries with the current
 model and computes recall@K by exact search on its device; `EarlyStopping` keeps the best
 epoch, and training stops after `patience` epochs without improving by `min_delta`.
+
+With `index.recent_items` > 0 the recall is that of what is served: the towers' top-K merged
+with each user's recent items boosted by b (raycg.model.recent_boost). b is fitted here each
+epoch (`fit_boost`: the best validation recall over `boost_grid`, which holds b = 0), unless
+`index.recent_boost` fixes it; the best epoch's b is saved with its checkpoint.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from raycg.data.lookup import find_sorted
 from raycg.data.schema import find_problems, event_columns
 from raycg.eval.queries import TASKS, build_queries, drop_cold_positives, sample_queries
 from raycg.eval.recall import recall_at_k, torch_top_k
+from raycg.model.recent_boost import boost_grid, distinct_recent, merge_recent, recent_scores, rows_of
 
 
 @dataclass
@@ -38,12 +44,13 @@ class ValidationSet:
     item_ids: np.ndarray
     items: dict  # item_cat, item_dense
     queries: dict = field(default_factory=dict)  # task -> (packed user inputs, positives)
+    recent: dict = field(default_factory=dict)  # task -> [Q, N] rows of each query's recent items (-1: none)
     rows: int = 0  # checked events of the validation window
     sampled_from: dict = field(default_factory=dict)  # task -> its query count before max_queries
 
     @classmethod
     def build(cls, train_files: list[str], store, before_ts: int, known_items: np.ndarray | None = None,
-              max_queries: int | None = None, seed: int = 0) -> "ValidationSet":
+              max_queries: int | None = None, seed: int = 0, recent_items: int = 0, history=None) -> "ValidationSet":
         """Events of the training split at/after `before_ts` -> queries. Rows that break a rule are
         left out here: the training pass saw every row and failed on them or quarantined them.
         `known_items`: keep only positives on these items (eval.cold_items; drop_cold_positives).
@@ -68,6 +75,11 @@ class ValidationSet:
             queries, positives = sample_queries(queries, positives, max_queries, seed)
             if positives:
                 out.queries[task] = (store.pack_users(queries), positives)
+                if recent_items > 0:
+                    users = queries.column("user_id").to_numpy().astype(np.int64)
+                    times = queries.column("timestamp").to_numpy().astype(np.int64)
+                    ids = distinct_recent(history.lookup(users, times, recent_items)[0])
+                    out.recent[task] = rows_of(ids, out.item_ids)
         return out
 
     def describe(self) -> str:
@@ -87,22 +99,57 @@ def _embed(fn, arrays: dict, device: torch.device, chunk: int = 65536) -> torch.
 
 
 @torch.no_grad()
-def validation_recall(core, vset: ValidationSet, device: torch.device, ks: list[int], autocast) -> dict:
+def validation_recall(core, vset: ValidationSet, device: torch.device, ks: list[int], autocast,
+                      boost: float | None = None) -> dict:
     """{"val_<task>_recall@<k>": recall} of the current model on the validation window, and
-    their mean, "val_mean_recall" (steadier than any one of them on a small window)."""
+    their mean, "val_mean_recall" (steadier than any one of them on a small window).
+
+    With recent items in `vset`: the recall of the towers merged with the boosted recent items,
+    at `boost`, or (None) at the boost that `fit_boost` picks, reported as "val_recent_boost";
+    "val_towers_mean_recall" is the towers' alone (b = 0)."""
     was_training = core.training
     core.eval()
+    K = max(ks)
+    lists = {}  # task -> (top rows, top scores, recent rows, recent scores)
     try:
         with autocast:
             items = _embed(core.embed_items, vset.items, device)
-            out = {}
-            for task, (packed, positives) in vset.queries.items():
+            for task, (packed, _) in vset.queries.items():
                 queries = _embed(core.embed_users, packed, device)
-                top = vset.item_ids[torch_top_k(items, queries, max(ks), device=device)]
-                for k, value in recall_at_k(top, positives, ks).items():
-                    out[f"val_{task}_recall@{k}"] = value
+                rows, scores = torch_top_k(items, queries, K, device=device, with_scores=True)
+                if task in vset.recent:
+                    recent = torch.from_numpy(vset.recent[task]).to(device)
+                    lists[task] = (torch.from_numpy(rows).to(device), scores, recent,
+                                   recent_scores(queries, items, recent))
+                else:
+                    lists[task] = (rows, None, None, None)
     finally:
         core.train(was_training)
+    if not vset.recent:
+        return _recall_table(vset, {task: top for task, (top, *_) in lists.items()}, ks)
+    grid = [float(boost)] if boost is not None else boost_grid(
+        torch.cat([v[1] for v in lists.values()]), torch.cat([v[3] for v in lists.values()]))
+    best = None
+    for b in grid:
+        merged = {task: merge_recent(top, top_s, rec, rec_s, b)[0].cpu().numpy()
+                  for task, (top, top_s, rec, rec_s) in lists.items()}
+        out = _recall_table(vset, merged, ks)
+        if b == 0.0:
+            towers = out.get("val_mean_recall", float("nan"))
+        if best is None or out.get("val_mean_recall", 0.0) > best[1].get("val_mean_recall", 0.0):
+            best = (b, out)  # ties: the smaller boost (the grid is sorted)
+    b, out = best
+    if boost is not None:  # a fixed boost: the towers' own recall for comparison
+        merged = {task: top.cpu().numpy() for task, (top, *_) in lists.items()}
+        towers = _recall_table(vset, merged, ks).get("val_mean_recall", float("nan"))
+    return {**out, "val_towers_mean_recall": towers, "val_recent_boost": b}
+
+
+def _recall_table(vset: ValidationSet, top_rows: dict, ks: list[int]) -> dict:
+    out = {}
+    for task, rows in top_rows.items():
+        for k, value in recall_at_k(vset.item_ids[rows], vset.queries[task][1], ks).items():
+            out[f"val_{task}_recall@{k}"] = value
     if out:
         out["val_mean_recall"] = sum(out.values()) / len(out)
     return out
