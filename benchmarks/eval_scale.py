@@ -9,6 +9,8 @@ random model is meaningless; this measures where the time goes:
 
     python benchmarks/eval_scale.py                                  # 1M items, 100k users
     python benchmarks/eval_scale.py --items 200000 --users 20000     # a quicker look
+    python benchmarks/eval_scale.py index.recent_boost=0.5           # with the recent-item boost
+                                                                     # (an untrained model fits none)
 
 Prints the phase times and the faiss share of the total.
 """
@@ -32,7 +34,7 @@ from raycg.data.spec import FeatureSpec  # noqa: E402
 from raycg.eval.evaluate import evaluate_checkpoint, format_phases, format_table  # noqa: E402
 from raycg.model.two_tower import TwoTowerModel  # noqa: E402
 from raycg.report.grid import compose_run  # noqa: E402
-from raycg.model.checkpoint import save  # noqa: E402
+from raycg.model.checkpoint import recent_boost, save  # noqa: E402
 from raycg.model.repeat_match import history_lookup_length  # noqa: E402
 from raycg.train.driver import build_trainer, ensure_data, init_ray, resolve_paths  # noqa: E402
 
@@ -79,7 +81,8 @@ def main() -> None:
                                   OmegaConf.to_container(cfg.eval, resolve=True),
                                   history_length=history_lookup_length(cfg.model.history), store=store, seed=cfg.seed,
                                   new_users=cfg.index.new_users,
-                                  popularity_weights=(cfg.loss.conversion_weight, cfg.loss.engagement_weight))
+                                  popularity_weights=(cfg.loss.conversion_weight, cfg.loss.engagement_weight),
+                                  recent_boost=recent_boost(ckpt, OmegaConf.to_container(cfg, resolve=True)))
     wall = time.perf_counter() - t1
     print("\n" + format_table(results))
     if args.json:

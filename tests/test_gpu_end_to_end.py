@@ -46,6 +46,10 @@ def test_gpu_training_every_loss_option_resume_evaluate_export(ray_gpu, small_da
     assert all(math.isfinite(m["loss"]) for m in metrics) and metrics[-1]["loss"] < metrics[0]["loss"]
     assert {"loss_conversion", "loss_engagement", "loss_advertiser"} <= set(metrics[-1])
     assert results["search_backend"].startswith("torch")
+    # the recent-item boost, fitted on the GPU's validation lists, is the one evaluated and exported
+    best = json.loads((run_dir / "best" / "meta.json").read_text())
+    assert best["recent_boost"] == metrics[best["epoch"]]["val_recent_boost"] == results["recent_boost"]["boost"] >= 0
+    assert all(m["val_mean_recall"] >= m["val_towers_mean_recall"] for m in metrics)
     model_r, pop_r = results["model"]["conversion"][100], results["popularity"]["conversion"][100]
     assert model_r > pop_r + 0.1, (model_r, pop_r)
     assert (run_dir / "export" / "user_tower.pt2").exists() and (run_dir / "export" / "item_tower.pt2").exists()

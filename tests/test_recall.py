@@ -35,6 +35,14 @@ def test_torch_top_k_returns_the_faiss_neighbours(block_elements):
     want, _ = exact_top_k(items, queries, 50, batch_size=64)             # faiss IndexFlatIP
     got = torch_top_k(items, queries, 50, device="cpu", block_elements=block_elements)
     np.testing.assert_array_equal(got, want)
+    # with scores (the recent-item boost merges by them): the inner products of those neighbours
+    rows, scores = torch_top_k(items, queries, 50, device="cpu", block_elements=block_elements, with_scores=True)
+    faiss_rows, faiss_scores, _ = exact_top_k(items, queries, 50, batch_size=64, with_scores=True)
+    np.testing.assert_array_equal(rows, want)
+    np.testing.assert_array_equal(faiss_rows, want)
+    direct = np.take_along_axis(queries @ items.T, want, axis=1)
+    np.testing.assert_allclose(scores.numpy(), direct, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(faiss_scores, direct, rtol=1e-4, atol=1e-4)
     # k larger than the corpus is clipped, as in faiss
     assert torch_top_k(items[:7], queries[:3], 50, device="cpu").shape == (3, 7)
 

@@ -361,6 +361,10 @@ def format_table(results: dict) -> str:
     lines = _recall_rows(results, tasks, short)
     nq = results["n_queries"]
     lines.append("queries: " + ", ".join(f"{t} {nq.get(t, 0):,}" for t in TASKS) + f"; corpus {results['n_items']:,} items")
+    boost = results.get("recent_boost") or {}
+    if boost.get("items"):
+        lines.append(f"model: the distinct items of the user's last {boost['items']} actions score {boost['boost']:.4g} "
+                     f"higher ({boost['source']}; index.recent_boost)")
     sampled = results.get("sampled_queries") or {}
     if sampled:
         lines.append("scored on a uniform sample (eval.max_queries): " + ", ".join(

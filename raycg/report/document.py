@@ -98,12 +98,20 @@ def grid_section(grid: Grid, records: list[dict], plots: list[str], link_dir: st
         "",
         f"The composed config of every run is in `{link_dir}/configs/{grid.name}/<variant>-s<seed>.yaml`.",
         "",
-        "| variant | overrides on top of the base |",
-        "| --- | --- |",
-        *[f"| {v} | `{' '.join(o) if o else '(none)'}` |" for v, o in grid.variants.items()],
+        "| variant | overrides on top of the base | recent-item boost (per seed) |",
+        "| --- | --- | --- |",
+        *[f"| {v} | `{' '.join(o) if o else '(none)'}` | {_boosts(records, v)} |" for v, o in grid.variants.items()],
         "",
     ]
     return "\n".join(parts)
+
+
+def _boosts(records: list[dict], variant: str) -> str:
+    """The recent-item boost each seed's run served (raycg.model.recent_boost), or off."""
+    found = [r["eval"].get("recent_boost") or {} for r in records if r["variant"] == variant]
+    if not found or not any(b.get("items") for b in found):
+        return "off"
+    return ", ".join(f"{b.get('boost', 0):.3g}" for b in found) + f" ({found[0].get('source', '')})"
 
 
 def write_markdown(path: str, body: str) -> None:
