@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from raycg.model.checkpoint import recent_boost as checkpoint_recent_boost
-from raycg.model.recent_boost import boost_grid, distinct_recent, merge_recent, recent_scores, rows_of
+from raycg.eval.recall import recall_at_k, recall_from_flat_ranks
+from raycg.model.recent_boost import boost_grid, boosted_ranks, distinct_recent, merge_recent, recent_scores, rows_of
 from raycg.train.validation import ValidationSet, validation_recall
 
 
@@ -58,6 +59,37 @@ def test_merge_of_top_k_and_recent_items_is_the_top_k_of_the_boosted_score(boost
     np.testing.assert_allclose(scores.numpy(), want_scores, rtol=1e-5, atol=1e-5)
     if boost == 0.0:  # the towers alone
         np.testing.assert_array_equal(rows.numpy(), top_rows[:, :k])
+
+
+def test_ranks_of_positives_give_the_recall_of_the_merged_lists():
+    # validation tries a grid of boosts through the positives' ranks alone; they must give the
+    # recall of the merged lists themselves
+    rng = np.random.default_rng(4)
+    items = rng.normal(size=(600, 8)).astype(np.float32)
+    q = rng.normal(size=(80, 8)).astype(np.float32)
+    full = q @ items.T
+    order = np.argsort(-full, axis=1)
+    K, N = 100, 8
+    top, top_s = order[:, :K], np.take_along_axis(full, order[:, :K], axis=1)
+    recent = np.stack([rng.choice(600, N, replace=False) for _ in range(80)])
+    recent[::3, -3:] = -1  # padding
+    recent[::4, 0] = order[::4, 5]  # a recent item the towers rank 6th
+    rec_s = recent_scores(torch.from_numpy(q), torch.from_numpy(items), torch.from_numpy(recent))
+    # 1-4 positives per query: recent items, items of the towers' list, items in neither
+    lengths = rng.integers(1, 5, 80)
+    positives = [rng.choice(np.unique(np.concatenate([r[r >= 0], o[:150]])), n, replace=False)
+                 for r, o, n in zip(recent, order, lengths)]
+    padded = np.full((80, 4), -1)
+    mask = np.arange(4) < lengths[:, None]
+    padded[mask] = np.concatenate(positives)
+    boosts = [0.0, 0.02, 0.3, 1.0, 50.0]
+    ranks = boosted_ranks(top, top_s, recent, rec_s, padded, boosts)
+    for b, r in zip(boosts, ranks):
+        merged = merge_recent(top, top_s, recent, rec_s, b)[0].numpy()
+        want = recall_at_k(merged, positives, [1, 10, 50, 100])
+        got = {k: float(recall_from_flat_ranks(r.numpy()[mask], lengths, k).mean()) for k in want}
+        assert got == pytest.approx(want, abs=1e-12), b
+        assert 0 < want[100] < 1
 
 
 def test_boost_grid_spans_the_towers_alone_to_every_recent_item_first():

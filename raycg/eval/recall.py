@@ -151,7 +151,9 @@ def positive_ranks(top: np.ndarray, positives: list[np.ndarray]) -> list[np.ndar
     return np.split(ranks, np.cumsum(lengths)[:-1]) if len(lengths) else []
 
 
-def _recall_from_flat_ranks(ranks: np.ndarray, lengths: np.ndarray, k: int) -> np.ndarray:
+def recall_from_flat_ranks(ranks: np.ndarray, lengths: np.ndarray, k: int) -> np.ndarray:
+    """recall@k of each query from its positives' 0-based ranks (`flat_positive_ranks` layout:
+    every query's positives in one flat array, `lengths[q]` of them for query q)."""
     if len(lengths) == 0:
         return np.zeros(0)
     if (lengths == 0).any():
@@ -162,7 +164,7 @@ def _recall_from_flat_ranks(ranks: np.ndarray, lengths: np.ndarray, k: int) -> n
 
 def per_query_recall(top: np.ndarray, positives: list[np.ndarray], k: int) -> np.ndarray:
     """recall@k of each query; `top` [Q, >=k] ids, positives a list of id arrays."""
-    return _recall_from_flat_ranks(*flat_positive_ranks(np.asarray(top)[:, :k], positives), k)
+    return recall_from_flat_ranks(*flat_positive_ranks(np.asarray(top)[:, :k], positives), k)
 
 
 def recall_at_k(top, positives: list[np.ndarray], ks) -> dict[int, float]:
@@ -228,7 +230,7 @@ def recall_report_from_ranks(ranks: np.ndarray, lengths: np.ndarray, ks, groups:
     """`recall_report` from `flat_positive_ranks` output: one ranking pass can feed several
     reports (e.g. a subset of queries or of positives, selected on the flat arrays).
     `group_names`: `groups` are already codes into it (saves a string sort per report)."""
-    per_query = np.stack([_recall_from_flat_ranks(ranks, lengths, k) for k in ks]) if len(ks) else np.zeros((0, 0))
+    per_query = np.stack([recall_from_flat_ranks(ranks, lengths, k) for k in ks]) if len(ks) else np.zeros((0, 0))
     cis = bootstrap_cis(per_query, n_boot)
     if groups is not None:
         if group_names is None:

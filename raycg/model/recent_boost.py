@@ -5,8 +5,8 @@
 R(u) is the set of distinct items among u's last N actions (click, save, add_to_cart,
 checkout) strictly before the request (`index.recent_items` = N; in serving, the request's
 `recent_item_ids`). b >= 0 (`index.recent_boost`) is one number per model, fitted on the
-validation window by default (`fit_boost`: the b with the best validation recall among a
-grid that includes b = 0, the towers alone) and saved with the checkpoint.
+validation window by default (raycg.train.validation: the b with the best validation recall
+among `boost_grid`, which includes b = 0, the towers alone) and saved with the checkpoint.
 
 Why not in the towers: on real logs most conversions repeat an item the user clicked before
 (63% on the Tmall sample, 100% on Taobao's), and the re-engagement baseline beat every
@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-GAP_RANKS = (2, 5, 10, 20, 50, 100, 200, 500, 1000)  # fit_boost's grid: median score gaps at these ranks
+GAP_RANKS = (2, 5, 10, 20, 50, 100, 200, 500, 1000)  # boost_grid: median score gaps at these ranks
 
 
 def distinct_recent(items: np.ndarray) -> np.ndarray:
@@ -72,32 +72,98 @@ def recent_scores(query_emb: torch.Tensor, item_emb: torch.Tensor, rows: torch.T
     return out.masked_fill(rows < 0, float("-inf"))
 
 
+def _find(sorted_keys: torch.Tensor, order: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Per row, where each of `values` ([Q, M] rows >= 0; -1 padding) sits in the unsorted list
+    whose sort is (`sorted_keys`, `order`) ([Q, L]): its column there, or -1."""
+    at = torch.searchsorted(sorted_keys.contiguous(), values.clamp(min=0).contiguous())
+    at = at.clamp(max=max(sorted_keys.shape[1] - 1, 0))
+    found = (torch.gather(sorted_keys, 1, at) == values) & (values >= 0)
+    return torch.gather(order, 1, at).masked_fill(~found, -1)
+
+
+def drop_recent(top_rows, top_scores, rows, scores=None) -> torch.Tensor:
+    """`top_scores` with -inf where the towers' top-K already holds a recent item of the query
+    (it comes back boosted in `merge_recent`). Independent of the boost: one pass serves a grid.
+    Exact id matches: each query's list sorted by row once, the recent rows searched in it."""
+    top_rows, top_scores = torch.as_tensor(top_rows), torch.as_tensor(top_scores).float()
+    rows = torch.as_tensor(rows)
+    Q, K = top_rows.shape
+    where = _find(*torch.sort(top_rows, dim=1), rows)
+    out = torch.cat([top_scores, top_scores.new_zeros((Q, 1))], dim=1)  # column K: a bin for "not in the list"
+    return out.scatter_(1, where.masked_fill(where < 0, K), float("-inf"))[:, :K]
+
+
+def boosted_ranks(top_rows, top_scores, rows, scores, targets, boosts: list[float]) -> list[torch.Tensor]:
+    """Where each of `targets` ([Q, M] rows, -1 padding: e.g. a query's positives) would sit
+    in `merge_recent`'s list at each boost: [Q, M] 0-based ranks, K + N for an item in neither
+    list (and padding). A boost grid costs a few searchsorted calls per boost, no merge."""
+    top_rows, top_scores = torch.as_tensor(top_rows), torch.as_tensor(top_scores).float()
+    rows, scores, targets = torch.as_tensor(rows), torch.as_tensor(scores).float(), torch.as_tensor(targets)
+    Q, K = top_rows.shape
+    N = rows.shape[1]
+    by_row, order = torch.sort(top_rows, dim=1)
+    in_top, in_rec = _find(by_row, order, targets), _find(*torch.sort(rows, dim=1), targets)
+    hole = torch.zeros((Q, K + 1), dtype=torch.bool, device=top_rows.device)
+    where = _find(by_row, order, rows)
+    hole = hole.scatter_(1, where.masked_fill(where < 0, K), True)[:, :K]
+    kept_before = torch.cat([torch.zeros((Q, 1), dtype=torch.long, device=hole.device),
+                             torch.cumsum(~hole, dim=1)], dim=1)
+    valid = scores.masked_fill(rows < 0, float("-inf"))
+    neg_top = (-top_scores).contiguous()
+    neg_rec = (-torch.sort(valid, dim=1, descending=True).values).contiguous()
+    s_rec = torch.gather(valid, 1, in_rec.clamp(min=0))
+    s_top = torch.gather(top_scores, 1, in_top.clamp(min=0))
+    rec_ahead = torch.searchsorted(neg_rec, (-s_rec).contiguous(), right=False)  # recent items scoring more
+    top_kept = torch.gather(kept_before, 1, in_top.clamp(min=0))
+    out = []
+    for b in boosts:
+        # a recent target: the recent items ahead of it + the kept top items scoring as much or more
+        at_rec = rec_ahead + torch.gather(
+            kept_before, 1, torch.searchsorted(neg_top, (-(s_rec + b)).contiguous(), right=True))
+        # a top-list target: the kept top items before it + the recent items whose boosted score beats it
+        at_top = top_kept + torch.searchsorted(neg_rec, (-(s_top - b)).contiguous(), right=False)
+        out.append(torch.where(in_rec >= 0, at_rec, torch.where(in_top >= 0, at_top, torch.full_like(at_top, K + N))))
+    return out
+
+
 def merge_recent(top_rows, top_scores, rows, scores, boost: float, k: int | None = None,
-                 pair_chunk: int = 1 << 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top-k of `score` above from the towers' top-K (`top_rows`, `top_scores`) and the
-    recent items (`rows`, `scores`: distinct per query, -1 padding). Returns (rows [Q, k],
-    scores [Q, k]) best first; a recent item's score includes `boost`. k defaults to K.
-    Arrays or tensors; tensors come back."""
+                 dropped: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k of `score` above from the towers' top-K (`top_rows`, `top_scores`, best first)
+    and the recent items (`rows`, `scores`: distinct per query, -1 padding). Returns (rows [Q, k],
+    scores [Q, k]) best first; a recent item's score includes `boost`; on equal scores the
+    towers' item comes first. k defaults to K. `dropped`: `drop_recent` of these lists, when
+    several boosts are tried on them. Arrays or tensors; tensors come back.
+
+    A merge of two sorted lists (no top-k over K + N columns): each list item's place is its
+    rank in its own list plus the number of the other list's items that beat it."""
     top_rows, top_scores = torch.as_tensor(top_rows), torch.as_tensor(top_scores).float()
     rows, scores = torch.as_tensor(rows), torch.as_tensor(scores).float()
-    k = top_rows.shape[1] if k is None else min(k, top_rows.shape[1])
-    if rows.shape[1] == 0 or top_rows.shape[0] == 0:
+    Q, K = top_rows.shape
+    N = rows.shape[1]
+    k = K if k is None else min(k, K)
+    if N == 0 or Q == 0:
         return top_rows[:, :k], top_scores[:, :k]
-    # a recent item already among the top-K leaves that list (it comes back boosted). Only items
-    # scoring about the K-th score or more can be there; the tolerance covers the two ways of
-    # computing the same product (index search, gathered dot product)
-    kth = top_scores[:, -1:]
-    maybe = (rows >= 0) & (scores >= kth - 1e-4 * kth.abs().clamp(min=1.0))
-    q_idx, n_idx = maybe.nonzero(as_tuple=True)
-    top_scores = top_scores.clone()
-    for s in range(0, len(q_idx), pair_chunk):
-        q, n = q_idx[s:s + pair_chunk], n_idx[s:s + pair_chunk]
-        same = top_rows[q] == rows[q, n][:, None]  # [P, K]
-        hit = same.any(dim=1)
-        top_scores[q[hit], same[hit].int().argmax(dim=1)] = float("-inf")
-    cand_scores = torch.cat([top_scores, (scores + float(boost)).masked_fill(rows < 0, float("-inf"))], dim=1)
-    best, pick = torch.topk(cand_scores, k, dim=1)
-    return torch.gather(torch.cat([top_rows, rows], dim=1), 1, pick), best
+    if dropped is None:
+        dropped = drop_recent(top_rows, top_scores, rows)
+    hole = torch.isneginf(dropped) & ~torch.isneginf(top_scores)  # a recent item: it comes back boosted
+    kept_before = torch.cat([torch.zeros((Q, 1), dtype=torch.long, device=hole.device),
+                             torch.cumsum(~hole, dim=1)], dim=1)
+    boosted = (scores + float(boost)).masked_fill(rows < 0, float("-inf"))
+    boosted, by_score = torch.sort(boosted, dim=1, descending=True)
+    recent = torch.gather(rows, 1, by_score)
+    neg_top = (-top_scores).contiguous()  # ascending; holes keep their score (kept_before skips them)
+    # top item i: its rank among the kept ones + the recent items scoring strictly more
+    top_at = kept_before[:, :K] + torch.searchsorted((-boosted).contiguous(), neg_top, right=False)
+    # recent item j: j + the kept top items scoring as much or more
+    ahead = torch.searchsorted(neg_top, (-boosted).contiguous(), right=True)
+    rec_at = torch.arange(N, device=rows.device).expand(Q, N) + torch.gather(kept_before, 1, ahead)
+    bin_ = K + N  # holes and padding go to a column that is cut off
+    at = torch.cat([top_at.masked_fill(hole, bin_), rec_at.masked_fill(recent < 0, bin_)], dim=1)
+    out_rows = torch.full((Q, K + N + 1), -1, dtype=top_rows.dtype, device=top_rows.device)
+    out_scores = torch.full((Q, K + N + 1), float("-inf"), device=top_scores.device)
+    out_rows.scatter_(1, at, torch.cat([top_rows, recent], dim=1))
+    out_scores.scatter_(1, at, torch.cat([top_scores, boosted], dim=1))
+    return out_rows[:, :k], out_scores[:, :k]
 
 
 def boost_grid(top_scores: torch.Tensor, scores: torch.Tensor) -> list[float]:

@@ -16,7 +16,7 @@ epoch, and training stops after `patience` epochs without improving by `min_delt
 
 With `index.recent_items` > 0 the recall is that of what is served: the towers' top-K merged
 with each user's recent items boosted by b (raycg.model.recent_boost). b is fitted here each
-epoch (`fit_boost`: the best validation recall over `boost_grid`, which holds b = 0), unless
+epoch (the best validation recall over `boost_grid`, which holds b = 0), unless
 `index.recent_boost` fixes it; the best epoch's b is saved with its checkpoint.
 """
 from __future__ import annotations
@@ -32,8 +32,8 @@ import torch
 from raycg.data.lookup import find_sorted
 from raycg.data.schema import find_problems, event_columns
 from raycg.eval.queries import TASKS, build_queries, drop_cold_positives, sample_queries
-from raycg.eval.recall import recall_at_k, torch_top_k
-from raycg.model.recent_boost import boost_grid, distinct_recent, merge_recent, recent_scores, rows_of
+from raycg.eval.recall import recall_from_flat_ranks, recall_at_k, torch_top_k
+from raycg.model.recent_boost import boosted_ranks, boost_grid, distinct_recent, recent_scores, rows_of
 
 
 @dataclass
@@ -105,8 +105,9 @@ def validation_recall(core, vset: ValidationSet, device: torch.device, ks: list[
     their mean, "val_mean_recall" (steadier than any one of them on a small window).
 
     With recent items in `vset`: the recall of the towers merged with the boosted recent items,
-    at `boost`, or (None) at the boost that `fit_boost` picks, reported as "val_recent_boost";
-    "val_towers_mean_recall" is the towers' alone (b = 0)."""
+    at `boost`, or (None) at the boost of `boost_grid` with the best mean, reported as
+    "val_recent_boost" (ties: the smaller boost); "val_towers_mean_recall" is the towers' alone
+    (b = 0). Each boost costs a few searchsorted calls on the positives (`boosted_ranks`)."""
     was_training = core.training
     core.eval()
     K = max(ks)
@@ -116,32 +117,39 @@ def validation_recall(core, vset: ValidationSet, device: torch.device, ks: list[
             items = _embed(core.embed_items, vset.items, device)
             for task, (packed, _) in vset.queries.items():
                 queries = _embed(core.embed_users, packed, device)
+                if task not in vset.recent:
+                    lists[task] = (torch_top_k(items, queries, K, device=device),)
+                    continue
                 rows, scores = torch_top_k(items, queries, K, device=device, with_scores=True)
-                if task in vset.recent:
-                    recent = torch.from_numpy(vset.recent[task]).to(device)
-                    lists[task] = (torch.from_numpy(rows).to(device), scores, recent,
-                                   recent_scores(queries, items, recent))
-                else:
-                    lists[task] = (rows, None, None, None)
+                recent = torch.from_numpy(vset.recent[task]).to(device)
+                lists[task] = (torch.from_numpy(rows).to(device), scores, recent, recent_scores(queries, items, recent))
     finally:
         core.train(was_training)
     if not vset.recent:
-        return _recall_table(vset, {task: top for task, (top, *_) in lists.items()}, ks)
-    grid = [float(boost)] if boost is not None else boost_grid(
+        return _recall_table(vset, {task: top for task, (top,) in lists.items()}, ks)
+    grid = [0.0, float(boost)] if boost is not None else boost_grid(
         torch.cat([v[1] for v in lists.values()]), torch.cat([v[3] for v in lists.values()]))
-    best = None
-    for b in grid:
-        merged = {task: merge_recent(top, top_s, rec, rec_s, b)[0].cpu().numpy()
-                  for task, (top, top_s, rec, rec_s) in lists.items()}
-        out = _recall_table(vset, merged, ks)
-        if b == 0.0:
-            towers = out.get("val_mean_recall", float("nan"))
-        if best is None or out.get("val_mean_recall", 0.0) > best[1].get("val_mean_recall", 0.0):
-            best = (b, out)  # ties: the smaller boost (the grid is sorted)
-    b, out = best
-    if boost is not None:  # a fixed boost: the towers' own recall for comparison
-        merged = {task: top.cpu().numpy() for task, (top, *_) in lists.items()}
-        towers = _recall_table(vset, merged, ks).get("val_mean_recall", float("nan"))
+    ranks = {}  # task -> (per boost [Q, M] ranks of the positives, positives mask [Q, M], lengths [Q])
+    for task, (top, top_s, rec, rec_s) in lists.items():
+        positives = vset.queries[task][1]
+        lengths = np.array([len(p) for p in positives], dtype=np.int64)
+        mask = np.arange(lengths.max()) < lengths[:, None]
+        padded = np.full(mask.shape, -1, dtype=np.int64)
+        padded[mask] = np.concatenate(positives)
+        targets = torch.from_numpy(rows_of(padded, vset.item_ids)).to(device)
+        ranks[task] = ([r.cpu().numpy() for r in boosted_ranks(top, top_s, rec, rec_s, targets, grid)], mask, lengths)
+    table = []
+    for i, b in enumerate(grid):
+        out = {}
+        for task, (per_boost, mask, lengths) in ranks.items():
+            flat = per_boost[i][mask]
+            for k in ks:
+                out[f"val_{task}_recall@{k}"] = float(recall_from_flat_ranks(flat, lengths, k).mean())
+        out["val_mean_recall"] = sum(out.values()) / len(out)
+        table.append((b, out))
+    towers = table[0][1]["val_mean_recall"]  # b = 0 comes first
+    b, out = (table[1] if boost is not None else
+              max(table, key=lambda entry: entry[1]["val_mean_recall"]))  # max keeps the first of equals
     return {**out, "val_towers_mean_recall": towers, "val_recent_boost": b}
 
 
