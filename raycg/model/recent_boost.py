@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 GAP_RANKS = (2, 5, 10, 20, 50, 100, 200, 500, 1000)  # boost_grid: median score gaps at these ranks
+CHUNK = 4096  # queries per block in drop_recent / merge_recent
 
 
 def distinct_recent(items: np.ndarray) -> np.ndarray:
@@ -81,16 +82,27 @@ def _find(sorted_keys: torch.Tensor, order: torch.Tensor, values: torch.Tensor) 
     return torch.gather(order, 1, at).masked_fill(~found, -1)
 
 
-def drop_recent(top_rows, top_scores, rows, scores=None) -> torch.Tensor:
+def drop_recent(top_rows, top_scores, rows, scores=None, chunk: int = CHUNK) -> torch.Tensor:
     """`top_scores` with -inf where the towers' top-K already holds a recent item of the query
     (it comes back boosted in `merge_recent`). Independent of the boost: one pass serves a grid.
-    Exact id matches: each query's list sorted by row once, the recent rows searched in it."""
+    Exact id matches: each query's list sorted by row once, the recent rows searched in it.
+    With the recent items' `scores`, only queries with one scoring about the K-th score or
+    more are searched (the tolerance covers the two ways of computing the same product)."""
     top_rows, top_scores = torch.as_tensor(top_rows), torch.as_tensor(top_scores).float()
     rows = torch.as_tensor(rows)
-    Q, K = top_rows.shape
-    where = _find(*torch.sort(top_rows, dim=1), rows)
-    out = torch.cat([top_scores, top_scores.new_zeros((Q, 1))], dim=1)  # column K: a bin for "not in the list"
-    return out.scatter_(1, where.masked_fill(where < 0, K), float("-inf"))[:, :K]
+    out = top_scores.clone()
+    K = top_rows.shape[1]
+    todo = torch.arange(len(top_rows), device=top_rows.device)
+    if scores is not None and K:
+        kth = top_scores[:, -1:]
+        could = (rows >= 0) & (torch.as_tensor(scores).float() >= kth - 1e-4 * kth.abs().clamp(min=1.0))
+        todo = todo[could.any(dim=1)]
+    for s in range(0, len(todo), chunk):  # blocks of queries: temporaries stay small
+        q = todo[s:s + chunk]
+        where = _find(*torch.sort(top_rows[q], dim=1), rows[q])
+        block = torch.cat([out[q], out.new_zeros((len(q), 1))], dim=1)  # column K: "not there"
+        out[q] = block.scatter_(1, where.masked_fill(where < 0, K), float("-inf"))[:, :K]
+    return out
 
 
 def boosted_ranks(top_rows, top_scores, rows, scores, targets, boosts: list[float]) -> list[torch.Tensor]:
@@ -127,7 +139,7 @@ def boosted_ranks(top_rows, top_scores, rows, scores, targets, boosts: list[floa
 
 
 def merge_recent(top_rows, top_scores, rows, scores, boost: float, k: int | None = None,
-                 dropped: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 dropped: torch.Tensor | None = None, chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """The top-k of `score` above from the towers' top-K (`top_rows`, `top_scores`, best first)
     and the recent items (`rows`, `scores`: distinct per query, -1 padding). Returns (rows [Q, k],
     scores [Q, k]) best first; a recent item's score includes `boost`; on equal scores the
@@ -139,26 +151,38 @@ def merge_recent(top_rows, top_scores, rows, scores, boost: float, k: int | None
     top_rows, top_scores = torch.as_tensor(top_rows), torch.as_tensor(top_scores).float()
     rows, scores = torch.as_tensor(rows), torch.as_tensor(scores).float()
     Q, K = top_rows.shape
-    N = rows.shape[1]
     k = K if k is None else min(k, K)
-    if N == 0 or Q == 0:
+    if rows.shape[1] == 0 or Q == 0:
         return top_rows[:, :k], top_scores[:, :k]
     if dropped is None:
-        dropped = drop_recent(top_rows, top_scores, rows)
+        dropped = drop_recent(top_rows, top_scores, rows, scores, chunk=chunk)
+    out_rows = torch.empty((Q, k), dtype=top_rows.dtype, device=top_rows.device)
+    out_scores = torch.empty((Q, k), device=top_scores.device)
+    for s in range(0, Q, chunk):  # blocks of queries: temporaries stay small
+        sl = slice(s, s + chunk)
+        out_rows[sl], out_scores[sl] = _merge_block(top_rows[sl], top_scores[sl], dropped[sl], rows[sl],
+                                                    scores[sl], float(boost), k)
+    return out_rows, out_scores
+
+
+def _merge_block(top_rows, top_scores, dropped, rows, scores, boost: float, k: int):
+    Q, K = top_rows.shape
+    N = rows.shape[1]
     hole = torch.isneginf(dropped) & ~torch.isneginf(top_scores)  # a recent item: it comes back boosted
-    kept_before = torch.cat([torch.zeros((Q, 1), dtype=torch.long, device=hole.device),
-                             torch.cumsum(~hole, dim=1)], dim=1)
-    boosted = (scores + float(boost)).masked_fill(rows < 0, float("-inf"))
+    kept_before = torch.zeros((Q, K + 1), dtype=torch.int64, device=hole.device)
+    torch.cumsum(~hole, dim=1, out=kept_before[:, 1:])
+    boosted = (scores + boost).masked_fill(rows < 0, float("-inf"))
     boosted, by_score = torch.sort(boosted, dim=1, descending=True)
     recent = torch.gather(rows, 1, by_score)
-    neg_top = (-top_scores).contiguous()  # ascending; holes keep their score (kept_before skips them)
-    # top item i: its rank among the kept ones + the recent items scoring strictly more
-    top_at = kept_before[:, :K] + torch.searchsorted((-boosted).contiguous(), neg_top, right=False)
+    neg_top, neg_rec = (-top_scores).contiguous(), (-boosted).contiguous()  # ascending
+    # top item i: its rank among the kept ones (holes keep their score; kept_before skips them)
+    # + the recent items scoring strictly more
+    top_at = kept_before[:, :K] + torch.searchsorted(neg_rec, neg_top, right=False)
     # recent item j: j + the kept top items scoring as much or more
-    ahead = torch.searchsorted(neg_top, (-boosted).contiguous(), right=True)
+    ahead = torch.searchsorted(neg_top, neg_rec, right=True)
     rec_at = torch.arange(N, device=rows.device).expand(Q, N) + torch.gather(kept_before, 1, ahead)
     bin_ = K + N  # holes and padding go to a column that is cut off
-    at = torch.cat([top_at.masked_fill(hole, bin_), rec_at.masked_fill(recent < 0, bin_)], dim=1)
+    at = torch.cat([top_at.masked_fill_(hole, bin_), rec_at.masked_fill_(recent < 0, bin_)], dim=1)
     out_rows = torch.full((Q, K + N + 1), -1, dtype=top_rows.dtype, device=top_rows.device)
     out_scores = torch.full((Q, K + N + 1), float("-inf"), device=top_scores.device)
     out_rows.scatter_(1, at, torch.cat([top_rows, recent], dim=1))
