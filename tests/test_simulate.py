@@ -1,5 +1,6 @@
 """The simulator: deterministic, realistic marginals, a clean time split, planted effects."""
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -195,3 +196,67 @@ def test_exact_duplicate_events_are_dropped_and_counted_first_kept():
     assert out["user_id"].tolist() == [1, 2, 1, 1, 3]
     same, none = _drop_exact_duplicates({k: v[[0, 1, 5]] for k, v in events.items()})
     assert none == 0 and same["user_id"].tolist() == [1, 2, 3]
+
+
+# -- higher-order planted effects (issue 17; docs/simulator.md) ---------------------------------
+MEDIUM = dict(seed=2, n_users=3000, n_items=1500, n_advertisers=60, n_categories=15, requests_per_user=15)
+CONVERSIONS = ["add_to_cart", "checkout"]
+
+
+def _is_conversion(ev):
+    return pc.is_in(ev.column("event_type"), value_set=pa.array(CONVERSIONS))
+
+
+def test_conversion_only_effects_leave_every_other_draw_alone():
+    off = simulate(SimConfig(**MEDIUM))
+    on = simulate(SimConfig(**MEDIUM, order3_strength=1.5, query_advertiser_strength=1.5))
+    assert on["items"].equals(off["items"]) and on["users"].equals(off["users"])
+    # impressions, clicks and saves are the same rows; only conversions move
+    rest = [out["events"].filter(pc.invert(_is_conversion(out["events"]))) for out in (off, on)]
+    assert rest[0].equals(rest[1])
+    assert not off["events"].filter(_is_conversion(off["events"])).equals(
+        on["events"].filter(_is_conversion(on["events"])))
+    assert set(off["meta"]["planted"]) == {"segment_x_tier"}
+    p = on["meta"]["planted"]
+    for name in ("segment_x_tier_x_surface", "query_x_advertiser"):
+        favoured, disfavoured = p[name]["conversions_per_click"]
+        assert favoured > 2 * disfavoured, (name, p[name])
+        (with_f, without_f), (with_d, without_d) = p[name]["expected_conversions_per_genuine_click_with_without"]
+        assert with_f > without_f and with_d < without_d
+
+
+def test_the_third_order_effect_is_invisible_in_every_pair():
+    # conv logit +-s by the parity of (segment == tier, surface == home): each pair of the three
+    # variables alone shows no difference; the three together show e^(2s)-ish
+    out = simulate(SimConfig(**MEDIUM, cross_strength=0.0, order3_strength=1.5, advertiser_propensity_std=0.0))
+    ev, items, users = out["events"], out["items"], out["users"]
+    et = ev.column("event_type").to_numpy(zero_copy_only=False)
+    seg = users.column("segment").to_numpy()[ev.column("user_id").to_numpy()]
+    tier = items.column("tier").to_numpy()[ev.column("item_id").to_numpy()]
+    home = ev.column("surface").to_numpy(zero_copy_only=False) == "home"
+    click, conv = et == "click", np.isin(et, CONVERSIONS)
+
+    def ratio(a):  # conversions per click where `a` vs where not
+        return (conv & a).sum() / (click & a).sum() / ((conv & ~a).sum() / (click & ~a).sum())
+
+    for pair in (seg == tier, home, seg == 1, tier == 1):
+        assert 0.75 < ratio(pair) < 1.33, ratio(pair)
+    assert ratio((seg == tier) != home) > 4
+
+
+def test_complements_on_the_related_surface_and_long_tails():
+    on = simulate(SimConfig(**MEDIUM, complement_strength=2.5, complement_candidate_frac=0.3,
+                            popularity_sigma=1.6, activity_sigma=1.3))
+    p = on["meta"]["planted"]["context_x_category"]
+    related = sum(p["impressions"])
+    assert 0.3 < p["impressions"][0] / related < 0.4  # 30% drawn from the complement (+ the global draws)
+    with_ctr, without_ctr = p["expected_ctr_with_without"]
+    assert with_ctr > 3 * without_ctr and p["ctr"][0] > 0.5 * p["ctr"][1]
+
+    def top_share(ev, col, n):  # events of the top 1% of ids
+        counts = np.sort(np.bincount(ev.column(col).to_numpy(), minlength=n))[::-1]
+        return counts[:n // 100].sum() / counts.sum()
+
+    off = simulate(SimConfig(**MEDIUM))
+    assert top_share(on["events"], "item_id", 1500) > 1.2 * top_share(off["events"], "item_id", 1500)
+    assert top_share(on["events"], "user_id", 3000) > 1.2 * top_share(off["events"], "user_id", 3000)

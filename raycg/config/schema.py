@@ -89,6 +89,12 @@ class SimConfigSchema:
     conversion_bias: float = MISSING
     advertiser_propensity_std: float = MISSING
     cross_strength: float = MISSING
+    order3_strength: float = MISSING
+    complement_strength: float = MISSING
+    complement_candidate_frac: float = MISSING
+    query_advertiser_strength: float = MISSING
+    popularity_sigma: float = MISSING
+    activity_sigma: float = MISSING
     conversion_delay_mean_s: float = MISSING
     parallel_min_impressions: int = MISSING
     users_per_block: int = MISSING

@@ -44,6 +44,13 @@ class SimConfig:
     conversion_bias: float = -6.0  # about 4% of clicks convert
     advertiser_propensity_std: float = 0.8
     cross_strength: float = 1.0
+    # higher-order planted effects (docs/simulator.md; 0 turns each off, as in sim_default)
+    order3_strength: float = 0.0  # conversion logit +-s: user segment x item tier x surface (home or not)
+    complement_strength: float = 0.0  # related: click and conversion logit +s on the context's complement category
+    complement_candidate_frac: float = 0.0  # related: share of impressions from that complement category
+    query_advertiser_strength: float = 0.0  # search: conversion logit +-s, one sign per (query, advertiser)
+    popularity_sigma: float = 1.0  # item log-popularity spread: the long tail of items
+    activity_sigma: float = 0.8  # user activity (log-normal) spread: the long tail of users
     conversion_delay_mean_s: float = 3 * 3600.0
     # scale-out path (write_dataset): above this many impressions, simulate in Ray tasks
     parallel_min_impressions: int = 5_000_000

@@ -56,6 +56,13 @@ def _simulate_events(cfg: SimConfig, w: dict, rng: np.random.Generator, req_user
     cand_glob = rng.choice(cfg.n_items, size=N, p=w["global_p"])
     imp_item = np.where(relevant, cand_rel, cand_glob)
     del relevant, cand_rel, cand_glob
+    complement = w.get("complement")
+    if complement is not None and cfg.complement_candidate_frac > 0:
+        # related: a share of the impressions comes from the complement of the context's category
+        extra = rng.spawn(1)[0]  # draws nothing from `rng`: every later draw is the same with the knob off
+        swap = np.flatnonzero((req_surface[imp_req] == 1) & (extra.random(N) < cfg.complement_candidate_frac))
+        imp_item[swap] = _sample_in_category(extra, complement[w["item_cat"][subject[imp_req[swap]]]], item_order,
+                                             cat_start, cat_cum, cum_pop)
     aff = np.empty(N)
     for s in range(0, N, _AFF_CHUNK):  # chunked: the (rows, d) gathers stay small
         sl = slice(s, s + _AFF_CHUNK)
@@ -63,8 +70,17 @@ def _simulate_events(cfg: SimConfig, w: dict, rng: np.random.Generator, req_user
     del intent
 
     bait = clickbait[imp_item]
+    # planted higher-order effects (0 when their knob is off); `effects` records where each applies
+    imp_surface = req_surface[imp_req]
+    is_complement = np.zeros(N, bool)
+    if complement is not None:
+        is_complement = (imp_surface == 1) & (w["item_cat"][imp_item] == complement[w["item_cat"][subject[imp_req]]])
     click_logit = cfg.click_bias + 4.0 * aff + 0.3 * item_logpop[imp_item] + cfg.clickbait_click_bonus * bait
+    click_logit += cfg.complement_strength * is_complement
     clicked = rng.random(N) < _sigmoid(click_logit)
+    # the complement bonus's own size: expected CTR of those impressions with and without it
+    click_lift = [float(_sigmoid(click_logit[is_complement]).sum()),
+                  float(_sigmoid(click_logit[is_complement] - cfg.complement_strength).sum())]
     del click_logit
     genuine_p = _sigmoid(6.0 * aff - 2.0 - 3.0 * bait)
     genuine = clicked & (rng.random(N) < genuine_p)
@@ -78,14 +94,40 @@ def _simulate_events(cfg: SimConfig, w: dict, rng: np.random.Generator, req_user
 
     seg = w["user_segment"][req_user[imp_req]]
     tier = w["item_tier"][imp_item]
-    cross = cfg.cross_strength * np.where(seg == tier, 1.0, -1.0)
+    match = seg == tier
     del seg, tier
+    cross = cfg.cross_strength * np.where(match, 1.0, -1.0)
+    # a pure third-order effect: with home on half the requests and balanced segments and tiers,
+    # no pair of the three variables carries it alone
+    order3 = match != (imp_surface == 0)
+    qa = np.zeros(N, np.int8)
+    if w.get("qa_sign") is not None:
+        qa = np.where(imp_surface == 2, w["qa_sign"][req_cat[imp_req], item_adv[imp_item]], 0).astype(np.int8)
     conv_logit = (
         cfg.conversion_bias + 3.0 * aff + w["adv_propensity"][item_adv[imp_item]] + cross - 4.0 * bait
+        + cfg.order3_strength * np.where(order3, 1.0, -1.0) + cfg.complement_strength * is_complement
+        + cfg.query_advertiser_strength * qa
     )
-    del cross, aff
+    del aff
     converted = genuine & (rng.random(N) < _sigmoid(conv_logit))
-    del conv_logit, genuine
+    # each interaction: where it favours / disfavours, and its term in the conversion logit
+    effects = {"segment_x_tier": (match, ~match, cross)}
+    if cfg.order3_strength:
+        effects["segment_x_tier_x_surface"] = (order3, ~order3, cfg.order3_strength * np.where(order3, 1.0, -1.0))
+    if complement is not None:
+        effects["context_x_category"] = (is_complement, (imp_surface == 1) & ~is_complement,
+                                         cfg.complement_strength * is_complement)
+    if w.get("qa_sign") is not None:
+        effects["query_x_advertiser"] = (qa > 0, qa < 0, cfg.query_advertiser_strength * qa)
+    planted = {}
+    for name, (fav, dis, term) in effects.items():
+        row = []
+        for side in (fav, dis):  # observed counts, then the expected conversion rate of its genuine
+            g = side & genuine   # clicks with and without the term (the effect's own size)
+            row += [int(side.sum()), int((side & clicked).sum()), int((side & converted).sum()), int(g.sum()),
+                    float(_sigmoid(conv_logit[g]).sum()), float(_sigmoid(conv_logit[g] - term[g]).sum())]
+        planted[name] = row + (click_lift if name == "context_x_category" else [])
+    del conv_logit, genuine, cross, effects
     ATC, CHECKOUT = EVENT_TYPES.index("add_to_cart"), EVENT_TYPES.index("checkout")
     conv_type = np.where(rng.random(N) < 0.6, ATC, CHECKOUT).astype(np.int8)
     delay = rng.exponential(cfg.conversion_delay_mean_s, size=N).astype(np.int64)
@@ -125,7 +167,7 @@ def _simulate_events(cfg: SimConfig, w: dict, rng: np.random.Generator, req_user
     events_tbl = pa.table(cols, schema=SIM_EVENT_SCHEMA)
     counts = {"n_events": events_tbl.num_rows, "n_impressions_shown": int(N),
               "n_clicks": int(clicked.sum()), "n_conversions": int(converted.sum()),
-              "n_duplicates_dropped": n_duplicates}
+              "n_duplicates_dropped": n_duplicates, "planted": planted}
     return events_tbl, counts
 
 

@@ -143,6 +143,8 @@ def _write_dataset_parallel(cfg: SimConfig, out_dir: str, progress_every_s: floa
         keys = ("n_events", "n_impressions_shown", "n_clicks", "n_conversions", "n_duplicates_dropped", "n_train_events",
                 "n_eval_events", "n_train_files", "n_eval_files")
         tot = {k: int(sum(results[b][k] for b in range(n_blocks))) for k in keys}
+        tot["planted"] = {name: np.sum([results[b]["planted"][name] for b in range(n_blocks)], axis=0).tolist()
+                          for name in results[0]["planted"]}
         meta = _base_meta(cfg, world, tot)
         meta.update(
             n_train_events=tot["n_train_events"], n_eval_events=tot["n_eval_events"],

@@ -43,7 +43,7 @@ def _make_world(cfg: SimConfig, rng: np.random.Generator) -> dict:
         pool = advs if len(advs) else np.arange(cfg.n_advertisers)
         item_adv[idx] = rng.choice(pool, size=len(idx))
     adv_propensity = rng.normal(0.0, cfg.advertiser_propensity_std, size=cfg.n_advertisers)
-    item_logpop = rng.normal(0.0, 1.0, size=cfg.n_items)
+    item_logpop = rng.normal(0.0, cfg.popularity_sigma, size=cfg.n_items)
     clickbait = rng.random(cfg.n_items) < cfg.clickbait_frac
     item_tier = rng.integers(0, 2, size=cfg.n_items)  # e.g. budget / premium
     proj = rng.normal(size=(d, cfg.content_dim)) / np.sqrt(d)
@@ -65,9 +65,17 @@ def _make_world(cfg: SimConfig, rng: np.random.Generator) -> dict:
     fav_mask = np.arange(3)[None, :] < n_fav[:, None]
     user_vec = _normalise((centers[fav] * fav_mask[..., None]).sum(1) + 0.3 * rng.normal(size=(U, d)) / np.sqrt(d))
     user_segment = rng.integers(0, 2, size=U)
-    activity = rng.lognormal(0.0, 0.8, size=U)
+    activity = rng.lognormal(0.0, cfg.activity_sigma, size=U)
     activity /= activity.sum()
-    return dict(
+    # higher-order effects: from a child generator (spawning draws nothing from `rng`), so the
+    # world and the requests are the same with the knobs on or off
+    extra = rng.spawn(1)[0]
+    complement = qa_sign = None
+    if (cfg.complement_strength or cfg.complement_candidate_frac) and C > 1:
+        complement = (np.arange(C) + extra.integers(1, C, size=C)) % C  # never the category itself
+    if cfg.query_advertiser_strength:
+        qa_sign = extra.choice(np.array([-1, 1], np.int8), size=(C, cfg.n_advertisers))
+    return dict(complement=complement, qa_sign=qa_sign,
         centers=centers, cat_weight=cat_weight, item_cat=item_cat, item_vec=item_vec, item_adv=item_adv,
         adv_propensity=adv_propensity, item_logpop=item_logpop, clickbait=clickbait, item_tier=item_tier,
         content=content, item_order=item_order, cum_pop=cum_pop, cat_start=cat_start, cat_cum=cat_cum,
@@ -100,4 +108,27 @@ def _base_meta(cfg: SimConfig, w: dict, counts: dict) -> dict:
         "conversion_per_click": float(counts["n_conversions"] / max(counts["n_clicks"], 1)),
         "n_duplicates_dropped": int(counts.get("n_duplicates_dropped", 0)),
         "clickbait_items": int(w["clickbait"].sum()),
+        "planted": planted_effects(counts.get("planted", {})),
     }
+
+
+def planted_effects(counts: dict) -> dict:
+    """Each planted interaction's measured size (raycg.data.sim.events), [favoured, disfavoured]:
+    observed CTR and conversions per click, and the expected conversions per genuine click of
+    those impressions with the effect's term and without it (its own size, free of the other
+    terms that differ between the two sides); for the complement effect also the expected CTR
+    of its impressions with and without the click bonus."""
+    out = {}
+    for name, v in counts.items():
+        v = [float(x) for x in v]
+        sides = [v[0:6], v[6:12]]
+        r = lambda a, b: round(a / b, 5) if b else None  # noqa: E731
+        out[name] = {
+            "impressions": [int(s[0]) for s in sides],
+            "ctr": [r(s[1], s[0]) for s in sides],
+            "conversions_per_click": [r(s[2], s[1]) for s in sides],
+            "expected_conversions_per_genuine_click_with_without": [[r(s[4], s[3]), r(s[5], s[3])] for s in sides],
+        }
+        if len(v) > 12:
+            out[name]["expected_ctr_with_without"] = [r(v[12], sides[0][0]), r(v[13], sides[0][0])]
+    return out
