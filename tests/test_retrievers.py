@@ -109,6 +109,20 @@ def test_the_model_retriever_answers_requests_with_nothing_to_go_on_by_the_given
     assert model.served_popularity == {"engagement": 1}
 
 
+def test_the_model_retriever_serves_the_recent_item_boost():
+    # score = <q, v> + b [item among the query's recent items]: query 0 at [0.1, 0.5, 1] ranks
+    # 9, 8, 7; with item 7 recent and b = 0.95 it scores 1.05 and comes first
+    item_emb = np.eye(3, dtype=np.float32)
+    queries = Queries.of("engagement", events([(1, 3, "click", 0), (2, 3, "click", 0)]))
+    query_emb = np.array([[0.1, 0.5, 1], [1, 0.5, 0]], np.float32)
+    recent = lambda q: np.array([[0, -1], [-1, -1]])  # noqa: E731  corpus rows: item 7 for query 0
+    for boost, want in ((0.95, [[7, 9], [7, 8]]), (0.85, [[9, 7], [7, 8]]), (0.0, [[9, 8], [7, 8]])):
+        model = ModelRetriever(np.array([7, 8, 9]), item_emb, lambda table: query_emb, batch_size=8,
+                               recent=(recent, boost))
+        assert model.retrieve(queries, 2).tolist() == want, boost
+        assert (model.boost_s > 0) == (boost > 0)  # b = 0: the towers alone, nothing merged
+
+
 class PerUser:
     """A random ranking per query, fixed by the query's user (so the test can recompute it)."""
 

@@ -108,6 +108,12 @@ class ModelRetriever:
         self.boost_s = 0.0  # recent-item lookups and merges so far
         self.served_popularity = {}  # task -> queries answered by the new-user ranking
 
+    def _items(self, device: torch.device) -> torch.Tensor:
+        """The item embeddings as a tensor on `device`, copied there once."""
+        if getattr(self, "_items_on", None) is None or self._items_on.device != device:
+            self._items_on = torch.from_numpy(np.asarray(self.item_emb, np.float32)).to(device)
+        return self._items_on
+
     def retrieve(self, queries: Queries, k: int) -> np.ndarray:
         rows = self.retrieve_rows(queries, k)
         top = self.corpus_ids[rows]
@@ -127,10 +133,12 @@ class ModelRetriever:
             rows, scores, secs = exact_top_k(self.item_emb, q_emb, k, self.batch_size, self.threads, self.device,
                                              with_scores=True)
             t0 = time.perf_counter()
-            recent_rows, boost = self.recent[0](queries), self.recent[1]
-            rec_s = recent_scores(torch.from_numpy(np.asarray(q_emb, np.float32)), torch.from_numpy(self.item_emb),
-                                  torch.from_numpy(recent_rows))
-            rows = merge_recent(rows, scores, recent_rows, rec_s, boost)[0].numpy()
+            dev = torch.device(self.device)  # where the search ran: the merge runs there too
+            recent_rows = torch.from_numpy(self.recent[0](queries)).to(dev)
+            rec_s = recent_scores(torch.from_numpy(np.asarray(q_emb, np.float32)).to(dev), self._items(dev),
+                                  recent_rows)
+            rows = merge_recent(torch.from_numpy(rows).to(dev), torch.from_numpy(scores).to(dev), recent_rows,
+                                rec_s, self.recent[1])[0].cpu().numpy()
             self.boost_s += time.perf_counter() - t0
         self.search_s += secs
         if self.new_users is not None:  # as the served Retriever does (raycg.retrieve.retriever)
