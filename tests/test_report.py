@@ -55,6 +55,32 @@ def test_recall_table_has_variants_then_baselines():
     assert table[4].startswith("| baseline: popularity (global) | 0.1500 [0.0000, ")  # clipped at 0
 
 
+def test_claims_against_scale_pair_each_grid_of_a_family_by_seed(tmp_path):
+    from raycg.report.document import scale_sections
+    from raycg.report.grid import Grid
+
+    claim = {"a": "a", "b": "b", "task": "conversion", "k": 100, "seed": "a wins, +20%", "claimed": 0.2}
+
+    def grid(name, scale, ratio):  # a = ratio x b at every seed
+        records = [_record("a", s, ratio * base) for s, base in enumerate([0.2, 0.5, 0.8])]
+        records += [_record("b", s, base) for s, base in enumerate([0.2, 0.5, 0.8])]
+        g = Grid(name=name, title=name, base=[], variants={"a": [], "b": []}, reference="a", claims=[claim],
+                 source_csv=None, source_format=None, family="fam", scale=scale)
+        return g, records
+
+    lone = Grid(name="other", title="other", base=[], variants={"a": [], "b": []}, reference="a", claims=[claim],
+                source_csv=None, source_format=None, family="solo", scale=5)
+    body = "\n".join(scale_sections([grid("big", 200_000, 1.05), grid("small", 20_000, 1.10),
+                                     (lone, grid("x", 5, 1.0)[1])], "links", str(tmp_path)))
+    assert "## Claims vs scale: fam" in body and "solo" not in body  # one scale: no section
+    row = next(line for line in body.splitlines() if line.startswith("| a wins"))
+    # the columns go by scale: 20,000 (+10%) before 200,000 (+5%)
+    assert row.index("+10.0% [+10.0%, +10.0%] (3 seeds)") < row.index("+5.0% [+5.0%, +5.0%] (3 seeds)")
+    assert "| scale 20,000 | scale 200,000 |" in body
+    with open(tmp_path / "fam_claims_vs_scale.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 def test_report_runs_a_tiny_grid_and_resumes(ray_session, tiny_data_dir, tmp_path, capsys):
     from raycg.report.__main__ import main
 

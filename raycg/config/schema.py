@@ -423,6 +423,7 @@ class Claim:
     task: str = MISSING
     k: int = MISSING
     seed: str = MISSING  # the seed paper's claim, quoted
+    claimed: Optional[float] = None  # its relative change as a number (0.11 for +11%), drawn in the scale plot
 
 
 @dataclass
@@ -437,6 +438,10 @@ class GridConfig:
     claims: List[Claim] = field(default_factory=list)
     source_csv: Optional[str] = None  # a real log converted at run time ($VARS expanded)
     source_format: Optional[str] = None  # its raycg.convert mapping; null: the grid name
+    # the scale axis: grids of one `family` (the same variants and claims on bigger data) with
+    # their `scale` (e.g. the number of users) get a claims-vs-scale table and plot
+    family: Optional[str] = None
+    scale: Optional[int] = None
 
 
 # ConfigStore name -> schema (raycg.config stores them; the YAMLs name them in their defaults)

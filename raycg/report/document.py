@@ -11,8 +11,8 @@ import time
 
 from raycg.logs import get_logger
 from raycg.report.grid import Grid, prepare_source, run_grid
-from raycg.report.plots import save_plots
-from raycg.report.summary import claims_table, delta_table, recall_table, surface_table
+from raycg.report.plots import claims_vs_scale_plot, save_plots
+from raycg.report.summary import claims_table, claims_vs_scale, delta_table, recall_table, surface_table
 
 log_info = get_logger("report").info
 
@@ -106,6 +106,33 @@ def grid_section(grid: Grid, records: list[dict], plots: list[str], link_dir: st
     return "\n".join(parts)
 
 
+def scale_sections(sections: list[tuple[Grid, list[dict]]], link_dir: str, plot_dir: str) -> list[str]:
+    """A claims-vs-scale section per grid family run at two or more scales (Grid.family / scale):
+    each claim of the family's smallest grid, paired over seeds at every scale."""
+    families: dict[str, list[tuple[Grid, list[dict]]]] = {}
+    for grid, records in sections:
+        if grid.family and grid.scale:
+            families.setdefault(grid.family, []).append((grid, records))
+    out = []
+    for family, members in families.items():
+        if len({g.scale for g, _ in members}) < 2:
+            continue
+        members.sort(key=lambda m: m[0].scale)
+        claims = members[0][0].claims
+        if not claims:
+            continue
+        table, series = claims_vs_scale([(g.scale, recs) for g, recs in members], claims)
+        os.makedirs(plot_dir, exist_ok=True)
+        plot = claims_vs_scale_plot(series, claims, os.path.join(plot_dir, f"{family}_claims_vs_scale.png"),
+                                    f"{family}: the seed's claims against scale (dashed: the seed's number)")
+        out += [f"## Claims vs scale: {family}", "",
+                "Grids: " + ", ".join(f"{g.name} (scale {g.scale:,}, {len({r['seed'] for r in recs})} seeds)"
+                                      for g, recs in members) + ". Each cell: relative change of the first "
+                "variant over the second, mean [95% interval] of the per-seed ratios.", "",
+                table, "", f"![{os.path.basename(plot)}]({link_dir}/plots/{os.path.basename(plot)})", ""]
+    return out
+
+
 def _boosts(records: list[dict], variant: str) -> str:
     """The recent-item boost each seed's run served (raycg.model.recent_boost), or off."""
     found = [r["eval"].get("recent_boost") or {} for r in records if r["variant"] == variant]
@@ -173,6 +200,7 @@ def write_report(grids: list[Grid], seeds: list[int], out_dir: str, overrides: l
             plots = save_plots(records, grid, [int(k) for k in records[0]["eval"]["ks"]],
                                [("conversion", 100), ("conversion", 1000), ("engagement", 1000)], plot_dir)
             body.append(grid_section(grid, records, plots, link_dir, len(seeds)))
+        body += scale_sections(sections, link_dir, plot_dir)
         return "\n".join(body)
 
     write_markdown(os.path.join(out_dir, "README.md"), render(".", os.path.join(out_dir, "plots")))

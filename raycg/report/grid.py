@@ -30,6 +30,8 @@ class Grid:
     claims: list[dict]
     source_csv: str | None  # a real log converted at run time ($VARS expanded); absent: grid skipped
     source_format: str | None  # its raycg.convert mapping (a preset or YAML); None: the grid name
+    family: str | None = None  # grids of one family at several `scale`s: the claims-vs-scale section
+    scale: int | None = None
 
     @classmethod
     def load(cls, name: str) -> "Grid":

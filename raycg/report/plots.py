@@ -70,3 +70,31 @@ def save_plots(records, grid, ks, columns, plot_dir: str) -> list[str]:
         ablation_bars(records, variants, grid.reference, columns, os.path.join(plot_dir, f"{grid.name}_ablations.png"),
                       f"{grid.title}: red = reference design, blue = ablations, gray = baselines"),
     ]
+
+
+def claims_vs_scale_plot(series: dict, claims: list[dict], path: str, title: str) -> str:
+    """Each claim's relative change (mean over seeds, 95% interval as error bars) against the
+    scale (log axis); the seed paper's number dashed where the claim gives one."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for i, c in enumerate(claims):
+        pts = series[i]
+        x = np.array([scale for scale, _ in pts], dtype=float)
+        mean = np.array([d["rel_mean"] for _, d in pts]) * 100
+        lo, hi = np.array([d["rel_lo"] for _, d in pts]) * 100, np.array([d["rel_hi"] for _, d in pts]) * 100
+        err = np.vstack([np.nan_to_num(mean - lo), np.nan_to_num(hi - mean)])
+        color = plt.cm.tab10(i % 10)
+        label = f"{c['a']} vs {c['b']}, {TASK_SHORT[c['task']]} R@{c['k']}"
+        ax.errorbar(x * (1 + 0.04 * i), mean, yerr=err, marker="o", capsize=3, color=color, label=label)
+        if c.get("claimed") is not None:
+            ax.axhline(100 * c["claimed"], ls="--", lw=1, color=color)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("scale")
+    ax.set_ylabel("relative change, % (95% interval over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

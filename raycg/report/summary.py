@@ -148,3 +148,20 @@ def surface_table(records, reference: str, task: str, k: int) -> str:
         label = f"two-tower: {reference}" if m == "model" else BASELINE_LABEL.get(m, m)
         lines.append(f"| {label} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
+
+
+def claims_vs_scale(points: list[tuple[int, list[dict]]], claims: list[dict]) -> tuple[str, dict]:
+    """The paired claim deltas of one grid family at each scale: `points` = [(scale, records)].
+    Returns (a Markdown table: one row per claim, one column per scale, with the seeds' interval
+    and the seed paper's number), {claim index: [(scale, paired_delta)]} for the plot)."""
+    points = sorted(points, key=lambda p: p[0])
+    series = {i: [(scale, paired_delta(recs, c["a"], c["b"], c["task"], int(c["k"]))) for scale, recs in points]
+              for i, c in enumerate(claims)}
+    head = ("| seed's claim | comparison | " + " | ".join(f"scale {scale:,}" for scale, _ in points) + " |")
+    lines = [head, "|" + " --- |" * (len(points) + 2)]
+    for i, c in enumerate(claims):
+        cells = [f"{_pct(d['rel_mean'])} [{_pct(d['rel_lo'])}, {_pct(d['rel_hi'])}] ({d['n_seeds']} seeds)"
+                 for _, d in series[i]]
+        lines.append(f"| {c['seed']} | {c['a']} vs {c['b']}, {TASK_SHORT[c['task']]} R@{c['k']} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines), series
