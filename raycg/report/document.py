@@ -43,6 +43,8 @@ def grid_section(grid: Grid, records: list[dict], plots: list[str], link_dir: st
     k_small, k_big = (100 if 100 in ks else ks[0]), ks[-1]
     columns = [("conversion", k_small), ("conversion", k_big), ("engagement", k_small), ("engagement", k_big),
                ("conversion_advertiser", k_small)]
+    if ks[0] < k_small:  # a smaller K keeps the advertiser level from saturating (many advertisers hit @100)
+        columns.append(("conversion_advertiser", ks[0]))
     nq = ev["n_queries"]
     minutes = sum(r["seconds"] for r in records) / 60
     cov = ev.get("als_coverage", {})
