@@ -15,7 +15,7 @@ from raycg.model import checkpoint as ckpt_io
 from raycg.train.loop import forget_epochs_from
 
 CFG = {"cross": "parallel", "cross_layers": 1, "low_rank": None, "num_experts": 1, "mlp_dims": [8], "head_dims": [8],
-       "embedding_dim": 4, "id_dim": 4, "embedding_dropout": 0.0, "temperature": 0.1, "learn_temperature": False, "item_bias": "none",
+       "embedding_dim": 4, "id_dim": 4, "embedding_dropout": 0.0, "cross_dropout": 0.0, "temperature": 0.1, "learn_temperature": False, "item_bias": "none",
        "heads": "unified", "serve_head": None, "sparse_tables": False,
        "buckets": {"user": 11, "surface": 4, "context_item": 11, "query": 5, "item": 11, "advertiser": 5,
                    "category": 5}}
@@ -120,7 +120,7 @@ def test_a_checkpoint_from_before_every_key_was_required_still_loads(tmp_path):
     # older runs saved model configs without these keys (the code then assumed a value for each);
     # a composed config must have every key, a stored one gets what that code assumed
     old = {k: v for k, v in CFG.items()
-           if k not in ("num_experts", "embedding_dropout", "learn_temperature", "item_bias", "serve_head", "sparse_tables")}
+           if k not in ("num_experts", "embedding_dropout", "cross_dropout", "learn_temperature", "item_bias", "serve_head", "sparse_tables")}
     spec = FeatureSpec(user_dense=2, item_dense=3)
     torch.manual_seed(0)
     model = TwoTowerModel(CFG, spec)

@@ -199,7 +199,7 @@ def test_a_model_config_without_a_key_is_an_error():
     model["buckets"] = {k: 11 for k in model["buckets"]}
     spec = FeatureSpec(user_dense=2, item_dense=3, history_length=2)
     TwoTowerModel(model, spec)
-    for key in ("num_experts", "embedding_dropout", "heads", "serve_head", "learn_temperature", "item_bias", "sparse_tables"):
+    for key in ("num_experts", "embedding_dropout", "cross_dropout", "heads", "serve_head", "learn_temperature", "item_bias", "sparse_tables"):
         with pytest.raises(KeyError, match=key):
             TwoTowerModel({k: v for k, v in model.items() if k != key}, spec)
 

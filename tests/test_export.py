@@ -11,7 +11,7 @@ from raycg.model.two_tower import TwoTowerModel
 CFG = {
     "cross": "parallel", "cross_layers": 2, "low_rank": 4, "num_experts": 2, "mlp_dims": [32, 16, 8],
     "head_dims": [16], "embedding_dim": 8, "id_dim": 8, "temperature": 0.07, "heads": "multi_head",
-    "embedding_dropout": 0.0, "learn_temperature": False, "item_bias": "none", "serve_head": None, "sparse_tables": False,
+    "embedding_dropout": 0.0, "cross_dropout": 0.0, "learn_temperature": False, "item_bias": "none", "serve_head": None, "sparse_tables": False,
     "history": {"layers": 1, "heads": 2, "share_item_embedding": False},
     "buckets": {"user": 50, "surface": 8, "context_item": 50, "query": 10, "item": 50, "advertiser": 10,
                 "category": 10},

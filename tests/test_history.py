@@ -219,7 +219,7 @@ def test_history_shares_the_item_towers_id_embedding():
     from raycg.model.two_tower import TwoTowerModel
 
     cfg = {"cross": "parallel", "cross_layers": 1, "low_rank": None, "num_experts": 1, "mlp_dims": [8],
-           "head_dims": [8], "embedding_dim": 4, "id_dim": 8, "embedding_dropout": 0.0, "temperature": 0.1,
+           "head_dims": [8], "embedding_dim": 4, "id_dim": 8, "embedding_dropout": 0.0, "cross_dropout": 0.0, "temperature": 0.1,
            "learn_temperature": False, "item_bias": "none", "heads": "unified", "serve_head": None, "sparse_tables": False,
            "history": {"layers": 1, "heads": 2, "share_item_embedding": True},
            "buckets": {"user": 11, "surface": 4, "context_item": 11, "query": 5, "item": 11, "advertiser": 5,

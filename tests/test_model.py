@@ -67,6 +67,32 @@ def test_parallel_and_stacked_differ_as_defined():
     assert TowerBody(12, "mlp_only", 2, None, [16, 8, 4])(x0).shape == (7, 4)
 
 
+def test_cross_dropout_touches_the_cross_path_only():
+    torch.manual_seed(0)
+    x0 = torch.randn(64, 12)
+    plain = TowerBody(12, "parallel", 2, None, [16, 8, 4])
+    dropped = TowerBody(12, "parallel", 2, None, [16, 8, 4], cross_dropout=0.5)
+    dropped.load_state_dict(plain.state_dict())  # dropout has no parameters
+    cross_out, mlp_out = plain.cross(x0), plain.mlp(x0)
+    dropped.eval()
+    assert torch.equal(dropped(x0), plain(x0))  # identity at serving time
+    dropped.train()
+    out = dropped(x0)
+    assert torch.equal(out[:, 12:], mlp_out)  # the MLP half reads x0 untouched
+    kept = out[:, :12] != 0
+    assert 0.3 < kept.float().mean() < 0.7  # about half the cross outputs dropped
+    assert torch.allclose(out[:, :12][kept], 2 * cross_out[kept])  # inverted dropout: survivors x 1/(1-p)
+    stacked = TowerBody(12, "stacked", 2, None, [16, 8, 4], cross_dropout=0.5)
+    stacked.load_state_dict(plain.state_dict())
+    torch.manual_seed(1)
+    a = stacked(x0)
+    torch.manual_seed(1)
+    mask = torch.nn.functional.dropout(torch.ones(64, 12), 0.5)
+    assert torch.allclose(a, plain.mlp(cross_out * mask))  # stacked: the MLP reads the dropped cross output
+    with pytest.raises(ValueError, match="cross_dropout"):
+        TowerBody(12, "parallel", 2, None, [4], cross_dropout=1.0)
+
+
 def test_hashed_embedding_missing_id_is_zero():
     emb = HashedEmbedding(11, 4)
     out = emb(torch.tensor([-1, 3, 13]))
@@ -78,7 +104,7 @@ def test_hashed_embedding_missing_id_is_zero():
 def _model_cfg(structure):
     return {
         "cross": structure, "cross_layers": 2, "low_rank": None, "num_experts": 1, "mlp_dims": [32, 16, 8],
-        "head_dims": [16], "embedding_dim": 8, "id_dim": 4, "embedding_dropout": 0.0, "temperature": 0.1,
+        "head_dims": [16], "embedding_dim": 8, "id_dim": 4, "embedding_dropout": 0.0, "cross_dropout": 0.0, "temperature": 0.1,
         "learn_temperature": True, "item_bias": "none", "heads": "unified", "serve_head": None, "sparse_tables": False,
         "history": {"layers": 1, "heads": 2, "share_item_embedding": False},
         "buckets": {"user": 50, "surface": 8, "context_item": 50, "query": 10, "item": 50,

@@ -66,7 +66,7 @@ def test_counts_by_attribute():
 
 CFG = {
     "cross": "parallel", "cross_layers": 1, "low_rank": None, "num_experts": 1, "mlp_dims": [16], "head_dims": [8],
-    "embedding_dim": 8, "id_dim": 8, "embedding_dropout": 0.0, "temperature": 0.1, "learn_temperature": False, "item_bias": "none",
+    "embedding_dim": 8, "id_dim": 8, "embedding_dropout": 0.0, "cross_dropout": 0.0, "temperature": 0.1, "learn_temperature": False, "item_bias": "none",
     "heads": "unified", "serve_head": None, "sparse_tables": False,
     "history": {"layers": 1, "heads": 2, "share_item_embedding": True},
     "buckets": {"surface": 8}, "vocab": {"oov_buckets": 4},

@@ -151,6 +151,7 @@ class ModelConfig:
     embedding_dim: int = MISSING
     id_dim: int = MISSING
     embedding_dropout: float = MISSING
+    cross_dropout: float = MISSING
     temperature: float = MISSING
     learn_temperature: bool = MISSING
     item_bias: ItemBias = MISSING

@@ -33,7 +33,7 @@ CHECKPOINT_FILES = ["model.pt", "meta.json"]
 # checkpoint get them (`stored_config`); a composed config has every key or fails to start.
 LEGACY_KEYS = {
     "seed": 0,
-    "model": {"low_rank": None, "num_experts": 1, "embedding_dropout": 0.0, "sparse_tables": False,
+    "model": {"low_rank": None, "num_experts": 1, "embedding_dropout": 0.0, "cross_dropout": 0.0, "sparse_tables": False,
               "learn_temperature": False, "item_bias": "none", "heads": "unified", "serve_head": None,
               "history": {"length": 0, "layers": 1, "heads": 2, "share_item_embedding": False,
                           "match_dim": 0, "match_length": 0, "match_init": 1.0}},

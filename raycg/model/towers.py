@@ -2,10 +2,14 @@
 
 Structures over the tower input x0 [B, D]:
 
-    parallel    concat(CrossNet(x0), MLP(x0))   the 2023 design: both read x0
-    stacked     MLP(CrossNet(x0))               the older baseline it beat
-    cross_only  CrossNet(x0)
+    parallel    concat(D(CrossNet(x0)), MLP(x0))   the 2023 design: both read x0
+    stacked     MLP(D(CrossNet(x0)))               the older baseline it beat
+    cross_only  D(CrossNet(x0))
     mlp_only    MLP(x0)
+
+D is dropout on the cross path (`model.cross_dropout`, training only; identity at 0 and in eval
+mode): it keeps the body from leaning on a few crossed features, one of the conditions under
+which the parallel/stacked comparison is tested (issue #17).
 
 A tower = feature encoders -> x0 -> body -> head MLP -> Linear -> L2-normalised embedding.
 """
@@ -25,12 +29,15 @@ STRUCTURES = ("parallel", "stacked", "cross_only", "mlp_only")
 
 class TowerBody(nn.Module):
     def __init__(self, in_dim: int, structure: str, cross_layers: int, low_rank: int | None, mlp_dims: list[int],
-                 num_experts: int = 1):
+                 num_experts: int = 1, cross_dropout: float = 0.0):
         super().__init__()
         if structure not in STRUCTURES:
             raise ValueError(f"model.cross={structure!r}: expected one of {STRUCTURES}")
+        if not 0.0 <= cross_dropout < 1.0:
+            raise ValueError(f"model.cross_dropout={cross_dropout}: expected a probability in [0, 1)")
         self.structure = structure
         self.cross = CrossNetwork(in_dim, cross_layers, low_rank, num_experts) if structure != "mlp_only" else None
+        self.cross_dropout = nn.Dropout(cross_dropout)
         mlp_in = in_dim  # stacked: MLP reads the cross output, which has x0's width
         self.mlp = MLP(mlp_in, mlp_dims) if structure != "cross_only" else None
         self.out_dim = {
@@ -41,13 +48,14 @@ class TowerBody(nn.Module):
         }[structure]
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        if self.structure == "mlp_only":
+            return self.mlp(x0)
+        crossed = self.cross_dropout(self.cross(x0))
         if self.structure == "parallel":
-            return torch.cat([self.cross(x0), self.mlp(x0)], dim=-1)
+            return torch.cat([crossed, self.mlp(x0)], dim=-1)
         if self.structure == "stacked":
-            return self.mlp(self.cross(x0))
-        if self.structure == "cross_only":
-            return self.cross(x0)
-        return self.mlp(x0)
+            return self.mlp(crossed)
+        return crossed
 
 
 def table(rows: int, dim: int, sparse: bool = False) -> nn.Embedding:
@@ -215,7 +223,7 @@ class Tower(nn.Module):
         self.history = history
         in_dim = id_dim * len(names) + dense_dim + (history.out_dim if history is not None else 0)
         self.body = TowerBody(in_dim, cfg["cross"], cfg["cross_layers"], cfg["low_rank"], list(cfg["mlp_dims"]),
-                              cfg["num_experts"])
+                              cfg["num_experts"], float(cfg["cross_dropout"]))
         self.heads = nn.ModuleDict({
             name: EmbeddingHead(self.body.out_dim, list(cfg["head_dims"]), cfg["embedding_dim"])
             for name in HEAD_SETS[heads]

@@ -36,7 +36,7 @@ class TwoTowerModel(nn.Module):
 
     Config keys (raycg/conf/model/*.yaml, every one required: raycg.config.schema.ModelConfig): cross,
     cross_layers, low_rank, num_experts, mlp_dims, head_dims, embedding_dim, id_dim,
-    embedding_dropout, buckets.<name>, vocab.oov_buckets, sparse_tables, temperature,
+    cross_dropout, embedding_dropout, buckets.<name>, vocab.oov_buckets, sparse_tables, temperature,
     learn_temperature, item_bias, heads, serve_head, history.{layers, heads, share_item_embedding,
     match_dim, match_length, match_init}.
     """
