@@ -60,23 +60,32 @@ def test_claims_against_scale_pair_each_grid_of_a_family_by_seed(tmp_path):
     from raycg.report.grid import Grid
 
     claim = {"a": "a", "b": "b", "task": "conversion", "k": 100, "seed": "a wins, +20%", "claimed": 0.2}
+    # c and d ran at the small scale only: their claim is a demo-only condition, left out
+    only_small = {"a": "c", "b": "d", "task": "conversion", "k": 100, "seed": "c wins"}
+    # e ran at two scales of three: its claim stays, "not run" where it is missing
+    partly = {"a": "a", "b": "e", "task": "conversion", "k": 100, "seed": "a beats e"}
 
-    def grid(name, scale, ratio):  # a = ratio x b at every seed
+    def grid(name, scale, ratio, extra=()):  # a = ratio x b (and x c, e) at every seed
+        names = ["b", *extra]
         records = [_record("a", s, ratio * base) for s, base in enumerate([0.2, 0.5, 0.8])]
-        records += [_record("b", s, base) for s, base in enumerate([0.2, 0.5, 0.8])]
-        g = Grid(name=name, title=name, base=[], variants={"a": [], "b": []}, reference="a", claims=[claim],
-                 source_csv=None, source_format=None, family="fam", scale=scale)
+        records += [_record(v, s, base) for v in names for s, base in enumerate([0.2, 0.5, 0.8])]
+        g = Grid(name=name, title=name, base=[], variants={v: [] for v in ["a", *names]}, reference="a",
+                 claims=[claim, only_small, partly], source_csv=None, source_format=None, family="fam", scale=scale)
         return g, records
 
     lone = Grid(name="other", title="other", base=[], variants={"a": [], "b": []}, reference="a", claims=[claim],
                 source_csv=None, source_format=None, family="solo", scale=5)
-    body = "\n".join(scale_sections([grid("big", 200_000, 1.05), grid("small", 20_000, 1.10),
+    body = "\n".join(scale_sections([grid("big", 200_000, 1.05), grid("small", 20_000, 1.10, ["c", "d", "e"]),
+                                     grid("mid", 60_000, 1.2, ["e"]),
                                      (lone, grid("x", 5, 1.0)[1])], "links", str(tmp_path)))
     assert "## Claims vs scale: fam" in body and "solo" not in body  # one scale: no section
     row = next(line for line in body.splitlines() if line.startswith("| a wins"))
     # the columns go by scale: 20,000 (+10%) before 200,000 (+5%)
     assert row.index("+10.0% [+10.0%, +10.0%] (3 seeds)") < row.index("+5.0% [+5.0%, +5.0%] (3 seeds)")
-    assert "| scale 20,000 | scale 200,000 |" in body
+    assert "| scale 20,000 | scale 60,000 | scale 200,000 |" in body
+    assert "c wins" not in body
+    row = next(line for line in body.splitlines() if line.startswith("| a beats e"))
+    assert row.endswith("| +10.0% [+10.0%, +10.0%] (3 seeds) | +20.0% [+20.0%, +20.0%] (3 seeds) | not run |")
     with open(tmp_path / "fam_claims_vs_scale.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 

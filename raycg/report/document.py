@@ -110,7 +110,8 @@ def grid_section(grid: Grid, records: list[dict], plots: list[str], link_dir: st
 
 def scale_sections(sections: list[tuple[Grid, list[dict]]], link_dir: str, plot_dir: str) -> list[str]:
     """A claims-vs-scale section per grid family run at two or more scales (Grid.family / scale):
-    each claim of the family's smallest grid, paired over seeds at every scale."""
+    each claim of the family's smallest grid whose two variants ran at two or more scales (a
+    demo-only condition is left out), paired over seeds at every scale."""
     families: dict[str, list[tuple[Grid, list[dict]]]] = {}
     for grid, records in sections:
         if grid.family and grid.scale:
@@ -120,7 +121,8 @@ def scale_sections(sections: list[tuple[Grid, list[dict]]], link_dir: str, plot_
         if len({g.scale for g, _ in members}) < 2:
             continue
         members.sort(key=lambda m: m[0].scale)
-        claims = members[0][0].claims
+        ran = [{r["variant"] for r in recs} for _, recs in members]
+        claims = [c for c in members[0][0].claims if sum({c["a"], c["b"]} <= names for names in ran) >= 2]
         if not claims:
             continue
         table, series = claims_vs_scale([(g.scale, recs) for g, recs in members], claims)

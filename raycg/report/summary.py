@@ -161,7 +161,7 @@ def claims_vs_scale(points: list[tuple[int, list[dict]]], claims: list[dict]) ->
     lines = [head, "|" + " --- |" * (len(points) + 2)]
     for i, c in enumerate(claims):
         cells = [f"{_pct(d['rel_mean'])} [{_pct(d['rel_lo'])}, {_pct(d['rel_hi'])}] ({d['n_seeds']} seeds)"
-                 for _, d in series[i]]
+                 if d["n_seeds"] else "not run" for _, d in series[i]]
         lines.append(f"| {c['seed']} | {c['a']} vs {c['b']}, {TASK_SHORT[c['task']]} R@{c['k']} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines), series
