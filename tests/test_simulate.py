@@ -148,6 +148,24 @@ def test_parallel_path(ray_session, tmp_path):
     assert meta_c["n_events"] != meta["n_events"] or not pq.read_table(c / "events" / "train").equals(train)
 
 
+def test_parallel_path_plants_every_higher_order_effect(ray_session, tmp_path):
+    # the scale-out path (data=sim_crossed from ~5M impressions up) runs the same effects in its
+    # tasks: each is measured there, and its size matches the in-memory path's
+    knobs = dict(order3_strength=1.0, complement_strength=2.5, complement_candidate_frac=0.3,
+                 query_advertiser_strength=1.0, **SMALL)
+    meta = write_dataset(SimConfig(seed=5, users_per_block=300, **knobs), str(tmp_path), parallel=True)
+    mem = simulate(SimConfig(seed=5, **knobs))["meta"]["planted"]
+    assert set(meta["planted"]) == set(mem) == {"segment_x_tier", "segment_x_tier_x_surface", "context_x_category",
+                                                "query_x_advertiser"}
+    for name, p in meta["planted"].items():
+        assert min(p["impressions"]) > 0, name
+        (fav_with, fav_without), _ = p["expected_conversions_per_genuine_click_with_without"]
+        (mem_with, mem_without), _ = mem[name]["expected_conversions_per_genuine_click_with_without"]
+        assert fav_with / fav_without == pytest.approx(mem_with / mem_without, rel=0.5), name
+    with_ctr, without_ctr = meta["planted"]["context_x_category"]["expected_ctr_with_without"]
+    assert with_ctr > 3 * without_ctr
+
+
 def test_rewriting_with_fewer_shards_leaves_no_stale_files(tmp_path):
     write_dataset(SimConfig(seed=0, num_shards=4, **SMALL), str(tmp_path))
     meta = write_dataset(SimConfig(seed=1, num_shards=2, **SMALL), str(tmp_path))

@@ -104,7 +104,8 @@ def _write_dataset_parallel(cfg: SimConfig, out_dir: str, progress_every_s: floa
         upb = max(1, int(cfg.users_per_block))
         bounds = [(lo, min(lo + upb, cfg.n_users)) for lo in range(0, cfg.n_users, upb)]
         n_blocks = len(bounds)
-        shared = {k: v for k, v in world.items() if k not in ("content", "activity", "item_cat")}
+        # item_cat stays: the complement effect looks up the context item's category in the tasks
+        shared = {k: v for k, v in world.items() if k not in ("content", "activity")}
         world_ref = ray.put(shared)
         cfg_dict = asdict(cfg)
         out_abs = os.path.abspath(out_dir)
