@@ -152,11 +152,11 @@ def test_parallel_path_plants_every_higher_order_effect(ray_session, tmp_path):
     # the scale-out path (data=sim_crossed from ~5M impressions up) runs the same effects in its
     # tasks: each is measured there, and its size matches the in-memory path's
     knobs = dict(order3_strength=1.0, complement_strength=2.5, complement_candidate_frac=0.3,
-                 query_advertiser_strength=1.0, **SMALL)
+                 query_advertiser_strength=1.0, user_advertiser_strength=1.0, **SMALL)
     meta = write_dataset(SimConfig(seed=5, users_per_block=300, **knobs), str(tmp_path), parallel=True)
     mem = simulate(SimConfig(seed=5, **knobs))["meta"]["planted"]
     assert set(meta["planted"]) == set(mem) == {"segment_x_tier", "segment_x_tier_x_surface", "context_x_category",
-                                                "query_x_advertiser"}
+                                                "query_x_advertiser", "user_x_advertiser"}
     for name, p in meta["planted"].items():
         assert min(p["impressions"]) > 0, name
         (fav_with, fav_without), _ = p["expected_conversions_per_genuine_click_with_without"]
@@ -227,7 +227,8 @@ def _is_conversion(ev):
 
 def test_conversion_only_effects_leave_every_other_draw_alone():
     off = simulate(SimConfig(**MEDIUM))
-    on = simulate(SimConfig(**MEDIUM, order3_strength=1.5, query_advertiser_strength=1.5))
+    on = simulate(SimConfig(**MEDIUM, order3_strength=1.5, query_advertiser_strength=1.5,
+                            user_advertiser_strength=1.5))
     assert on["items"].equals(off["items"]) and on["users"].equals(off["users"])
     # impressions, clicks and saves are the same rows; only conversions move
     rest = [out["events"].filter(pc.invert(_is_conversion(out["events"]))) for out in (off, on)]
@@ -236,7 +237,7 @@ def test_conversion_only_effects_leave_every_other_draw_alone():
         on["events"].filter(_is_conversion(on["events"])))
     assert set(off["meta"]["planted"]) == {"segment_x_tier"}
     p = on["meta"]["planted"]
-    for name in ("segment_x_tier_x_surface", "query_x_advertiser"):
+    for name in ("segment_x_tier_x_surface", "query_x_advertiser", "user_x_advertiser"):
         favoured, disfavoured = p[name]["conversions_per_click"]
         assert favoured > 2 * disfavoured, (name, p[name])
         (with_f, without_f), (with_d, without_d) = p[name]["expected_conversions_per_genuine_click_with_without"]
@@ -260,6 +261,32 @@ def test_the_third_order_effect_is_invisible_in_every_pair():
     for pair in (seg == tier, home, seg == 1, tier == 1):
         assert 0.75 < ratio(pair) < 1.33, ratio(pair)
     assert ratio((seg == tier) != home) > 4
+
+
+def test_brand_taste_is_shared_by_a_hidden_group_and_pooled_over_an_advertisers_items():
+    # conv logit +-s by (hidden taste group, advertiser): per advertiser, users of one group convert
+    # more often than the others on every item of it; the group is not among the user features
+    out = simulate(SimConfig(**MEDIUM, cross_strength=0.0, advertiser_propensity_std=0.0,
+                             user_advertiser_strength=1.5, user_taste_groups=2))
+    assert out["users"].column_names == ["user_id", "segment"]
+    with_qa = simulate(SimConfig(**MEDIUM, query_advertiser_strength=1.0))["meta"]["planted"]["query_x_advertiser"]
+    both = simulate(SimConfig(**MEDIUM, query_advertiser_strength=1.0, user_advertiser_strength=1.5))
+    assert both["meta"]["planted"]["query_x_advertiser"]["impressions"] == with_qa["impressions"]
+    from raycg.data.sim.world import _make_world
+
+    w = _make_world(SimConfig(**MEDIUM, user_advertiser_strength=1.5, user_taste_groups=2),
+                    np.random.default_rng(2))
+    ev = out["events"]
+    et = ev.column("event_type").to_numpy(zero_copy_only=False)
+    group = w["taste_group"][ev.column("user_id").to_numpy()]
+    sign = w["taste_sign"][group, ev.column("advertiser_id").to_numpy()]
+    click, conv = et == "click", np.isin(et, CONVERSIONS)
+    rate = lambda a: (conv & a).sum() / (click & a).sum()  # noqa: E731
+    assert rate(sign > 0) > 3 * rate(sign < 0)
+    # half of the groups favour each advertiser: no advertiser-wide offset on top of its propensity
+    assert (w["taste_sign"].sum(0) == 0).all() and set(np.unique(w["taste_sign"])) == {-1, 1}
+    with pytest.raises(ValueError, match="user_taste_groups=0"):
+        simulate(SimConfig(**MEDIUM, user_advertiser_strength=1.0, user_taste_groups=0))
 
 
 def test_complements_on_the_related_surface_and_long_tails():

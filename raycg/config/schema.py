@@ -93,6 +93,8 @@ class SimConfigSchema:
     complement_strength: float = MISSING
     complement_candidate_frac: float = MISSING
     query_advertiser_strength: float = MISSING
+    user_advertiser_strength: float = MISSING
+    user_taste_groups: int = MISSING
     popularity_sigma: float = MISSING
     activity_sigma: float = MISSING
     conversion_delay_mean_s: float = MISSING

@@ -49,6 +49,9 @@ class SimConfig:
     complement_strength: float = 0.0  # related: click and conversion logit +s on the context's complement category
     complement_candidate_frac: float = 0.0  # related: share of impressions from that complement category
     query_advertiser_strength: float = 0.0  # search: conversion logit +-s, one sign per (query, advertiser)
+    # brand taste: conversion logit +-s, one sign per (user taste group, advertiser); the group is hidden
+    user_advertiser_strength: float = 0.0
+    user_taste_groups: int = 8
     popularity_sigma: float = 1.0  # item log-popularity spread: the long tail of items
     activity_sigma: float = 0.8  # user activity (log-normal) spread: the long tail of users
     conversion_delay_mean_s: float = 3 * 3600.0

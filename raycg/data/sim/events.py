@@ -103,10 +103,13 @@ def _simulate_events(cfg: SimConfig, w: dict, rng: np.random.Generator, req_user
     qa = np.zeros(N, np.int8)
     if w.get("qa_sign") is not None:
         qa = np.where(imp_surface == 2, w["qa_sign"][req_cat[imp_req], item_adv[imp_item]], 0).astype(np.int8)
+    taste = np.zeros(N, np.int8)
+    if w.get("taste_sign") is not None:
+        taste = w["taste_sign"][w["taste_group"][req_user[imp_req]], item_adv[imp_item]]
     conv_logit = (
         cfg.conversion_bias + 3.0 * aff + w["adv_propensity"][item_adv[imp_item]] + cross - 4.0 * bait
         + cfg.order3_strength * np.where(order3, 1.0, -1.0) + cfg.complement_strength * is_complement
-        + cfg.query_advertiser_strength * qa
+        + cfg.query_advertiser_strength * qa + cfg.user_advertiser_strength * taste
     )
     del aff
     converted = genuine & (rng.random(N) < _sigmoid(conv_logit))
@@ -119,6 +122,8 @@ def _simulate_events(cfg: SimConfig, w: dict, rng: np.random.Generator, req_user
                                          cfg.complement_strength * is_complement)
     if w.get("qa_sign") is not None:
         effects["query_x_advertiser"] = (qa > 0, qa < 0, cfg.query_advertiser_strength * qa)
+    if w.get("taste_sign") is not None:
+        effects["user_x_advertiser"] = (taste > 0, taste < 0, cfg.user_advertiser_strength * taste)
     planted = {}
     for name, (fav, dis, term) in effects.items():
         row = []
@@ -127,7 +132,7 @@ def _simulate_events(cfg: SimConfig, w: dict, rng: np.random.Generator, req_user
             row += [int(side.sum()), int((side & clicked).sum()), int((side & converted).sum()), int(g.sum()),
                     float(_sigmoid(conv_logit[g]).sum()), float(_sigmoid(conv_logit[g] - term[g]).sum())]
         planted[name] = row + (click_lift if name == "context_x_category" else [])
-    del conv_logit, genuine, cross, effects
+    del conv_logit, genuine, cross, effects, taste
     ATC, CHECKOUT = EVENT_TYPES.index("add_to_cart"), EVENT_TYPES.index("checkout")
     conv_type = np.where(rng.random(N) < 0.6, ATC, CHECKOUT).astype(np.int8)
     delay = rng.exponential(cfg.conversion_delay_mean_s, size=N).astype(np.int64)

@@ -38,8 +38,8 @@ def _simulate_block(cfg_dict: dict, world: dict, block: int, lo: int, hi: int, r
     t0 = time.perf_counter()
     cfg = SimConfig(**cfg_dict)
     rng = np.random.default_rng(block_seed(cfg.seed, block))
-    user_keys = ("n_fav", "fav", "user_vec", "user_segment")
-    w = {k: (v[lo:hi] if k in user_keys else v) for k, v in world.items()}
+    user_keys = ("n_fav", "fav", "user_vec", "user_segment", "taste_group")
+    w = {k: (v[lo:hi] if k in user_keys and v is not None else v) for k, v in world.items()}
     req_user = np.repeat(np.arange(hi - lo), req_counts)
     events, counts = _simulate_events(cfg, w, rng, req_user, user_offset=lo)
     del req_user

@@ -70,12 +70,23 @@ def _make_world(cfg: SimConfig, rng: np.random.Generator) -> dict:
     # higher-order effects: from a child generator (spawning draws nothing from `rng`), so the
     # world and the requests are the same with the knobs on or off
     extra = rng.spawn(1)[0]
-    complement = qa_sign = None
+    complement = qa_sign = taste_group = taste_sign = None
     if (cfg.complement_strength or cfg.complement_candidate_frac) and C > 1:
         complement = (np.arange(C) + extra.integers(1, C, size=C)) % C  # never the category itself
     if cfg.query_advertiser_strength:
         qa_sign = extra.choice(np.array([-1, 1], np.int8), size=(C, cfg.n_advertisers))
-    return dict(complement=complement, qa_sign=qa_sign,
+    if cfg.user_advertiser_strength:
+        # brand taste: a hidden group per user (no feature shows it) and one sign per (group,
+        # advertiser); a user's few conversions spread over the advertiser's many items
+        # (drawn after the other effects' draws, so turning it on leaves theirs the same)
+        G = int(cfg.user_taste_groups)
+        if G < 1:
+            raise ValueError(f"data.sim.user_taste_groups={G}: expected at least 1")
+        taste_group = extra.integers(0, G, size=U)
+        # half of the groups favour each advertiser: a pure interaction, no advertiser-wide offset
+        rank = extra.random((G, cfg.n_advertisers)).argsort(0).argsort(0)
+        taste_sign = np.where(rank < G // 2, 1, -1).astype(np.int8)
+    return dict(complement=complement, qa_sign=qa_sign, taste_group=taste_group, taste_sign=taste_sign,
         centers=centers, cat_weight=cat_weight, item_cat=item_cat, item_vec=item_vec, item_adv=item_adv,
         adv_propensity=adv_propensity, item_logpop=item_logpop, clickbait=clickbait, item_tier=item_tier,
         content=content, item_order=item_order, cum_pop=cum_pop, cat_start=cat_start, cat_cum=cat_cum,
