@@ -140,6 +140,22 @@ claims:
     capsys.readouterr()
     main([f"grids=[{grid}]", "seeds=1", f"out={out}"])
     assert capsys.readouterr().out.count("done earlier, reusing") == 2
+    assert "(Ray Train, 1 CPU workers; search: " in text
+
+    # reuse_only (GPU runs copied back to a CPU machine): seed 1 is reported as not run, never trained
+    main([f"grids=[{grid}]", "seeds=2", f"out={out}", "reuse_only=true"])
+    assert capsys.readouterr().out.count("not run (reuse_only") == 2
+    assert not (out / "runs" / "tiny" / "ref-s1").exists()
+    readme = (out / "README.md").read_text()
+    assert "2 of 2 variants x 2 seeds = 4 training runs (not run: ref-s1, stacked-s1)" in readme
+    assert "| ref vs stacked, conv R@100 |" in readme and "one seed only: no interval" in readme
+    # a grid whose reference never ran is skipped by name, not reported without its reference
+    other = tmp_path / "other.yaml"
+    other.write_text(grid.read_text().replace("reference: ref", "reference: mlp").replace(
+        "  ref: []", "  ref: []\n  mlp: [model.cross=mlp_only]"))
+    main([f"grids=[{other}]", "seeds=1", f"out={out}", "reuse_only=true"])
+    assert "tiny: no finished run of the reference mlp; skipping this grid" in capsys.readouterr().out
+    assert "**Skipped grids:** tiny (no finished run of the reference mlp)" in (out / "README.md").read_text()
 
 
 def test_report_arguments_are_checked():

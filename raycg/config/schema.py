@@ -352,6 +352,7 @@ class ReportConfig(RunConfig):
     seeds: int = MISSING
     out: str = MISSING
     publish: Optional[str] = MISSING
+    reuse_only: bool = MISSING
 
 
 @dataclass

@@ -52,7 +52,7 @@ def main(cfg: DictConfig, argv: list[str]) -> None:
     grids = [load_grid(g) for g in cfg.grids]
     out_dir = os.path.abspath(cfg.out)
     command = "python -m raycg.report " + " ".join(argv) if argv else "python -m raycg.report"
-    write_report(grids, seeds, out_dir, overrides, cfg.publish or "", command)
+    write_report(grids, seeds, out_dir, overrides, cfg.publish or "", command, train=not cfg.reuse_only)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ import platform
 import shutil
 import time
 
+from omegaconf import OmegaConf
+
 from raycg.logs import get_logger
 from raycg.report.grid import Grid, prepare_source, run_grid
 from raycg.report.plots import claims_vs_scale_plot, save_plots
@@ -47,15 +49,20 @@ def grid_section(grid: Grid, records: list[dict], plots: list[str], link_dir: st
         columns.append(("conversion_advertiser", ks[0]))
     nq = ev["n_queries"]
     minutes = sum(r["seconds"] for r in records) / 60
+    ran = {(r["variant"], r["seed"]) for r in records}
+    missing = [f"{v}-s{s}" for v in variants for s in range(seeds) if (v, s) not in ran]
+    count = (f"{len(variants)} variants x {seeds} seeds = {len(records)} training runs" if not missing else
+             f"{len(records)} of {len(variants)} variants x {seeds} seeds = {len(variants) * seeds} training runs "
+             f"(not run: {', '.join(missing)})")
     cov = ev.get("als_coverage", {})
     cov_txt = "; ".join(f"{m}: {100 * c.get('conversion', 0):.0f}% of conversion queries, "
                         f"{100 * c.get('engagement', 0):.0f}% of engagement queries" for m, c in cov.items())
     parts = [
         f"## {grid.title}",
         "",
-        f"- **Runs:** {len(variants)} variants x {seeds} seeds = {len(records)} training runs, each "
+        f"- **Runs:** {count}, each "
         f"`python -m raycg.train {' '.join(grid.base)} <variant overrides> seed=<s>` "
-        f"(Ray Train, 2 workers). Total run time {minutes:.1f} min, "
+        f"({_trainer(ref[0])}). Total run time {minutes:.1f} min, "
         f"{minutes * 60 / max(len(records), 1):.0f} s per run.",
         f"- **Evaluation:** exact faiss inner-product search over all {ev['n_items']:,} items; "
         f"{nq.get('conversion', 0):,} conversion queries, {nq.get('engagement', 0):,} engagement queries "
@@ -137,6 +144,17 @@ def scale_sections(sections: list[tuple[Grid, list[dict]]], link_dir: str, plot_
     return out
 
 
+def _trainer(record: dict) -> str:
+    """How the run trained: Ray Train workers on CPU or GPU (its config.yaml), and its search backend."""
+    path = os.path.join(record["run_dir"], "config.yaml")
+    if not os.path.exists(path):
+        return "Ray Train"
+    t = OmegaConf.load(path).trainer
+    device = f"{t.num_workers} GPU worker(s)" if t.use_gpu else f"{t.num_workers} CPU workers"
+    backend = record["eval"].get("search_backend")
+    return f"Ray Train, {device}" + (f"; search: {backend}" if backend else "")
+
+
 def _boosts(records: list[dict], variant: str) -> str:
     """The recent-item boost each seed's run served (raycg.model.recent_boost), or off."""
     found = [r["eval"].get("recent_boost") or {} for r in records if r["variant"] == variant]
@@ -158,7 +176,7 @@ def write_markdown(path: str, body: str) -> None:
 
 
 def write_report(grids: list[Grid], seeds: list[int], out_dir: str, overrides: list[str], publish: str,
-                 command: str, log=log_info) -> None:
+                 command: str, log=log_info, train: bool = True) -> None:
     """Run every grid (`run_grid`) and write `out_dir`/README.md, results.json, plots/ and
     configs/; with `publish` (a path, or "") also the report at that path with its plots and
     configs beside it. `command` is quoted in the header."""
@@ -172,7 +190,11 @@ def write_report(grids: list[Grid], seeds: list[int], out_dir: str, overrides: l
             log(f"report: {grid.name}: source {grid.source_csv} not found; skipping this grid")
             skipped.append(f"{grid.name} (source {grid.source_csv} not found)")
             continue
-        records = run_grid(grid, seeds, out_dir, extra + overrides, log)
+        records = run_grid(grid, seeds, out_dir, extra + overrides, log, train=train)
+        if not any(r["variant"] == grid.reference for r in records):  # only with train=False
+            log(f"report: {grid.name}: no finished run of the reference {grid.reference}; skipping this grid")
+            skipped.append(f"{grid.name} (no finished run of the reference {grid.reference})")
+            continue
         all_records += records
         sections.append((grid, records))
     wall = (time.perf_counter() - t0) / 60

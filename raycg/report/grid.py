@@ -86,8 +86,10 @@ def run_overrides(grid: Grid, variant: str, seed: int, runs_dir: str, extra: lis
             f"run_name={variant}-s{seed}", f"paths.runs_dir={runs_dir}"]
 
 
-def run_grid(grid: Grid, seeds: list[int], out_dir: str, extra: list[str], log=log_info) -> list[dict]:
-    """Train + evaluate every (variant, seed); returns one record per run (eval.json + timing)."""
+def run_grid(grid: Grid, seeds: list[int], out_dir: str, extra: list[str], log=log_info,
+             train: bool = True) -> list[dict]:
+    """Train + evaluate every (variant, seed); returns one record per run (eval.json + timing).
+    With `train=False` nothing is trained: only the runs finished earlier are returned."""
     from raycg.train.driver import run
 
     runs_dir = os.path.abspath(os.path.join(out_dir, "runs", grid.name))
@@ -103,6 +105,10 @@ def run_grid(grid: Grid, seeds: list[int], out_dir: str, extra: list[str], log=l
         overrides = run_overrides(grid, variant, seed, runs_dir, extra)
         if os.path.exists(eval_path) and os.path.exists(timing_path):
             log(f"report: {grid.name} {i + 1}/{len(todo)} {variant} seed {seed}: done earlier, reusing {eval_path}")
+        elif not train:
+            log(f"report: {grid.name} {i + 1}/{len(todo)} {variant} seed {seed}: not run (reuse_only: no "
+                f"finished run in {run_dir})")
+            continue
         else:
             if os.path.exists(run_dir):
                 shutil.rmtree(run_dir)  # a run stopped mid-way: start it again from scratch
