@@ -44,6 +44,9 @@ def test_paired_delta_cancels_shared_seed_noise():
     assert "+10.0% [+10.0%, +10.0%]" in table and "a better" in table
     noisy = records[:3] + [_record("b", s, v) for s, v in enumerate([0.3, 0.4, 0.9])]
     assert verdict(paired_delta(noisy, "a", "b", "conversion", 100)).startswith("no significant")
+    assert verdict(paired_delta(records[:1] + records[3:4], "a", "b", "conversion", 100)) == \
+        "one seed only: no interval"
+    assert verdict(paired_delta(records[:3], "a", "b", "conversion", 100)) == "not run"  # b never ran
 
 
 def test_recall_table_has_variants_then_baselines():
@@ -147,7 +150,7 @@ claims:
     assert capsys.readouterr().out.count("not run (reuse_only") == 2
     assert not (out / "runs" / "tiny" / "ref-s1").exists()
     readme = (out / "README.md").read_text()
-    assert "2 of 2 variants x 2 seeds = 4 training runs (not run: ref-s1, stacked-s1)" in readme
+    assert "2 of 4 training runs (2 variants x 2 seeds; not run: ref-s1, stacked-s1)" in readme
     assert "| ref vs stacked, conv R@100 |" in readme and "one seed only: no interval" in readme
     # a grid whose reference never ran is skipped by name, not reported without its reference
     other = tmp_path / "other.yaml"

@@ -38,7 +38,8 @@ def machine() -> str:
 
 
 def grid_section(grid: Grid, records: list[dict], plots: list[str], link_dir: str, seeds: int) -> str:
-    variants = list(grid.variants)
+    ran_variants = {r["variant"] for r in records}
+    variants = [v for v in grid.variants if v in ran_variants]  # reuse_only: a variant without runs has no row
     ref = [r for r in records if r["variant"] == grid.reference]
     ev = ref[0]["eval"]
     ks = [int(k) for k in ev["ks"]]
@@ -50,10 +51,10 @@ def grid_section(grid: Grid, records: list[dict], plots: list[str], link_dir: st
     nq = ev["n_queries"]
     minutes = sum(r["seconds"] for r in records) / 60
     ran = {(r["variant"], r["seed"]) for r in records}
-    missing = [f"{v}-s{s}" for v in variants for s in range(seeds) if (v, s) not in ran]
+    missing = [f"{v}-s{s}" for v in grid.variants for s in range(seeds) if (v, s) not in ran]
     count = (f"{len(variants)} variants x {seeds} seeds = {len(records)} training runs" if not missing else
-             f"{len(records)} of {len(variants)} variants x {seeds} seeds = {len(variants) * seeds} training runs "
-             f"(not run: {', '.join(missing)})")
+             f"{len(records)} of {len(grid.variants) * seeds} training runs ({len(grid.variants)} variants x "
+             f"{seeds} seeds; not run: {', '.join(missing)})")
     cov = ev.get("als_coverage", {})
     cov_txt = "; ".join(f"{m}: {100 * c.get('conversion', 0):.0f}% of conversion queries, "
                         f"{100 * c.get('engagement', 0):.0f}% of engagement queries" for m, c in cov.items())
@@ -64,7 +65,8 @@ def grid_section(grid: Grid, records: list[dict], plots: list[str], link_dir: st
         f"`python -m raycg.train {' '.join(grid.base)} <variant overrides> seed=<s>` "
         f"({_trainer(ref[0])}). Total run time {minutes:.1f} min, "
         f"{minutes * 60 / max(len(records), 1):.0f} s per run.",
-        f"- **Evaluation:** exact faiss inner-product search over all {ev['n_items']:,} items; "
+        f"- **Evaluation:** exact inner-product search ({ev.get('search_backend', 'faiss')}) over all "
+        f"{ev['n_items']:,} items; "
         f"{nq.get('conversion', 0):,} conversion queries, {nq.get('engagement', 0):,} engagement queries "
         f"(held-out window). Baselines are fitted on the same training window and scored on the same queries.",
         f"- **ALS coverage** (queries whose user has training interactions of that kind; the rest get "

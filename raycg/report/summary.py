@@ -95,6 +95,8 @@ def paired_delta(records, a: str, b: str, task: str, k: int, method: str = "mode
 
 
 def verdict(d: dict) -> str:
+    if d["n_seeds"] == 0:
+        return "not run"
     if d["n_seeds"] < 2:
         return "one seed only: no interval"
     if d["rel_lo"] > 0:
