@@ -210,7 +210,8 @@ def write_report(grids: list[Grid], seeds: list[int], out_dir: str, overrides: l
         f"(sum of the runs' wall times); this invocation started {started} and took {wall:.0f} min "
         f"(runs finished earlier are reused).",
         "",
-        f"**Machine:** {machine()}.",
+        f"**Machine** (of this invocation; each grid's **Runs** line names the CPU or GPU workers its runs "
+        f"trained on, which may be another machine's: `reuse_only`): {machine()}.",
         "",
         "Intervals: a per-metric 95% Student-t interval over the seeds (3 seeds: mean +- 4.30 sd/sqrt(3)); "
         "every run's eval.json also holds a per-query bootstrap interval. `conv` = held-out "
