@@ -152,6 +152,32 @@ claims:
     readme = (out / "README.md").read_text()
     assert "2 of 4 training runs (2 variants x 2 seeds; not run: ref-s1, stacked-s1)" in readme
     assert "| ref vs stacked, conv R@100 |" in readme and "one seed only: no interval" in readme
+    # the published records rebuild the report with no run directory (runs from another machine)
+    published = doc.parent / "results" / "results.json"
+    elsewhere = tmp_path / "elsewhere"
+    main([f"grids=[{grid}]", "seeds=1", f"out={elsewhere}", f"records=[{published}]", "reuse_only=true"])
+    assert capsys.readouterr().out.count("done earlier on another machine, reusing its record") == 2
+    assert not (elsewhere / "runs" / "tiny" / "ref-s0").exists()
+    assert "cross: stacked" in (elsewhere / "configs" / "tiny" / "stacked-s0.yaml").read_text()
+    rebuilt = json.loads((elsewhere / "results.json").read_text())
+    assert [r["eval"] for r in rebuilt] == [r["eval"] for r in records]
+    assert "(Ray Train, 1 CPU workers; search: " in (elsewhere / "README.md").read_text()
+    # ... but not a record of other overrides: that is another experiment
+    main([f"grids=[{grid}]", "seeds=1", f"out={tmp_path / 'other_lr'}", f"records=[{published}]",
+          "reuse_only=true", "trainer.lr=0.5"])
+    assert capsys.readouterr().out.count("a records file has this run with other overrides") == 2
+    # a spent time budget starts no run: seed 1 is left for the next piece, seed 0 is reused
+    main([f"grids=[{grid}]", "seeds=2", f"out={out}", "max_minutes=1e-9"])
+    printed = capsys.readouterr().out
+    assert printed.count("not run (max_minutes") == 2 and printed.count("done earlier, reusing") == 2
+    assert not (out / "runs" / "tiny" / "ref-s1").exists()
+    with pytest.raises(SystemExit, match="max_minutes=0.0: expected a positive"):
+        main([f"grids=[{grid}]", "max_minutes=0"])
+    with pytest.raises(SystemExit, match="records file .*nope.json does not exist"):
+        main([f"grids=[{grid}]", f"records=[{tmp_path / 'nope.json'}]"])
+    (tmp_path / "old.json").write_text(json.dumps([{k: v for k, v in records[0].items() if k != "config"}]))
+    with pytest.raises(SystemExit, match=r"record 0 lacks \['config'\]"):
+        main([f"grids=[{grid}]", f"records=[{tmp_path / 'old.json'}]"])
     # a grid whose reference never ran is skipped by name, not reported without its reference
     other = tmp_path / "other.yaml"
     other.write_text(grid.read_text().replace("reference: ref", "reference: mlp").replace(

@@ -353,6 +353,8 @@ class ReportConfig(RunConfig):
     out: str = MISSING
     publish: Optional[str] = MISSING
     reuse_only: bool = MISSING
+    records: List[str] = MISSING
+    max_minutes: Optional[float] = MISSING
 
 
 @dataclass

@@ -13,7 +13,9 @@ with the baselines), then writes into `out`:
 raycg/conf/report.yaml; every other override is a `raycg-train` override (the run config is
 composed with the report's, so it is checked at once), applied to every run (e.g.
 `trainer.epochs=1` for a quick look). A grid may also be given as a path to a grid YAML file
-(`grids=[my_grid.yaml]`). Finished runs are reused, so a stopped report resumes.
+(`grids=[my_grid.yaml]`). Finished runs are reused, so a stopped report resumes; so are the
+runs in `records=[...]` (earlier reports' results.json, e.g. a GPU machine's), and
+`max_minutes=M` starts no run that would end past M minutes: a grid can run in pieces.
 """
 from __future__ import annotations
 
@@ -52,7 +54,10 @@ def main(cfg: DictConfig, argv: list[str]) -> None:
     grids = [load_grid(g) for g in cfg.grids]
     out_dir = os.path.abspath(cfg.out)
     command = "python -m raycg.report " + " ".join(argv) if argv else "python -m raycg.report"
-    write_report(grids, seeds, out_dir, overrides, cfg.publish or "", command, train=not cfg.reuse_only)
+    if cfg.max_minutes is not None and cfg.max_minutes <= 0:
+        raise SystemExit(f"max_minutes={cfg.max_minutes}: expected a positive time budget in minutes, or null")
+    write_report(grids, seeds, out_dir, overrides, cfg.publish or "", command, train=not cfg.reuse_only,
+                 records_from=[os.path.abspath(p) for p in cfg.records], max_minutes=cfg.max_minutes)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import time
 from omegaconf import OmegaConf
 
 from raycg.logs import get_logger
-from raycg.report.grid import Grid, prepare_source, run_grid
+from raycg.report.grid import Grid, load_records, prepare_source, run_grid
 from raycg.report.plots import claims_vs_scale_plot, save_plots
 from raycg.report.summary import claims_table, claims_vs_scale, delta_table, recall_table, surface_table
 
@@ -147,11 +147,8 @@ def scale_sections(sections: list[tuple[Grid, list[dict]]], link_dir: str, plot_
 
 
 def _trainer(record: dict) -> str:
-    """How the run trained: Ray Train workers on CPU or GPU (its config.yaml), and its search backend."""
-    path = os.path.join(record["run_dir"], "config.yaml")
-    if not os.path.exists(path):
-        return "Ray Train"
-    t = OmegaConf.load(path).trainer
+    """How the run trained: Ray Train workers on CPU or GPU (its composed config), and its search backend."""
+    t = OmegaConf.create(record["config"]).trainer
     device = f"{t.num_workers} GPU worker(s)" if t.use_gpu else f"{t.num_workers} CPU workers"
     backend = record["eval"].get("search_backend")
     return f"Ray Train, {device}" + (f"; search: {backend}" if backend else "")
@@ -177,13 +174,25 @@ def write_markdown(path: str, body: str) -> None:
         f.write(body.replace("{discussion}", discussion))
 
 
+def write_records(path: str, records: list[dict]) -> None:
+    """A report's run records, one per line (diffs stay readable), without the local run directory."""
+    with open(path, "w") as f:
+        f.write("[\n" + ",\n".join(json.dumps({k: v for k, v in r.items() if k != "run_dir"}, sort_keys=True)
+                                    for r in records) + "\n]\n")
+
+
 def write_report(grids: list[Grid], seeds: list[int], out_dir: str, overrides: list[str], publish: str,
-                 command: str, log=log_info, train: bool = True) -> None:
+                 command: str, log=log_info, train: bool = True, records_from: list[str] = (),
+                 max_minutes: float | None = None) -> None:
     """Run every grid (`run_grid`) and write `out_dir`/README.md, results.json, plots/ and
-    configs/; with `publish` (a path, or "") also the report at that path with its plots and
-    configs beside it. `command` is quoted in the header."""
+    configs/; with `publish` (a path, or "") also the report at that path with its plots, configs
+    and results.json beside it. `records_from`: earlier reports' results.json files whose runs are
+    reused; `max_minutes`: start no run that would end past this budget. `command` is quoted in
+    the header."""
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
+    earlier = load_records(list(records_from))
+    deadline = t0 + max_minutes * 60 if max_minutes is not None else None
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     sections, all_records, skipped = [], [], []
     for grid in grids:
@@ -192,7 +201,8 @@ def write_report(grids: list[Grid], seeds: list[int], out_dir: str, overrides: l
             log(f"report: {grid.name}: source {grid.source_csv} not found; skipping this grid")
             skipped.append(f"{grid.name} (source {grid.source_csv} not found)")
             continue
-        records = run_grid(grid, seeds, out_dir, extra + overrides, log, train=train)
+        records = run_grid(grid, seeds, out_dir, extra + overrides, log, train=train, earlier=earlier,
+                           deadline=deadline)
         if not any(r["variant"] == grid.reference for r in records):  # only with train=False
             log(f"report: {grid.name}: no finished run of the reference {grid.reference}; skipping this grid")
             skipped.append(f"{grid.name} (no finished run of the reference {grid.reference})")
@@ -200,8 +210,7 @@ def write_report(grids: list[Grid], seeds: list[int], out_dir: str, overrides: l
         all_records += records
         sections.append((grid, records))
     wall = (time.perf_counter() - t0) / 60
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(all_records, f, indent=1)
+    write_records(os.path.join(out_dir, "results.json"), all_records)
     header = "\n".join([
         "# raycg results: ablations and baselines",
         "",
@@ -242,5 +251,8 @@ def write_report(grids: list[Grid], seeds: list[int], out_dir: str, overrides: l
             dst = os.path.join(side, "configs", grid.name)
             shutil.rmtree(dst, ignore_errors=True)
             shutil.copytree(os.path.join(out_dir, "configs", grid.name), dst)
+        # the published runs' records: the report can be rebuilt from the repository alone
+        # (`records=[<side>/results.json] reuse_only=true`), without the run directories
+        write_records(os.path.join(side, "results.json"), all_records)
         write_markdown(path, render(os.path.basename(side), os.path.join(side, "plots")))
-        log(f"report: published -> {path} (+ {side}/plots, {side}/configs)")
+        log(f"report: published -> {path} (+ {side}/plots, {side}/configs, {side}/results.json)")

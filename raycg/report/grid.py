@@ -86,34 +86,81 @@ def run_overrides(grid: Grid, variant: str, seed: int, runs_dir: str, extra: lis
             f"run_name={variant}-s{seed}", f"paths.runs_dir={runs_dir}"]
 
 
+def _comparable(overrides: list[str]) -> list[str]:
+    # where the run directory lay is the machine's business, not the run's
+    return [o for o in overrides if not o.startswith("paths.runs_dir=")]
+
+
+def load_records(paths: list[str]) -> dict[tuple, dict]:
+    """Finished runs from earlier reports' results.json files (another machine's, or a published
+    report's), keyed by (grid, variant, seed); a later file wins."""
+    found = {}
+    for path in paths:
+        if not os.path.exists(path):
+            raise SystemExit(f"report records file {path} does not exist")
+        with open(path) as f:
+            try:
+                records = json.load(f)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"report records file {path}: not JSON ({e})") from None
+        if not isinstance(records, list):
+            raise SystemExit(f"report records file {path}: expected a list of run records (a report's "
+                             f"results.json), got {type(records).__name__}")
+        for i, r in enumerate(records):
+            missing = {"grid", "variant", "seed", "seconds", "overrides", "eval", "config"} - set(r)
+            if missing:
+                raise SystemExit(f"report records file {path}: record {i} lacks {sorted(missing)} (records "
+                                 f"written before the report kept each run's config cannot be reused)")
+            found[(r["grid"], r["variant"], r["seed"])] = r
+    return found
+
+
 def run_grid(grid: Grid, seeds: list[int], out_dir: str, extra: list[str], log=log_info,
-             train: bool = True) -> list[dict]:
-    """Train + evaluate every (variant, seed); returns one record per run (eval.json + timing).
-    With `train=False` nothing is trained: only the runs finished earlier are returned."""
+             train: bool = True, earlier: dict | None = None, deadline: float | None = None) -> list[dict]:
+    """Train + evaluate every (variant, seed); returns one record per run (eval.json, timing, the
+    composed config). With `train=False` nothing is trained: only the runs finished earlier are
+    returned. `earlier`: records of runs finished elsewhere (`load_records`), reused when their
+    overrides are this grid's. `deadline` (a `time.perf_counter()` value): no run starts that the
+    mean run time so far says would end after it; the rest are reported as not run."""
     from raycg.train.driver import run
 
     runs_dir = os.path.abspath(os.path.join(out_dir, "runs", grid.name))
     config_dir = os.path.join(out_dir, "configs", grid.name)
     os.makedirs(config_dir, exist_ok=True)
     records = []
-    todo = [(v, s) for v in grid.variants for s in seeds]
+    # seed-major: a grid run in pieces has every variant of seed 0 (the paired comparisons) first
+    todo = [(v, s) for s in seeds for v in grid.variants]
     t_grid, trained, t_trained = time.perf_counter(), 0, 0.0  # runs trained here and their time: the ETA
     for i, (variant, seed) in enumerate(todo):
         run_dir = os.path.join(runs_dir, f"{variant}-s{seed}")
         eval_path = os.path.join(run_dir, "eval.json")
         timing_path = os.path.join(run_dir, "report_timing.json")
+        config_path = os.path.join(config_dir, f"{variant}-s{seed}.yaml")
         overrides = run_overrides(grid, variant, seed, runs_dir, extra)
+        step = f"report: {grid.name} {i + 1}/{len(todo)} {variant} seed {seed}"
+        record = (earlier or {}).get((grid.name, variant, seed))
+        if record is not None and _comparable(record["overrides"]) != _comparable(overrides):
+            log(f"{step}: a records file has this run with other overrides ({' '.join(record['overrides'])}); "
+                f"not reused")
+            record = None
         if os.path.exists(eval_path) and os.path.exists(timing_path):
-            log(f"report: {grid.name} {i + 1}/{len(todo)} {variant} seed {seed}: done earlier, reusing {eval_path}")
+            log(f"{step}: done earlier, reusing {eval_path}")
+        elif record is not None:
+            log(f"{step}: done earlier on another machine, reusing its record")
+            with open(config_path, "w") as f:
+                f.write(record["config"])
+            records.append({**record, "run_dir": None})
+            continue
         elif not train:
-            log(f"report: {grid.name} {i + 1}/{len(todo)} {variant} seed {seed}: not run (reuse_only: no "
-                f"finished run in {run_dir})")
+            log(f"{step}: not run (reuse_only: no finished run in {run_dir})")
+            continue
+        elif deadline is not None and time.perf_counter() + (t_trained / trained if trained else 0) > deadline:
+            log(f"{step}: not run (max_minutes: it would end past the time budget)")
             continue
         else:
             if os.path.exists(run_dir):
                 shutil.rmtree(run_dir)  # a run stopped mid-way: start it again from scratch
-            log(f"report: {grid.name} {i + 1}/{len(todo)} {variant} seed {seed}: "
-                f"python -m raycg.train {' '.join(overrides)}")
+            log(f"{step}: python -m raycg.train {' '.join(overrides)}")
             t0 = time.perf_counter()
             run(compose_run(overrides))
             with open(timing_path, "w") as f:
@@ -123,11 +170,14 @@ def run_grid(grid: Grid, seeds: list[int], out_dir: str, extra: list[str], log=l
             trained, t_trained = trained + 1, t_trained + time.perf_counter() - t0
             eta = f", ETA {t_trained / trained * (len(todo) - done) / 60:.1f} min" if done < len(todo) else ""
             log(f"report: {grid.name}: {done}/{len(todo)} runs, {elapsed / 60:.1f} min so far{eta}")
-        shutil.copyfile(os.path.join(run_dir, "config.yaml"), os.path.join(config_dir, f"{variant}-s{seed}.yaml"))
+        shutil.copyfile(os.path.join(run_dir, "config.yaml"), config_path)
         with open(eval_path) as f:
             results = json.load(f)
         with open(timing_path) as f:
             timing = json.load(f)
+        with open(config_path) as f:
+            config = f.read()
         records.append({"grid": grid.name, "variant": variant, "seed": seed, "run_dir": run_dir,
-                        "seconds": timing["seconds"], "overrides": timing["overrides"], "eval": results})
+                        "seconds": timing["seconds"], "overrides": timing["overrides"], "eval": results,
+                        "config": config})
     return records
