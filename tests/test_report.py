@@ -178,6 +178,12 @@ claims:
     (tmp_path / "old.json").write_text(json.dumps([{k: v for k, v in records[0].items() if k != "config"}]))
     with pytest.raises(SystemExit, match=r"record 0 lacks \['config'\]"):
         main([f"grids=[{grid}]", f"records=[{tmp_path / 'old.json'}]"])
+    # a part of a grid: only the named variants (and the reference), with the claims between them
+    main([f"grids=[{grid}]", "seeds=1", f"out={out}", "variants=[ref]"])
+    assert "| ref vs stacked" not in (out / "README.md").read_text()
+    assert "1 variants x 1 seeds = 1 training runs" in (out / "README.md").read_text()
+    with pytest.raises(SystemExit, match=r"\['nope'\] in none of the grids \['tiny'\]"):
+        main([f"grids=[{grid}]", "variants=[nope]"])
     # a grid whose reference never ran is skipped by name, not reported without its reference
     other = tmp_path / "other.yaml"
     other.write_text(grid.read_text().replace("reference: ref", "reference: mlp").replace(

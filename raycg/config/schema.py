@@ -354,6 +354,7 @@ class ReportConfig(RunConfig):
     publish: Optional[str] = MISSING
     reuse_only: bool = MISSING
     records: List[str] = MISSING
+    variants: List[str] = MISSING
     max_minutes: Optional[float] = MISSING
 
 

@@ -15,7 +15,8 @@ composed with the report's, so it is checked at once), applied to every run (e.g
 `trainer.epochs=1` for a quick look). A grid may also be given as a path to a grid YAML file
 (`grids=[my_grid.yaml]`). Finished runs are reused, so a stopped report resumes; so are the
 runs in `records=[...]` (earlier reports' results.json, e.g. a GPU machine's), and
-`max_minutes=M` starts no run that would end past M minutes: a grid can run in pieces.
+`max_minutes=M` starts no run that would end past M minutes, and `variants=[a,b]` keeps only
+those variants of each grid (and its reference): a grid can run in pieces.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from raycg.config import hydra_app
 from raycg.config.schema import ReportConfig, RunConfig
 from raycg.logs import set_level
 from raycg.report.document import write_report
-from raycg.report.grid import Grid
+from raycg.report.grid import Grid, select_variants
 
 # the report's own keys (raycg/conf/report.yaml); every other override goes to the runs
 REPORT_KEYS = {f for f in ReportConfig.__dataclass_fields__ if f not in RunConfig.__dataclass_fields__}
@@ -52,6 +53,12 @@ def main(cfg: DictConfig, argv: list[str]) -> None:
     overrides = run_overrides_given(argv)
     seeds = list(range(cfg.seeds))
     grids = [load_grid(g) for g in cfg.grids]
+    if cfg.variants:
+        unknown = set(cfg.variants) - {v for g in grids for v in g.variants}
+        if unknown:
+            raise SystemExit(f"variants={list(cfg.variants)}: {sorted(unknown)} in none of the grids "
+                             f"{[g.name for g in grids]}")
+        grids = [select_variants(g, list(cfg.variants)) for g in grids]
     out_dir = os.path.abspath(cfg.out)
     command = "python -m raycg.report " + " ".join(argv) if argv else "python -m raycg.report"
     if cfg.max_minutes is not None and cfg.max_minutes <= 0:

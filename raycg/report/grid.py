@@ -3,6 +3,7 @@ evaluation with the baselines) in its own run directory. Finished runs (eval.jso
 are skipped, so an interrupted report resumes where it stopped."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -55,6 +56,14 @@ class Grid:
             if missing:
                 raise ValueError(f"{path}: claim {claim} names unknown variant(s) {sorted(missing)}")
         return grid
+
+
+def select_variants(grid: Grid, names: list[str]) -> Grid:
+    """The grid with only the named variants among its own (the reference always kept) and the
+    claims between two of them: a part of a grid to run now, the rest later."""
+    keep = [v for v in grid.variants if v in names or v == grid.reference]
+    claims = [c for c in grid.claims if c["a"] in keep and c["b"] in keep]
+    return dataclasses.replace(grid, variants={v: grid.variants[v] for v in keep}, claims=claims)
 
 
 def prepare_source(grid: Grid, out_dir: str, log=log_info) -> list[str] | None:
