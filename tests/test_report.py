@@ -49,6 +49,23 @@ def test_paired_delta_cancels_shared_seed_noise():
     assert verdict(paired_delta(records[:3], "a", "b", "conversion", 100)) == "not run"  # b never ran
 
 
+def test_a_delta_of_one_seed_has_no_interval_and_of_none_is_not_run():
+    from raycg.report.summary import delta_cell
+
+    records = [_record("a", 0, 0.55), _record("b", 0, 0.50), _record("a", 1, 0.66), _record("b", 1, 0.60),
+               _record("a", 2, 0.44), _record("b", 2, 0.40), _record("c", 0, 0.25)]
+    one = paired_delta(records, "c", "b", "conversion", 100)
+    assert one["n_seeds"] == 1 and delta_cell(one) == "-50.0% (1 seed)"
+    assert delta_cell(paired_delta(records, "d", "b", "conversion", 100)) == "not run"
+    three = paired_delta(records, "a", "b", "conversion", 100)  # +10% in every seed: a zero-width interval
+    assert delta_cell(three) == "+10.0% [+10.0%, +10.0%]"
+    assert delta_cell(three, seeds=True) == "+10.0% [+10.0%, +10.0%] (3 seeds)"
+    table = claims_table(records, [{"a": "c", "b": "b", "task": "conversion", "k": 100, "seed": "c beats b"},
+                                   {"a": "d", "b": "b", "task": "conversion", "k": 100, "seed": "d beats b"}])
+    assert "| -50.0% (1 seed) | one seed only: no interval |" in table
+    assert "| not run | not run |" in table
+
+
 def test_recall_table_has_variants_then_baselines():
     records = [_record(v, s, 0.5 + 0.01 * s, {0: 0.1, 1: 0.2}) for v in ("ref", "x") for s in (0, 1)]
     table = recall_table(records, ["ref", "x"], "ref", [("conversion", 100)]).splitlines()

@@ -139,11 +139,15 @@ def scale_sections(sections: list[tuple[Grid, list[dict]]], link_dir: str, plot_
         plot = claims_vs_scale_plot(series, claims, os.path.join(plot_dir, f"{family}_claims_vs_scale.png"),
                                     f"{family}: the seed's claims against scale (dashed: the seed's number)")
         out += [f"## Claims vs scale: {family}", "",
-                "Grids: " + ", ".join(f"{g.name} (scale {g.scale:,}, {len({r['seed'] for r in recs})} seeds)"
+                "Grids: " + ", ".join(f"{g.name} (scale {g.scale:,}, {_count(len({r['seed'] for r in recs}), 'seed')})"
                                       for g, recs in members) + ". Each cell: relative change of the first "
                 "variant over the second, mean [95% interval] of the per-seed ratios.", "",
                 table, "", f"![{os.path.basename(plot)}]({link_dir}/plots/{os.path.basename(plot)})", ""]
     return out
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _trainer(record: dict) -> str:
@@ -157,7 +161,9 @@ def _trainer(record: dict) -> str:
 def _boosts(records: list[dict], variant: str) -> str:
     """The recent-item boost each seed's run served (raycg.model.recent_boost), or off."""
     found = [r["eval"].get("recent_boost") or {} for r in records if r["variant"] == variant]
-    if not found or not any(b.get("items") for b in found):
+    if not found:
+        return "not run"
+    if not any(b.get("items") for b in found):
         return "off"
     return ", ".join(f"{b.get('boost', 0):.3g}" for b in found) + f" ({found[0].get('source', '')})"
 

@@ -110,16 +110,24 @@ def _pct(x: float) -> str:
     return "n/a" if not np.isfinite(x) else f"{100 * x:+.1f}%"
 
 
+def delta_cell(d: dict, seeds: bool = False) -> str:
+    """A paired delta as "+1.2% [-0.3%, +2.7%]"; one seed has no interval, no seed is "not run".
+    `seeds`: also say over how many seeds."""
+    if d["n_seeds"] == 0:
+        return "not run"
+    if d["n_seeds"] == 1:
+        return f"{_pct(d['rel_mean'])} (1 seed)"
+    cell = f"{_pct(d['rel_mean'])} [{_pct(d['rel_lo'])}, {_pct(d['rel_hi'])}]"
+    return f"{cell} ({d['n_seeds']} seeds)" if seeds else cell
+
+
 def delta_table(records, variants, reference, columns) -> str:
     head = "| variant vs reference | " + " | ".join(f"{TASK_SHORT[t]} R@{k}" for t, k in columns) + " |"
     lines = [head, "|" + " --- |" * (len(columns) + 1)]
     for v in variants:
         if v == reference:
             continue
-        cells = []
-        for t, k in columns:
-            d = paired_delta(records, v, reference, t, k)
-            cells.append(f"{_pct(d['rel_mean'])} [{_pct(d['rel_lo'])}, {_pct(d['rel_hi'])}]")
+        cells = [delta_cell(paired_delta(records, v, reference, t, k)) for t, k in columns]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -130,7 +138,7 @@ def claims_table(records, claims: list[dict]) -> str:
     for c in claims:
         d = paired_delta(records, c["a"], c["b"], c["task"], int(c["k"]))
         lines.append(f"| {c['seed']} | {c['a']} vs {c['b']}, {TASK_SHORT[c['task']]} R@{c['k']} | "
-                     f"{_pct(d['rel_mean'])} [{_pct(d['rel_lo'])}, {_pct(d['rel_hi'])}] | {verdict(d)} |")
+                     f"{delta_cell(d)} | {verdict(d)} |")
     return "\n".join(lines)
 
 
@@ -162,8 +170,7 @@ def claims_vs_scale(points: list[tuple[int, list[dict]]], claims: list[dict]) ->
     head = ("| seed's claim | comparison | " + " | ".join(f"scale {scale:,}" for scale, _ in points) + " |")
     lines = [head, "|" + " --- |" * (len(points) + 2)]
     for i, c in enumerate(claims):
-        cells = [f"{_pct(d['rel_mean'])} [{_pct(d['rel_lo'])}, {_pct(d['rel_hi'])}] ({d['n_seeds']} seeds)"
-                 if d["n_seeds"] else "not run" for _, d in series[i]]
+        cells = [delta_cell(d, seeds=True) for _, d in series[i]]
         lines.append(f"| {c['seed']} | {c['a']} vs {c['b']}, {TASK_SHORT[c['task']]} R@{c['k']} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines), series
