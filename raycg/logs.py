@@ -7,6 +7,7 @@
     log = rank_zero_logger("train", rank)   a training worker's logger: lines of ranks > 0
                                         are dropped, unless logged with extra=EVERY_RANK
     for x in progress(xs, total=n, desc="...")   a tqdm bar with an ETA, for long driver-side work
+    phases = PhaseTimer(); ...; phases.mark("read")   "read 3.1s, pack 0.4s": where a long step's time went
 
 One handler, on the "raycg" logger, with propagate=False: Hydra's job logging sets the root
 logger to WARNING (which would hide INFO if raycg's records went through it) and Ray Train adds
@@ -25,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 ROOT = "raycg"
 PREFIX = "[raycg] "
@@ -128,3 +130,18 @@ def progress(iterable=None, *, total: int | None = None, desc: str = "", unit: s
            or not _install().isEnabledFor(logging.INFO))
     return tqdm(iterable, total=total, desc=PREFIX + desc, unit=unit, file=sys.stderr, leave=False,
                 dynamic_ncols=True, disable=True if off else None)
+
+
+class PhaseTimer:
+    """Seconds per named phase since the previous mark: `str()` -> "feature store 31.2s, ..."."""
+
+    def __init__(self):
+        self.t, self.phases = time.perf_counter(), []
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases.append((name, now - self.t))
+        self.t = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {s:.1f}s" for name, s in self.phases)

@@ -116,3 +116,14 @@ def test_no_print_in_the_package_but_command_outputs():
     stray = [f"{rel}:{line} (in {where})" for rel, where, line in found if (rel, where) not in PRINT_ALLOWED]
     assert not stray, "print() outside a command's output; use raycg.logs.get_logger(...):\n  " + "\n  ".join(stray)
     assert {(rel, where) for rel, where, _ in found} == PRINT_ALLOWED  # the allow-list is not stale
+
+
+def test_phase_timer_names_each_phase_with_the_time_since_the_previous_mark(monkeypatch):
+    from raycg import logs
+
+    clock = iter([100.0, 101.5, 101.75, 104.0])  # start, then one reading per mark
+    monkeypatch.setattr(logs.time, "perf_counter", lambda: next(clock))
+    phases = logs.PhaseTimer()
+    for name in ("feature store", "vocabularies", "training split"):
+        phases.mark(name)
+    assert str(phases) == "feature store 1.5s, vocabularies 0.2s, training split 2.2s"

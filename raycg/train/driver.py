@@ -44,7 +44,7 @@ from raycg.model.two_tower import TwoTowerModel
 from raycg.eval.evaluate import evaluate_checkpoint, format_table, timing_line, write_results
 from raycg.eval.queries import drop_cold
 from raycg.retrieve.build import export_run
-from raycg.logs import get_logger, set_level
+from raycg.logs import PhaseTimer, get_logger, set_level
 from raycg.train.loop import train_loop_per_worker
 from raycg.train.preflight import PreflightError, check_config, check_data_dir, check_model_memory, check_resources
 from raycg.train.schedule import lr_factor
@@ -220,6 +220,7 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
     """Features (Ray Data) -> packed training dataset -> spec; writes config.yaml and
     data_stats.json and prints the model card."""
     t0 = time.perf_counter()
+    phases = PhaseTimer()  # where the preparation's time goes, printed with the data stats
     run_dir = os.path.join(cfg.paths.runs_dir, cfg.run_name)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     before_ts = validation_cutoff(cfg.data.train_path, cfg.data.validation_fraction)
@@ -228,20 +229,24 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
     store = feature_store_from_config(data_cfg, history_lookup_length(cfg.model.history),
                                       quarantine_dir=quarantine_dir(cfg, run_dir, "users"), before_ts=before_ts,
                                       count_context_ids=use_vocab)
+    phases.mark("feature store")
     items = store.items
     # the evaluation split gets the training split's checks, before any training
     eval_split = checked_events(cfg.data.eval_path, store, quarantine_dir=quarantine_dir(cfg, run_dir, "eval"),
                                 check_duplicates=cfg.data.check_duplicates)
+    phases.mark("evaluation split")
     with open_dict(cfg.model):  # extra categorical columns add bucket names
         cfg.model.buckets = auto_buckets(
             OmegaConf.to_container(cfg.model.buckets), cfg.model.max_buckets, cfg.data.train_path, items, store.users)
         if use_vocab:
             set_vocabularies(cfg, store)
+    phases.mark("vocabularies")
     train_ds, stats = packed_training_dataset(
         cfg.data.train_path, store, batch_size=cfg.data.pack_batch_size, materialize=cfg.data.materialize,
         hard_negatives=cfg.loss.hard_negatives, seed=cfg.seed,
         quarantine_dir=quarantine_dir(cfg, run_dir, "train"), check_duplicates=cfg.data.check_duplicates,
         preserve_order=cfg.trainer.deterministic, before_ts=before_ts)
+    phases.mark("training split")
     validation_ref = None
     if before_ts is not None:
         known = store.item_counts[0] if drop_cold(cfg.eval.cold_items, cfg.data.items_path) else None
@@ -258,6 +263,7 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
             f"(the last {cfg.data.validation_fraction:.0%} of the training split, not trained on): {vset.rows:,} "
             f"events, {vset.describe()}")
         validation_ref = [ray.put(vset)]
+        phases.mark("validation window")
     stats.update(eval=eval_split[1], users_rows_quarantined=store.users.rows_quarantined)
     if stats.get("files_empty"):
         log(f"data: skipped {stats['files_empty']} empty Parquet file(s) of the training split")
@@ -273,6 +279,7 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
             f"training split has {stats['rows_used']:,} positive rows, {per_rank:,} per worker, fewer than one "
             f"batch; lower trainer.batch_size or trainer.num_workers")
     moments = dense_moments(train_ds, ["user_dense", "item_dense"])
+    phases.mark("dense moments")
     spec = FeatureSpec(
         user_cat=["user", "surface", "context_item", "query", *store.users.cat_names],
         item_cat=list(items.cat_names),
@@ -281,7 +288,7 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
         item_dense_mean=moments["item_dense"][0], item_dense_std=moments["item_dense"][1],
         history_length=history_lookup_length(cfg.model.history),
     )
-    log(f"data: {stats} ({time.perf_counter() - t0:.1f}s)")
+    log(f"data: {stats} ({time.perf_counter() - t0:.1f}s: {phases})")
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         f.write(OmegaConf.to_yaml(cfg))
