@@ -198,7 +198,7 @@ claims:
     # a part of a grid: only the named variants (and the reference), with the claims between them
     main([f"grids=[{grid}]", "seeds=1", f"out={out}", "variants=[ref]"])
     assert "| ref vs stacked" not in (out / "README.md").read_text()
-    assert "1 variants x 1 seeds = 1 training runs" in (out / "README.md").read_text()
+    assert "1 variant x 1 seed = 1 training run" in (out / "README.md").read_text()
     with pytest.raises(SystemExit, match=r"\['nope'\] in none of the grids \['tiny'\]"):
         main([f"grids=[{grid}]", "variants=[nope]"])
     # a grid whose reference never ran is skipped by name, not reported without its reference

@@ -52,9 +52,10 @@ def grid_section(grid: Grid, records: list[dict], plots: list[str], link_dir: st
     minutes = sum(r["seconds"] for r in records) / 60
     ran = {(r["variant"], r["seed"]) for r in records}
     missing = [f"{v}-s{s}" for v in grid.variants for s in range(seeds) if (v, s) not in ran]
-    count = (f"{len(variants)} variants x {seeds} seeds = {len(records)} training runs" if not missing else
-             f"{len(records)} of {len(grid.variants) * seeds} training runs ({len(grid.variants)} variants x "
-             f"{seeds} seeds; not run: {', '.join(missing)})")
+    count = (f"{_count(len(variants), 'variant')} x {_count(seeds, 'seed')} = {_count(len(records), 'training run')}"
+             if not missing else
+             f"{len(records)} of {_count(len(grid.variants) * seeds, 'training run')} ({_count(len(grid.variants), 'variant')} "
+             f"x {_count(seeds, 'seed')}; not run: {', '.join(missing)})")
     cov = ev.get("als_coverage", {})
     cov_txt = "; ".join(f"{m}: {100 * c.get('conversion', 0):.0f}% of conversion queries, "
                         f"{100 * c.get('engagement', 0):.0f}% of engagement queries" for m, c in cov.items())
