@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER = 0
 export PYTHONUNBUFFERED = 1
 
-.PHONY: env demo test test-fast bench bench-smoke bench-scale bench-eval bench-tables bench-retrieve report clean
+.PHONY: env demo test test-fast bench bench-smoke bench-scale bench-eval bench-counts bench-tables bench-retrieve report clean
 
 env: $(STAMP)
 
@@ -34,6 +34,11 @@ bench: $(STAMP)
 # evaluation at corpus scale: 1M items x ~100k queries (random-init model; times, not recall)
 bench-eval: $(STAMP)
 	$(PY) benchmarks/eval_scale.py
+
+# the feature-store pass (per-id counts of ~25M events, 10x sim_crossed): Arrow hash aggregation vs
+# the previous numpy sort, side by side
+bench-counts: $(STAMP)
+	$(PY) benchmarks/feature_counts.py
 
 # step time vs id-table size: dense tables + Adam vs sparse tables (10k vs 1M items)
 bench-tables: $(STAMP)

@@ -29,6 +29,8 @@ SMOKE = {
                              "--index", "hnsw"], r"single request .* p99 .*\nbatch in-process .* requests/s"),
     "table_scale.py": (["--items", "1000", "4000", "--steps", "3", "--warmup", "1"],
                        r"\(ratio = step time at 4,000 items / at 1,000"),
+    "feature_counts.py": (["--users", "300", "--items", "300", "--repeats", "1"],
+                          r"same counts from both .*\n.*\nnumpy_sort .*\narrow_hash +[\d.]+ +[\d.]+ +[\d,]+ +[\d.]+x"),
     "ingest.py": (["--users", "200", "--items", "200", "--epochs", "1"], r"ray_packed_mat +[\d,]+ +[\d.]+x"),
     "ingest_gil.py": (["--users", "300", "--items", "300", "--epochs", "1", "--repeats", "1"],
                       r"process +[\d.]+ +[\d,]+ +[\d.]+x"),
@@ -55,7 +57,7 @@ def test_benchmark_runs_to_its_table(script, tmp_path):
     args, expected = SMOKE[script]
     if script in ("gpu_train.py", "gpu_step_check.py"):
         args = [*args, "--out", str(tmp_path)]
-    if script in ("ingest.py", "ingest_gil.py"):
+    if script in ("ingest.py", "ingest_gil.py", "feature_counts.py"):
         args = [*args, "--data-dir", str(tmp_path / "data")]
     if script == "bench_scale.py":
         args = [*args, "--runs-dir", str(tmp_path / "runs"), f"data.dir={tmp_path / 'data'}"]

@@ -24,30 +24,29 @@ def test_partial_counts_combine_like_one_pass():
     assert ids.tolist() == [5, 7] and counts.tolist() == [[1, 1, 0, 0], [0, 0, 1, 2]]
 
 
-class _Batches:
-    """Stands in for a Ray dataset: map_batches(fn) over fixed pyarrow slices, iter_batches -> numpy dicts."""
+def test_counts_of_several_keys_in_one_pass_equal_one_key_at_a_time(ray_session):
+    import ray
 
-    def __init__(self, tables, fn=None):
-        self.tables, self.fn = tables, fn
-
-    def map_batches(self, fn, **kwargs):
-        return _Batches(self.tables, fn)
-
-    def iter_batches(self, **kwargs):
-        for t in self.tables:
-            yield {k: np.asarray(v) for k, v in self.fn(t).items()}
-
-
-def test_counts_of_several_keys_in_one_pass_equal_one_key_at_a_time():
     t = pa.table({"item_id": pa.array([5, 5, 7, 7, 7, 9], pa.int64()), "user_id": pa.array([1, 2, 1, 1, 2, 3], pa.int64()),
                   "timestamp": pa.array([1, 2, 3, 4, 5, 99], pa.int64()),
                   "event_type": ["impression", "click", "checkout", "add_to_cart", "save", "click"]})
-    ds = _Batches([t.slice(0, 2), t.slice(2, 3), t.slice(5)])
-    both = aggregate_counts_by(ds, ["item_id", "user_id"], before_ts=10)  # the last row is at/after the cutoff
-    for key in ("item_id", "user_id"):
-        ids, counts = combine_counts([partial_counts(t.slice(0, 5), key)])
-        assert both[key][0].tolist() == ids.tolist() and both[key][1].tolist() == counts.tolist()
-    assert both["item_id"][0].tolist() == [5, 7] and both["user_id"][1].tolist() == [[1, 0, 0, 2], [0, 1, 1, 0]]
+    ds = ray.data.from_arrow([t.slice(0, 2), t.slice(2, 3), t.slice(5)])  # three blocks: three map tasks
+    # compact_rows=1: the driver sums the pending partial rows after every block as well
+    for compact_rows in (1, 10**6):
+        both = aggregate_counts_by(ds, ["item_id", "user_id"], before_ts=10, compact_rows=compact_rows)
+        for key in ("item_id", "user_id"):  # the last row is at/after the cutoff
+            ids, counts = combine_counts([partial_counts(t.slice(0, 5), key)])
+            assert both[key][0].tolist() == ids.tolist() and both[key][1].tolist() == counts.tolist()
+        assert both["item_id"][0].tolist() == [5, 7] and both["user_id"][1].tolist() == [[1, 0, 0, 2], [0, 1, 1, 0]]
+
+
+def test_counts_of_an_empty_window_are_empty(ray_session):
+    import ray
+
+    t = pa.table({"item_id": pa.array([5], pa.int64()), "timestamp": pa.array([50], pa.int64()),
+                  "event_type": ["click"]})
+    ids, counts = aggregate_counts_by(ray.data.from_arrow([t]), ["item_id"], before_ts=10)["item_id"]
+    assert ids.shape == (0,) and counts.shape == (0, 4)
 
 
 def test_user_attributes_and_item_categoricals_reach_the_packed_batch():
