@@ -7,7 +7,7 @@
     log = rank_zero_logger("train", rank)   a training worker's logger: lines of ranks > 0
                                         are dropped, unless logged with extra=EVERY_RANK
     for x in progress(xs, total=n, desc="...")   a tqdm bar with an ETA, for long driver-side work
-    phases = PhaseTimer(); ...; phases.mark("read")   "read 3.1s, pack 0.4s": where a long step's time went
+    phases = PhaseTimes(); phases.mark("read")   "read 3.1s, pack 0.4s": where a long step's time went
 
 One handler, on the "raycg" logger, with propagate=False: Hydra's job logging sets the root
 logger to WARNING (which would hide INFO if raycg's records went through it) and Ray Train adds
@@ -27,6 +27,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import contextmanager
 
 ROOT = "raycg"
 PREFIX = "[raycg] "
@@ -132,16 +133,36 @@ def progress(iterable=None, *, total: int | None = None, desc: str = "", unit: s
                 dynamic_ncols=True, disable=True if off else None)
 
 
-class PhaseTimer:
-    """Seconds per named phase since the previous mark: `str()` -> "feature store 31.2s, ..."."""
+class PhaseTimes:
+    """Wall seconds per named phase, summed over repeats, for "where did a long step's time go":
+
+        phases = PhaseTimes()
+        with phases("corpus embedding"): ...      # a block
+        phases.mark("feature store")              # or: the time since the previous mark (or creation)
+        str(phases)                               # "corpus embedding 3.5s, feature store 31.2s"
+    """
 
     def __init__(self):
-        self.t, self.phases = time.perf_counter(), []
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            now = time.perf_counter()
+            self.add(name, now - t0)
+            self._last = now
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
     def mark(self, name: str) -> None:
         now = time.perf_counter()
-        self.phases.append((name, now - self.t))
-        self.t = now
+        self.add(name, now - self._last)
+        self._last = now
 
     def __str__(self) -> str:
-        return ", ".join(f"{name} {s:.1f}s" for name, s in self.phases)
+        return ", ".join(f"{name} {s:.1f}s" for name, s in self.seconds.items())

@@ -118,12 +118,16 @@ def test_no_print_in_the_package_but_command_outputs():
     assert {(rel, where) for rel, where, _ in found} == PRINT_ALLOWED  # the allow-list is not stale
 
 
-def test_phase_timer_names_each_phase_with_the_time_since_the_previous_mark(monkeypatch):
+def test_phase_times_name_each_phase_with_the_time_since_the_previous_mark_or_its_block(monkeypatch):
     from raycg import logs
 
-    clock = iter([100.0, 101.5, 101.75, 104.0])  # start, then one reading per mark
+    # start, three marks, then a block (its start and end) and one more mark after it
+    clock = iter([100.0, 101.5, 101.75, 104.0, 110.0, 111.0, 111.5])
     monkeypatch.setattr(logs.time, "perf_counter", lambda: next(clock))
-    phases = logs.PhaseTimer()
+    phases = logs.PhaseTimes()
     for name in ("feature store", "vocabularies", "training split"):
         phases.mark(name)
-    assert str(phases) == "feature store 1.5s, vocabularies 0.2s, training split 2.2s"
+    with phases("vocabularies"):  # a repeated name sums
+        pass
+    phases.mark("moments")  # from the end of the block
+    assert str(phases) == "feature store 1.5s, vocabularies 1.2s, training split 2.2s, moments 0.5s"

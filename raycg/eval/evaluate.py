@@ -8,7 +8,6 @@ import dataclasses
 import json
 import os
 import time
-from contextlib import contextmanager
 
 import numpy as np
 import ray
@@ -24,7 +23,7 @@ from raycg.eval.queries import (TASKS, build_queries, drop_cold, drop_cold_posit
 from raycg.eval.recall import flat_positive_ranks, recall_report_from_ranks, shared_positive_ranks
 from raycg.eval.reengagement import EngagementTimeline
 from raycg.eval.retrievers import ModelRetriever, Queries, Retriever, TrainingWindow, build_baselines
-from raycg.logs import get_logger
+from raycg.logs import PhaseTimes, get_logger
 from raycg.model.recent_boost import distinct_recent, rows_of
 
 
@@ -33,24 +32,6 @@ USER_PARTS = ("known_user", "new_user")  # queries whose user has a training-spl
 
 
 DEVICES = ("auto", "cpu", "cuda")
-
-
-class PhaseTimes:
-    """Wall seconds per named phase, summed over repeats: `with phases("corpus embedding"): ...`."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.add(name, time.perf_counter() - t0)
-
-    def add(self, name: str, seconds: float) -> None:
-        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
 
 def eval_devices(setting: str) -> tuple[bool, str]:

@@ -44,7 +44,7 @@ from raycg.model.two_tower import TwoTowerModel
 from raycg.eval.evaluate import evaluate_checkpoint, format_table, timing_line, write_results
 from raycg.eval.queries import drop_cold
 from raycg.retrieve.build import export_run
-from raycg.logs import PhaseTimer, get_logger, set_level
+from raycg.logs import PhaseTimes, get_logger, set_level
 from raycg.train.loop import train_loop_per_worker
 from raycg.train.preflight import PreflightError, check_config, check_data_dir, check_model_memory, check_resources
 from raycg.train.schedule import lr_factor
@@ -220,7 +220,7 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
     """Features (Ray Data) -> packed training dataset -> spec; writes config.yaml and
     data_stats.json and prints the model card."""
     t0 = time.perf_counter()
-    phases = PhaseTimer()  # where the preparation's time goes, printed with the data stats
+    phases = PhaseTimes()  # where the preparation's time goes, printed with the data stats
     run_dir = os.path.join(cfg.paths.runs_dir, cfg.run_name)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     before_ts = validation_cutoff(cfg.data.train_path, cfg.data.validation_fraction)
