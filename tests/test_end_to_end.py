@@ -9,7 +9,7 @@ import pytest
 import pyarrow as pa
 
 from conftest import compose
-from raycg.data.pipeline import build_feature_store, packed_training_dataset
+from raycg.data.pipeline import build_feature_store, checked_events, packed_training_dataset
 from raycg.train.driver import run
 
 
@@ -280,3 +280,16 @@ def test_bad_shard_fails_clearly_or_is_quarantined_and_counted(ray_session, smal
     assert stats["rows_used"] + stats["rows_not_positive"] + stats["rows_quarantined"] == stats["rows_read"]
     reasons = pq.read_table(tmp_path / "q").column("quarantine_reason").to_pylist()
     assert sorted(set(reasons)) == ["click_duration:bad_float", "event_type:unknown_value"]
+
+    # the evaluation split's check (checked_events, files read in threads) has the same two modes;
+    # the bad shard sorts between good ones, so the error must name it whatever order threads finish
+    evals = tmp_path / "eval"
+    evals.mkdir()
+    for i, table in enumerate([good, bad, good]):  # timestamps shifted per file: no duplicate events
+        shifted = table.set_column(6, "timestamp", pa.array(np.asarray(table.column("timestamp")) + i, pa.int64()))
+        pq.write_table(shifted, evals / f"part-{i}.parquet")
+    with pytest.raises(Exception, match=r"part-1\.parquet: column '(event_type|click_duration)'"):
+        checked_events(str(evals), store)
+    kept, stats = checked_events(str(evals), store, quarantine_dir=str(tmp_path / "qe"))
+    assert stats == {"rows_read": 900, "rows_quarantined": 150, "rows_used": 750, "files_empty": 0}
+    assert kept.num_rows == 750 and pq.read_table(tmp_path / "qe").num_rows == 150

@@ -11,6 +11,7 @@ import glob
 import math
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -69,15 +70,21 @@ def checked_events(path: str, store: FeatureStore, *, quarantine_dir: str | None
     names = split_columns(files)
     if quarantine_dir is not None and os.path.isdir(quarantine_dir):
         shutil.rmtree(quarantine_dir)  # recount from scratch (e.g. a resumed run)
-    kept = []
-    for f in files:
+
+    def checked(f: str) -> pa.Table:
         table = pq.read_table(f, columns=names)
         if quarantine_dir is not None:
             table = quarantine_rows(table, store, quarantine_dir, check_duplicates)
         else:
             check_values(table, f, event_columns(table.column_names), check_duplicates)
             store.items.rows(table.column("item_id").to_numpy().astype(np.int64), f)
-        kept.append(conform(table))  # one schema for every file (types, nullability)
+        return conform(table)  # one schema for every file (types, nullability)
+
+    # files in threads (Parquet decoding and Arrow's checks release the GIL): 10-13 s -> a few on
+    # 16 cores at 50M evaluation events; in file order, so the first bad file in order is the
+    # one an error names, and quarantine files are named by their rows' hash, so none collide
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1, len(files))) as pool:
+        kept = list(pool.map(checked, files))
     table = pa.concat_tables(kept)
     stats = {"rows_read": rows_read, "rows_quarantined": rows_read - table.num_rows, "rows_used": table.num_rows,
              "files_empty": len(empty)}
