@@ -77,6 +77,13 @@ def test_two_workers_resume_and_validate_every_epoch(trained):
     assert trained.saved["recent_boost"] == {"items": 50, "boost": best["recent_boost"],
                                              "source": "fitted on the validation window"}
     assert trained.first["model"]["conversion"][1000] <= 1.0
+    # where it ran, kept with the results: 2 CPU workers on this host
+    assert all(m["device"] == "cpu" for m in lines)
+    env = trained.saved["environment"]
+    assert (env["train_device"], env["train_workers"], env["cpus"]) == ("cpu", 2, os.cpu_count())
+    import ray
+
+    assert env["gpus"] == [] and env["ray"] == ray.__version__
 
 
 def test_two_workers_beat_popularity(trained):

@@ -110,6 +110,29 @@ def test_claims_against_scale_pair_each_grid_of_a_family_by_seed(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_ran_on_counts_where_each_record_trained():
+    from raycg.report.document import ran_on
+
+    gpu = {"train_device": "NVIDIA H100 80GB HBM3", "cpus": 16, "cpu_model": "AMD EPYC"}
+    cpu = {"train_device": "cpu", "cpus": 2, "cpu_model": "Intel Xeon"}
+    records = [{"eval": {}}, {"eval": {"environment": gpu}}, {"eval": {"environment": cpu}},
+               {"eval": {"environment": gpu}}]
+    # records made before runs kept their environment are counted as such, not guessed
+    assert ran_on(records) == ("not recorded: 1 run; NVIDIA H100 80GB HBM3 (16-core host): 2 runs; "
+                               "CPU (2 cores, Intel Xeon): 1 run")
+
+
+def test_host_line_names_cores_memory_and_each_kind_of_gpu():
+    from raycg.host import host_line
+
+    base = {"cpus": 16, "cpu_model": "AMD EPYC", "memory_gib": 125.8, "system": "Linux 6.8", "python": "3.12.3",
+            "torch": "2.11.0", "ray": "2.60.0"}
+    assert host_line({**base, "gpus": []}) == ("16 cores (AMD EPYC), 126 GiB RAM, no GPU; Linux 6.8; Python 3.12.3, "
+                                               "torch 2.11.0, Ray 2.60.0")
+    assert "2 GPUs (NVIDIA H100 80GB HBM3);" in host_line({**base, "gpus": ["NVIDIA H100 80GB HBM3"] * 2})
+    assert "2 GPUs (NVIDIA H100, NVIDIA H200);" in host_line({**base, "gpus": ["NVIDIA H100", "NVIDIA H200"]})
+
+
 def test_report_runs_a_tiny_grid_and_resumes(ray_session, tiny_data_dir, tmp_path, capsys):
     from raycg.report.__main__ import main
 
@@ -161,6 +184,10 @@ claims:
     main([f"grids=[{grid}]", "seeds=1", f"out={out}"])
     assert capsys.readouterr().out.count("done earlier, reusing") == 2
     assert "(Ray Train, 1 CPU workers; search: " in text
+    # where the runs trained, from each run's own record (this machine's CPU: no GPU here)
+    env = records[0]["eval"]["environment"]
+    assert env["train_device"] == "cpu" and env["cpus"] == os.cpu_count() and env["train_workers"] == 1
+    assert f"Trained on: CPU ({os.cpu_count()} cores, {env['cpu_model']}): 2 runs." in text
 
     # reuse_only (GPU runs copied back to a CPU machine): seed 1 is reported as not run, never trained
     main([f"grids=[{grid}]", "seeds=2", f"out={out}", "reuse_only=true"])

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import time
 
 from omegaconf import OmegaConf
 
+from raycg.host import describe_host, host_line
 from raycg.logs import get_logger
 from raycg.report.grid import Grid, load_records, prepare_source, run_grid
 from raycg.report.plots import claims_vs_scale_plot, save_plots
@@ -22,19 +22,23 @@ DISCUSSION = ("<!-- discussion -->", "<!-- /discussion -->")
 
 
 def machine() -> str:
-    import ray
-    import torch
+    return host_line(describe_host())
 
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, no GPU used; {platform.system()} "
-            f"{platform.release()}; Python {platform.python_version()}, torch {torch.__version__}, "
-            f"Ray {ray.__version__}")
+
+def ran_on(records: list[dict]) -> str:
+    """Where a grid's runs trained, from each run's eval.json (`environment`, kept since
+    2026-12-07; older records say nothing): "NVIDIA H100 80GB HBM3: 3 runs; CPU (2 cores): 2 runs"."""
+    counts: dict[str, int] = {}
+    for r in records:
+        env = r["eval"].get("environment")
+        if env is None:
+            where = "not recorded"
+        elif env.get("train_device") in (None, "cpu"):
+            where = f"CPU ({env.get('cpus')} cores, {env.get('cpu_model')})"
+        else:
+            where = f"{env['train_device']} ({env.get('cpus')}-core host)"
+        counts[where] = counts.get(where, 0) + 1
+    return "; ".join(f"{where}: {_count(n, 'run')}" for where, n in counts.items())
 
 
 def grid_section(grid: Grid, records: list[dict], plots: list[str], link_dir: str, seeds: int) -> str:
@@ -65,7 +69,7 @@ def grid_section(grid: Grid, records: list[dict], plots: list[str], link_dir: st
         f"- **Runs:** {count}, each "
         f"`python -m raycg.train {' '.join(grid.base)} <variant overrides> seed=<s>` "
         f"({_trainer(ref[0])}). Total run time {minutes:.1f} min, "
-        f"{minutes * 60 / max(len(records), 1):.0f} s per run.",
+        f"{minutes * 60 / max(len(records), 1):.0f} s per run. Trained on: {ran_on(records)}.",
         f"- **Evaluation:** exact inner-product search ({ev.get('search_backend', 'faiss')}) over all "
         f"{ev['n_items']:,} items; "
         f"{nq.get('conversion', 0):,} conversion queries, {nq.get('engagement', 0):,} engagement queries "

@@ -36,6 +36,7 @@ from raycg.data.pipeline import (
 from raycg.data.sim.config import DATA_FORMAT
 from raycg.data.simulate import SimConfig, write_dataset
 from raycg.data.spec import FeatureSpec
+from raycg.host import describe_host
 from raycg.data.vocab import build_vocabularies, store_counts
 from raycg.model.card import model_card, training_bytes
 from raycg.model.checkpoint import load_model, recent_boost
@@ -436,6 +437,8 @@ def train_evaluate_export(cfg: DictConfig, prep: PreparedRun, trainer: TorchTrai
     else:
         log(f"export: off (export=false); `python -m raycg.export run_dir={run_dir}` writes it from the checkpoint")
     results["train_metrics"] = result.metrics
+    results["environment"] = {**describe_host(), "train_device": result.metrics.get("device"),
+                              "train_workers": cfg.trainer.num_workers}
     last = result.metrics  # every epoch has the same steps: the run's optimiser steps so far
     tracker.log_metrics(eval_metrics(results), (last["epoch"] + 1) * last["steps"])
     return results

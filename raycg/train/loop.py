@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from raycg.data.spec import FeatureSpec
+from raycg.host import device_name
 from raycg.logs import EVERY_RANK, rank_zero_logger, set_level
 from raycg.losses.objective import EAGER, LossKernels
 from raycg.model.two_tower import TwoTowerModel
@@ -307,6 +308,7 @@ def run_epochs(config: dict, start_epoch: int, feed, forward, core, optimizer, s
             "epoch": epoch, "loss": mean_loss, "steps": steps,
             "rows": rows, "rows_per_s": rows / elapsed, "epoch_s": elapsed, "data_wait_s": data_wait,
             "lr": scheduler.get_last_lr()[0], **{k: v.item() / steps for k, v in parts_sum.items()},
+            "device": device_name(device),  # what trained: recorded with the run's results (a report's Runs line)
         }
         metrics.update(peak_memory(device, world))  # every rank takes part: the largest over ranks
         for sync in step_ctx.grad_syncs:  # bytes a step moved outside DDP (sparse tables: instead of an all-reduce)
