@@ -6,6 +6,7 @@ command line replace the stored ones (e.g. `eval.ks=[10,100,1000] eval.baselines
 checked against the eval schema when Hydra composes raycg/conf/evaluate.yaml). Prints the recall
 table and writes <run_dir>/eval.json.
 """
+import json
 import os
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -36,6 +37,7 @@ def main(cfg: DictConfig, overrides: list[str]) -> None:
     from raycg.eval.evaluate import evaluate_checkpoint, format_table, timing_line, write_results
     from raycg.model.checkpoint import evaluation_checkpoint, load_model, recent_boost
     from raycg.model.repeat_match import history_lookup_length
+    from raycg.host import describe_host
     from raycg.train.driver import init_ray
 
     ckpt = evaluation_checkpoint(cfg.run_dir)  # <run>/best, else the newest intact one
@@ -51,6 +53,14 @@ def main(cfg: DictConfig, overrides: list[str]) -> None:
                                   recent_boost=recent_boost(ckpt, config),
                                   quarantine_dir=os.path.join(cfg.run_dir, "quarantine", "eval"))
     results["checkpoint"] = ckpt
+    # the training's record (its epochs' metrics, where it trained) stays with the run's results;
+    # this command adds where the evaluation ran
+    previous = os.path.join(cfg.run_dir, "eval.json")
+    if os.path.exists(previous):
+        with open(previous) as f:
+            before = json.load(f)
+        results.update({k: before[k] for k in ("train_metrics", "environment") if k in before})
+    results["evaluation_environment"] = describe_host()
     path = write_results(cfg.run_dir, results)
     print("\n" + format_table(results))  # the command's output (progress goes through raycg.logs)
     print(timing_line(results, path))

@@ -168,6 +168,10 @@ def test_evaluate_cli_reevaluates_the_same_checkpoint(trained):
     again = json.loads((run_dir / "eval.json").read_text())
     assert again["ks"] == [10, 100] and again["methods"] == ["model", "popularity"]
     assert again["checkpoint"] == trained.saved["checkpoint"]
+    # the training's record is kept (epochs' metrics, where it trained); where this evaluation ran is added
+    assert again["train_metrics"] == trained.saved["train_metrics"]
+    assert again["environment"] == trained.saved["environment"]
+    assert again["evaluation_environment"]["cpus"] == os.cpu_count()
     assert again["model"]["conversion"]["100"] == pytest.approx(trained.results["model"]["conversion"][100], abs=1e-9)
     from hydra.errors import ConfigCompositionException
 
