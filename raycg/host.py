@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 
 
 def describe_host() -> dict:
-    """This machine: cores, CPU model, memory, visible GPUs, OS and library versions."""
+    """This machine: cores, CPU model, memory, its GPUs (all of them, not only a process's visible ones), OS and library versions."""
     import ray
     import torch
 
@@ -29,11 +30,27 @@ def describe_host() -> dict:
         memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError):
         memory_gib = None
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     return {"cpus": os.cpu_count(), "cpu_model": cpu_model,
-            "memory_gib": round(memory_gib, 1) if memory_gib else None, "gpus": gpus,
+            "memory_gib": round(memory_gib, 1) if memory_gib else None, "gpus": host_gpus(),
             "system": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
             "torch": torch.__version__, "ray": ray.__version__}
+
+
+def host_gpus() -> list[str]:
+    """The names of this host's GPUs. nvidia-smi first: asking torch would start CUDA in this
+    process (a context on the GPU for the rest of its life, e.g. a report's driver)."""
+    import torch
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        if out.returncode == 0:
+            return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    if torch.cuda.is_available():
+        return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return []
 
 
 def host_line(d: dict) -> str:

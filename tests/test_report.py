@@ -133,6 +133,19 @@ def test_host_line_names_cores_memory_and_each_kind_of_gpu():
     assert "2 GPUs (NVIDIA H100, NVIDIA H200);" in host_line({**base, "gpus": ["NVIDIA H100", "NVIDIA H200"]})
 
 
+def test_host_gpus_come_from_nvidia_smi_and_a_failing_one_means_none_here(tmp_path, monkeypatch):
+    from raycg.host import host_gpus
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\n[ \"$1\" = --query-gpu=name ] || exit 2\n"
+                   "printf 'NVIDIA H100 80GB HBM3\\nNVIDIA H100 80GB HBM3\\n'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert host_gpus() == ["NVIDIA H100 80GB HBM3"] * 2
+    smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")  # a driver without a GPU
+    assert host_gpus() == []  # then torch decides: this CPU build sees none
+
+
 def test_report_runs_a_tiny_grid_and_resumes(ray_session, tiny_data_dir, tmp_path, capsys):
     from raycg.report.__main__ import main
 
