@@ -16,7 +16,8 @@ import subprocess
 
 
 def describe_host() -> dict:
-    """This machine: cores, CPU model, memory, its GPUs (all of them, not only a process's visible ones), OS and library versions."""
+    """This machine: cores, CPU model, memory, its GPUs (all of the host's, not only the ones a
+    process sees), OS and library versions."""
     import ray
     import torch
 
