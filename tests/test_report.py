@@ -115,11 +115,12 @@ def test_ran_on_counts_where_each_record_trained():
 
     gpu = {"train_device": "NVIDIA H100 80GB HBM3", "cpus": 16, "cpu_model": "AMD EPYC"}
     cpu = {"train_device": "cpu", "cpus": 2, "cpu_model": "Intel Xeon"}
-    records = [{"eval": {}}, {"eval": {"environment": gpu}}, {"eval": {"environment": cpu}},
-               {"eval": {"environment": gpu}}]
-    # records made before runs kept their environment are counted as such, not guessed
-    assert ran_on(records) == ("not recorded: 1 run; NVIDIA H100 80GB HBM3 (16-core host): 2 runs; "
-                               "CPU (2 cores, Intel Xeon): 1 run")
+    old_gpu = {"eval": {}, "config": "trainer:\n  use_gpu: true\n"}
+    records = [old_gpu, {"eval": {"environment": gpu}}, {"eval": {"environment": cpu}},
+               {"eval": {"environment": gpu}}, {"eval": {}, "config": "trainer:\n  use_gpu: false\n"}, old_gpu]
+    # records made before runs kept their environment: what their config says, no card guessed
+    assert ran_on(records) == ("a GPU, card not recorded: 2 runs; NVIDIA H100 80GB HBM3 (16-core host): 2 runs; "
+                               "CPU (2 cores, Intel Xeon): 1 run; CPU, machine not recorded: 1 run")
 
 
 def test_host_line_names_cores_memory_and_each_kind_of_gpu():

@@ -27,12 +27,14 @@ def machine() -> str:
 
 def ran_on(records: list[dict]) -> str:
     """Where a grid's runs trained, from each run's eval.json (`environment`, kept since
-    2026-12-07; older records say nothing): "NVIDIA H100 80GB HBM3: 3 runs; CPU (2 cores): 2 runs"."""
+    2026-12-07; of older records only the config's trainer.use_gpu is known):
+    "NVIDIA H100 80GB HBM3 (16-core host): 3 runs; CPU (2 cores, ...): 2 runs"."""
     counts: dict[str, int] = {}
     for r in records:
         env = r["eval"].get("environment")
-        if env is None:
-            where = "not recorded"
+        if env is None:  # only the composed config tells
+            gpu = "config" in r and OmegaConf.create(r["config"]).trainer.use_gpu
+            where = "a GPU, card not recorded" if gpu else "CPU, machine not recorded"
         elif env.get("train_device") in (None, "cpu"):
             where = f"CPU ({env.get('cpus')} cores, {env.get('cpu_model')})"
         else:
