@@ -28,7 +28,7 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 LAYERS = [  # lowest first: (level, packages at that level)
-    ("base", ["raycg", "raycg.checksums", "raycg.config", "raycg.logs"]),
+    ("base", ["raycg", "raycg.checksums", "raycg.config", "raycg.host", "raycg.logs"]),
     ("data", ["raycg.data"]),
     ("model", ["raycg.model"]),
     ("losses", ["raycg.losses"]),
