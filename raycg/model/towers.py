@@ -241,9 +241,10 @@ class Tower(nn.Module):
     def set_prior(self, ids, counts) -> None:
         """prior[row] = log(1 + events of the ids in that row of the first table) (ids, counts:
         the training window's counts, e.g. FeatureStore.item_counts)."""
-        rows = self.embeddings[0].rows(torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.prior.device))
+        # np.array copies: the arrays may be read-only views of Ray's object store, which torch warns about
+        rows = self.embeddings[0].rows(torch.as_tensor(np.array(ids, dtype=np.int64), device=self.prior.device))
         per_row = torch.zeros_like(self.prior, dtype=torch.float64).index_add_(
-            0, rows, torch.as_tensor(np.asarray(counts, dtype=np.float64), device=self.prior.device))
+            0, rows, torch.as_tensor(np.array(counts, dtype=np.float64), device=self.prior.device))
         per_row[0] = 0  # the missing-id row
         with torch.no_grad():
             self.prior.copy_(torch.log1p(per_row).to(self.prior.dtype))
