@@ -1,7 +1,8 @@
 """What machine a run ran on: recorded with its results, so a report can say what ran where.
 
     describe_host()      {"cpus": 16, "cpu_model": "...", "memory_gib": 125.8, "gpus": ["NVIDIA H100 80GB HBM3"],
-                          "system": "Linux 6.8", "python": "3.12.3", "torch": "2.11.0", "ray": "2.60.0"}
+                          "system": "Linux 6.8", "python": "3.12.3", "torch": "2.11.0", "ray": "2.60.0",
+                          "numpy": "2.4.6", "pyarrow": "26.0.1"}
     host_line(d)         "16 cores (...), 126 GiB RAM, 1 GPU (NVIDIA H100 80GB HBM3); Linux 6.8; Python ..."
     device_name(device)  "NVIDIA H100 80GB HBM3" for a CUDA device, "cpu" for the CPU (a training worker's)
 
@@ -18,6 +19,8 @@ import subprocess
 def describe_host() -> dict:
     """This machine: cores, CPU model, memory, its GPUs (all of the host's, not only the ones a
     process sees), OS and library versions."""
+    import numpy
+    import pyarrow
     import ray
     import torch
 
@@ -34,7 +37,9 @@ def describe_host() -> dict:
     return {"cpus": os.cpu_count(), "cpu_model": cpu_model,
             "memory_gib": round(memory_gib, 1) if memory_gib else None, "gpus": host_gpus(),
             "system": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
-            "torch": torch.__version__, "ray": ray.__version__}
+            "torch": torch.__version__, "ray": ray.__version__,
+            # numpy too: one seed's simulated events differed slightly between two machines (docs/simulator.md)
+            "numpy": numpy.__version__, "pyarrow": pyarrow.__version__}
 
 
 def host_gpus() -> list[str]:

@@ -83,7 +83,7 @@ def test_two_workers_resume_and_validate_every_epoch(trained):
     assert (env["train_device"], env["train_workers"], env["cpus"]) == ("cpu", 2, os.cpu_count())
     import ray
 
-    assert env["gpus"] == [] and env["ray"] == ray.__version__
+    assert env["gpus"] == [] and env["ray"] == ray.__version__ and env["numpy"] == np.__version__
 
 
 def test_two_workers_beat_popularity(trained):

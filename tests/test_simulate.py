@@ -1,4 +1,6 @@
 """The simulator: deterministic, realistic marginals, a clean time split, planted effects."""
+import platform
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -59,6 +61,8 @@ def test_time_split_and_written_layout(tmp_path):
     n_train = check_parquet_files([str(f) for f in train_files])
     n_eval = check_parquet_files([str(f) for f in eval_files])
     assert n_train + n_eval == meta["n_events"]
+    # what generated it: one seed's events differ slightly across machines (docs/simulator.md)
+    assert meta["generated_with"] == {"numpy": np.__version__, "machine": platform.machine()}
     train = pq.read_table(tmp_path / "events" / "train")
     evaluation = pq.read_table(tmp_path / "events" / "eval")
     assert pc.max(train["timestamp"]).as_py() < meta["cutoff_ts"] <= pc.min(evaluation["timestamp"]).as_py()

@@ -93,7 +93,8 @@ def _embed(fn, arrays: dict, device: torch.device, chunk: int = 65536) -> torch.
     n = len(next(iter(arrays.values())))
     parts = []
     for s in range(0, n, chunk):
-        batch = {k: torch.from_numpy(np.ascontiguousarray(v[s:s + chunk])).to(device) for k, v in arrays.items()}
+        # np.array copies: the arrays may be read-only views of Ray's object store, which torch warns about
+        batch = {k: torch.from_numpy(np.array(v[s:s + chunk])).to(device) for k, v in arrays.items()}
         parts.append(fn(batch).float())
     return torch.cat(parts)
 
