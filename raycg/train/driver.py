@@ -397,7 +397,8 @@ def train_evaluate_export(cfg: DictConfig, prep: PreparedRun, trainer: TorchTrai
     """Ray Train fit -> evaluation of the best (else last) checkpoint -> export; the evaluation
     goes to `tracker`. Returns the evaluation results."""
     run_dir = prep.run_dir
-    log(f"train: run {cfg.run_name} ({cfg.trainer.num_workers} workers, model.cross={cfg.model.cross}) "
+    n = cfg.trainer.num_workers
+    log(f"train: run {cfg.run_name} ({n} worker{'s' if n != 1 else ''}, model.cross={cfg.model.cross}) "
         f"-> {run_dir}")
     t0 = time.perf_counter()
     try:
