@@ -80,7 +80,7 @@ def loss_on(model, bt, sl, cross_worker: str):
 
 LOSS_CFG = {"conversion_weight": 1.0, "engagement_weight": 1.0, "duration_weighting": True, "t_max": 60.0,
             "mask_accidental_hits": True, "log_q_correction": False, "cross_worker_negatives": False,
-            "advertiser_weight": 0.0}
+            "advertiser_weight": 0.0, "advertiser_block_rows": None}
 M = 3  # mixed negatives: the same draws on both ranks, so one process can see the same candidate set
 
 
@@ -101,7 +101,7 @@ class TwoHeads(nn.Module):
         return user, item, self.log_t.exp()
 
 
-def composed_loss(model, bt, sl, cross_worker: bool):
+def composed_loss(model, bt, sl, cross_worker: bool, **cfg):
     """raycg.losses.objective.training_loss: both heads, task weights from packed signals, mixed
     negatives appended to the item side (as StepContext.extra_items does), cross-worker on/off."""
     from raycg.losses.objective import Candidates, training_loss
@@ -112,7 +112,8 @@ def composed_loss(model, bt, sl, cross_worker: bool):
     item = {h: v[:n] for h, v in item_all.items()}
     extra = Candidates(mixed={h: v[n:] for h, v in item_all.items()}, mixed_ids=bt["mixed_ids"], mixed_log_q=0.0)
     batch = {"signals": bt["signals"][sl], "item_cat": torch.stack([bt["ids"][sl], bt["ids"][sl] % 3], dim=1)}
-    loss, _ = training_loss(user, item, batch, dict(LOSS_CFG, cross_worker_negatives=cross_worker), temp, extra)
+    loss, _ = training_loss(user, item, batch, dict(LOSS_CFG, cross_worker_negatives=cross_worker, **cfg), temp, extra,
+                            serve_head="conversion")
     return loss
 
 
@@ -160,6 +161,15 @@ def _worker(rank, port, out_dir):
     mean_loss = loss.detach().clone()
     dist.all_reduce(mean_loss)
     result["composed"] = {"loss": mean_loss / WORLD, **{n: p.grad.clone() for n, p in model.named_parameters()}}
+
+    # + the advertiser softmax, which each rank computes over its own rows' advertisers
+    model = TwoHeads()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    loss = composed_loss(ddp, loss_batch(), sl, cross_worker=True, advertiser_weight=0.5)
+    loss.backward()
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    result["composed_adv"] = {"loss": mean_loss / WORLD, **{n: p.grad.clone() for n, p in model.named_parameters()}}
 
     # frequency estimator: global ids, identical state on all ranks; rank 1 has fewer ids
     est = StreamingFrequencyEstimator(16, alpha=0.5)
@@ -238,6 +248,25 @@ def test_composed_objective_with_both_heads_and_mixed_negatives_equals_single_pr
         for k in want:
             torch.testing.assert_close(got[k], want[k], atol=1e-10, rtol=1e-10)   # float64: exact
     assert want["w.user_engagement"].abs().sum() > 0 and want["w.item_conversion"].abs().sum() > 0
+
+
+def test_advertiser_loss_per_worker_equals_one_process_with_blocks_of_the_worker_batch(ranks):
+    """The advertiser softmax is per worker: 2 ranks of b rows == one process with
+    loss.advertiser_block_rows = b, and != one process whose softmax sees all 2b rows."""
+    def single(**cfg):
+        model = TwoHeads()
+        loss = composed_loss(model, loss_batch(), slice(None), cross_worker=False, advertiser_weight=0.5, **cfg)
+        loss.backward()
+        return {"loss": loss.detach(), **{n: p.grad.clone() for n, p in model.named_parameters()}}
+
+    blocks, whole = single(advertiser_block_rows=B_LOCAL), single()
+    for res in ranks:
+        got = res["composed_adv"]
+        for k in blocks:
+            torch.testing.assert_close(got[k], blocks[k], atol=1e-10, rtol=1e-10)   # float64: exact
+    assert abs(whole["loss"] - blocks["loss"]) > 1e-3
+    # the advertiser term is there: without it the loss is the plain composed one
+    assert abs(ranks[0]["composed_adv"]["loss"] - ranks[0]["composed"]["loss"]) > 1e-3
 
 
 def test_constant_gather_drops_cross_rank_gradient_terms(ranks):

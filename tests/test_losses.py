@@ -265,6 +265,27 @@ def test_advertiser_softmax_same_advertiser_rows_are_not_negatives():
     assert got.item() == pytest.approx(math.log(1 + math.exp(-1)) / 2, rel=1e-6)   # / B, not / #conversions
 
 
+def test_advertiser_softmax_blocks_are_separate_softmaxes_over_their_own_advertisers():
+    # 7 rows in blocks of 3: [0:3], [3:6] and the shorter [6:7]; each block scores against the
+    # advertisers of its own rows only (numpy golden per block), and the loss divides by all 7 rows
+    rng = np.random.default_rng(8)
+    u, v = unit(rng, 7, 4), unit(rng, 7, 4)
+    adv = np.array([5, 6, 5, 6, 7, 8, 5])   # adv 5: in block 0 twice and alone in block 2
+    w = np.array([1.0, 0.5, 0.0, 2.0, 1.0, 0.0, 1.5])
+    want = sum(np_advertiser_loss(u[b], v[b], adv[b], w[b], 0.3) * len(u[b])
+               for b in (slice(0, 3), slice(3, 6), slice(6, 7))) / 7
+    t = torch.tensor
+    got = advertiser_softmax_loss(t(u), t(v), t(adv), t(w), 0.3, block_rows=3)
+    assert got.item() == pytest.approx(want, rel=1e-9)
+    whole = advertiser_softmax_loss(t(u), t(v), t(adv), t(w), 0.3)
+    assert whole.item() == pytest.approx(np_advertiser_loss(u, v, adv, w, 0.3), rel=1e-9)
+    assert abs(got.item() - whole.item()) > 1e-3           # fewer candidates: a different loss
+    for n in (7, 100, None):                                # a block of all rows is the single softmax
+        assert advertiser_softmax_loss(t(u), t(v), t(adv), t(w), 0.3, block_rows=n).item() == pytest.approx(whole.item(), rel=1e-12)
+    with pytest.raises(ValueError, match="advertiser_block_rows must be > 0"):
+        advertiser_softmax_loss(t(u), t(v), t(adv), t(w), 0.3, block_rows=0)
+
+
 @pytest.mark.gpu
 def test_compiled_loss_kernels_equal_the_eager_ones_on_cuda():
     """`trainer.compile` compiles the loss kernels; on CUDA they must give the eager values,

@@ -242,7 +242,7 @@ def test_item_bias_learns_popularity_under_log_q_correction():
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     loss_cfg = {"conversion_weight": 1.0, "engagement_weight": 1.0, "t_max": 10.0, "duration_weighting": False,
                 "mask_accidental_hits": True, "log_q_correction": True, "cross_worker_negatives": False,
-                "advertiser_weight": 0.0}
+                "advertiser_weight": 0.0, "advertiser_block_rows": None}
     popularity = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
     freq = StreamingFrequencyEstimator(1000, alpha=0.05)
     g = torch.Generator().manual_seed(1)

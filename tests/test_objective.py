@@ -12,7 +12,7 @@ from raycg.losses.softmax import in_batch_softmax_loss, sampled_softmax_loss
 
 CFG = {"conversion_weight": 2.0, "engagement_weight": 0.5, "t_max": 10.0, "duration_weighting": True,
        "mask_accidental_hits": True, "log_q_correction": False, "cross_worker_negatives": False,
-       "advertiser_weight": 0.0}
+       "advertiser_weight": 0.0, "advertiser_block_rows": None}
 
 
 def _batch():

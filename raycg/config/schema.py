@@ -183,6 +183,7 @@ class LossConfig:
     mixed_negatives: int = MISSING
     hard_negatives: int = MISSING
     advertiser_weight: float = MISSING
+    advertiser_block_rows: Optional[int] = MISSING
 
 
 # -- trainer (raycg/conf/trainer/*.yaml) -------------------------------------------------------

@@ -15,6 +15,7 @@ uniform samples use log(M / corpus size); hard negatives are not corrected.
     unified:     L = softmax_h(w_conv + w_eng)
     multi_head:  L = softmax_conv(w_conv) + softmax_eng(w_eng)
     + loss.advertiser_weight * advertiser_softmax(serving head, w_conv)
+      (per worker, or per block of loss.advertiser_block_rows rows: raycg.losses.advertiser)
 
 Task weights: conversion rows `conversion_weight`; click rows `engagement_weight x
 duration weight`; save rows `engagement_weight`. Conversion-only / engagement-only training
@@ -105,7 +106,7 @@ def training_loss(
         if score_extras:
             u, v = u[:, :-score_extras], v[:, :-score_extras]
         parts["advertiser"] = cfg["advertiser_weight"] * kernels.advertiser(
-            u, v, batch["item_cat"][:, 1], weights["conversion"], temperature)
+            u, v, batch["item_cat"][:, 1], weights["conversion"], temperature, cfg["advertiser_block_rows"])
     total = sum(parts.values())
     return total, {f"loss_{k}": v.detach() for k, v in parts.items()}
 

@@ -54,6 +54,7 @@ def check_config(cfg: DictConfig) -> None:
                      ("model.history.length", 0), ("data.max_quarantined_fraction", 0)):
         _at_least(cfg, key, low)
     _at_least(cfg, "trainer.grad_clip_norm", 1e-12, allow_none=True)
+    _at_least(cfg, "loss.advertiser_block_rows", 1, allow_none=True)
     _at_least(cfg, "trainer.early_stopping.patience", 0)
     for key in ("trainer.gpus_per_worker", "eval.actor_gpus"):  # Ray takes a fraction below 1, else whole GPUs
         value = OmegaConf.select(cfg, key)
