@@ -310,6 +310,7 @@ def test_compiled_loss_kernels_equal_the_eager_ones_on_cuda():
         want = EAGER.softmax(u, v, pos_ids, w, 0.05, **args)
         got = compiled.softmax(u, v, pos_ids, w, 0.05, **args)
         assert torch.isfinite(got) and got.item() == pytest.approx(want.item(), rel=1e-4)
-    want = EAGER.advertiser(u, v, adv, w, 0.05)
-    got = compiled.advertiser(u, v, adv, w, 0.05)
-    assert torch.isfinite(got) and got.item() == pytest.approx(want.item(), rel=1e-4)
+    for block_rows in (None, 16, 24):   # 24: two blocks of 24 and a last one of 16
+        want = EAGER.advertiser(u, v, adv, w, 0.05, block_rows)
+        got = compiled.advertiser(u, v, adv, w, 0.05, block_rows)
+        assert torch.isfinite(got) and got.item() == pytest.approx(want.item(), rel=1e-4)

@@ -326,3 +326,12 @@ def test_sparse_tables_under_torch_compile_are_refused_with_the_two_ways_out():
         check_config(compose(["trainer=gpu", "model.sparse_tables=true"]))
     check_config(compose(["trainer=gpu", "model.sparse_tables=true", "trainer.compile=false"]))
     check_config(compose(["model.sparse_tables=true"]))  # the CPU trainer does not compile
+
+
+def test_advertiser_block_rows_is_null_or_positive():
+    from raycg.train.preflight import check_config
+
+    check_config(compose(["loss.advertiser_block_rows=4096"]))
+    check_config(compose(["loss.advertiser_block_rows=null"]))
+    with pytest.raises(PreflightError, match=r"loss.advertiser_block_rows=0: must be a number >= 1"):
+        check_config(compose(["loss.advertiser_block_rows=0"]))
