@@ -22,6 +22,11 @@ BENCH_DIR = os.path.join(ROOT, "benchmarks")
 
 # script -> (tiny arguments, a pattern its final output must contain)
 SMOKE = {
+    "batch_users.py": (["data=sim_small", "data.sim.n_users=400", "data.sim.n_items=300", "data.sim.n_advertisers=20",
+                        "data.sim.n_categories=10", "data.sim.requests_per_user=12", "trainer.num_workers=2",
+                        "trainer.batch_size=128", "data.shuffle=none"],
+                       r"data.shuffle=none, 2 x 128, \d+ steps .*\n  other rows of the same user per row: [\d.]+ .*"
+                       r"global permutation [\d.]+ .*ratio [\d.]+x"),
     "bench_scale.py": (["--items", "20000", "--users", "3000", "--small-items", "2000", "--step-steps", "3"],
                        r"train +[\d,]+ rows/epoch .*\neval .*\neval phases:\n(  .*\n)+step +sparse_adam at 2,000 items "
                        r".* [\d.]+x"),
@@ -59,6 +64,8 @@ def test_benchmark_runs_to_its_table(script, tmp_path):
         args = [*args, "--out", str(tmp_path)]
     if script in ("ingest.py", "ingest_gil.py", "feature_counts.py"):
         args = [*args, "--data-dir", str(tmp_path / "data")]
+    if script == "batch_users.py":
+        args = [*args, f"data.dir={tmp_path / 'data'}"]
     if script == "bench_scale.py":
         args = [*args, "--runs-dir", str(tmp_path / "runs"), f"data.dir={tmp_path / 'data'}"]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}

@@ -335,3 +335,15 @@ def test_advertiser_block_rows_is_null_or_positive():
     check_config(compose(["loss.advertiser_block_rows=null"]))
     with pytest.raises(PreflightError, match=r"loss.advertiser_block_rows=0: must be a number >= 1"):
         check_config(compose(["loss.advertiser_block_rows=0"]))
+
+
+def test_shuffle_once_needs_a_materialized_split():
+    from raycg.train.preflight import check_config
+
+    check_config(compose(["data.materialize=false", "data.shuffle=epoch"]))
+    check_config(compose(["data.materialize=false", "data.shuffle=none"]))
+    with pytest.raises(PreflightError, match=r"data.shuffle=once with data.materialize=false: .*data.shuffle=epoch"):
+        check_config(compose(["data.materialize=false", "data.shuffle=once"]))
+    with pytest.raises(Exception) as bad:
+        compose(["data.shuffle=global"])
+    assert "Invalid value 'global', expected one of [none, once, epoch]" in str(bad.value.__cause__)

@@ -35,6 +35,7 @@ def _choices(name: str, *values: str) -> type[StrEnum]:
 # -- enumerations (raycg/conf/*.yaml comments list them too) -----------------------------------
 DataSource = _choices("DataSource", "simulator", "files")
 OnBadRows = _choices("OnBadRows", "fail", "quarantine")
+Shuffle = _choices("Shuffle", "none", "once", "epoch")
 Cross = _choices("Cross", "parallel", "stacked", "cross_only", "mlp_only")  # raycg.model.towers.STRUCTURES
 Heads = _choices("Heads", "unified", "multi_head")  # raycg.model.towers.HEAD_SETS
 ItemBias = _choices("ItemBias", "none", "learned", "prior")  # raycg.model.two_tower.ITEM_BIASES
@@ -114,6 +115,7 @@ class DataConfig:
     user_categorical: List[str] = MISSING
     materialize: bool = MISSING
     pack_batch_size: int = MISSING
+    shuffle: Shuffle = MISSING
     on_bad_rows: OnBadRows = MISSING
     validation_fraction: float = MISSING
     max_quarantined_fraction: float = MISSING

@@ -246,7 +246,7 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
         cfg.data.train_path, store, batch_size=cfg.data.pack_batch_size, materialize=cfg.data.materialize,
         hard_negatives=cfg.loss.hard_negatives, seed=cfg.seed,
         quarantine_dir=quarantine_dir(cfg, run_dir, "train"), check_duplicates=cfg.data.check_duplicates,
-        preserve_order=cfg.trainer.deterministic, before_ts=before_ts)
+        preserve_order=cfg.trainer.deterministic, before_ts=before_ts, shuffle=cfg.data.shuffle)
     phases.mark("training split")
     validation_ref = None
     if before_ts is not None:
