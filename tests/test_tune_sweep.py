@@ -273,10 +273,12 @@ def test_sweep_optuna_asha_end_to_end(ray_session, tiny_data_dir, tmp_path):
         assert sum(line.startswith("| ") and "**best**" in line for line in f) == 1
 
     # no trial (stopped by ASHA or finished) left its Train workers' CPUs reserved
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 300  # a wait, not a timing check: cleanup is slow on a loaded box
+    t0 = time.monotonic()
     while ray_session.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
         time.sleep(1)
-    assert ray_session.available_resources().get("CPU", 0) == 2
+    free = ray_session.available_resources().get("CPU", 0)
+    assert free == 2, f"{2 - free:g} CPU still reserved {time.monotonic() - t0:.0f}s after the sweep"
 
     # the printed replay command composes the best trial's config
     rep = summary["replay"]
