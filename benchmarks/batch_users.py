@@ -17,9 +17,10 @@ and for a global random permutation of the same rows (the floor a perfect shuffl
 Measured on the 2-core box (2026-12-08, 10x simulator, 2.45M training rows in 20 files of
 10,000 users; the scale-out simulator shuffles rows within a file only):
 
-    workers x batch   data.shuffle=none    global permutation
-    1 x 8192          2.887                0.149
-    2 x 4096          1.972                0.148
+    workers x batch   data.shuffle=none    data.shuffle=once    global permutation
+    1 x 8192          2.887                0.149                0.149
+    2 x 4096          1.972                0.149                0.148
+    2 x 1024          0.498                0.038                0.037
 """
 from __future__ import annotations
 
