@@ -224,6 +224,11 @@ claims:
     main([f"grids=[{grid}]", "seeds=1", f"out={tmp_path / 'other_lr'}", f"records=[{published}]",
           "reuse_only=true", "trainer.lr=0.5"])
     assert capsys.readouterr().out.count("a records file has this run with other overrides") == 2
+    # nor a finished run directory of other overrides (a grid edited since it ran)
+    main([f"grids=[{grid}]", "seeds=1", f"out={out}", "reuse_only=true", "trainer.lr=0.5"])
+    printed = capsys.readouterr().out
+    assert printed.count("finished with other overrides") == 2 and printed.count("not run (reuse_only") == 2
+    assert (out / "runs" / "tiny" / "ref-s0" / "eval.json").exists()  # reuse_only deletes nothing
     # a spent time budget starts no run: seed 1 is left for the next piece, seed 0 is reused
     main([f"grids=[{grid}]", "seeds=2", f"out={out}", "max_minutes=1e-9"])
     printed = capsys.readouterr().out

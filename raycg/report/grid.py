@@ -152,7 +152,14 @@ def run_grid(grid: Grid, seeds: list[int], out_dir: str, extra: list[str], log=l
             log(f"{step}: a records file has this run with other overrides ({' '.join(record['overrides'])}); "
                 f"not reused")
             record = None
-        if os.path.exists(eval_path) and os.path.exists(timing_path):
+        finished = os.path.exists(eval_path) and os.path.exists(timing_path)
+        if finished:  # a grid edited since (a base or variant override) makes it another experiment
+            with open(timing_path) as f:
+                ran_with = json.load(f)["overrides"]
+            if _comparable(ran_with) != _comparable(overrides):
+                log(f"{step}: {run_dir} finished with other overrides ({' '.join(ran_with)}); not reused")
+                finished = False
+        if finished:
             log(f"{step}: done earlier, reusing {eval_path}")
         elif record is not None:
             log(f"{step}: done earlier on another machine, reusing its record")
