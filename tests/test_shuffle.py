@@ -56,6 +56,7 @@ def test_file_order_puts_one_block_of_users_in_a_batch_and_a_shuffle_mixes_them(
     (ds_none, stats_none), (ds_once, stats_once) = packed(user_blocks, "none"), packed(user_blocks, "once")
     none, once = batches(ds_none), batches(ds_once)
     assert stats_once["rows_used"] == stats_none["rows_used"] > 20 * BATCH
+    assert (stats_none["shuffle"], stats_once["shuffle"]) == ("none", "once")  # in the run's data line
     assert np.array_equal(rows(ds_none), rows(ds_once))  # the same rows: none lost, none repeated
     assert len(rows(ds_none)) == stats_none["rows_used"]
     assert not np.array_equal(np.concatenate(none), np.concatenate(once))  # in another order

@@ -219,7 +219,7 @@ def packed_training_dataset(
     ds = ray.data.read_parquet(files, columns=split_columns(files), include_paths=True)
     items = store.items
     store_ref = ray.put(store)
-    stats = {"rows_read": rows_read, "files_empty": len(empty)}
+    stats = {"rows_read": rows_read, "files_empty": len(empty), "shuffle": str(shuffle)}
     imp_ref = None
     if hard_negatives > 0:
         from raycg.data.negatives import ImpressionIndex
